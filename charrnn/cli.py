@@ -1,0 +1,137 @@
+"""The `charrnn` command: a thin layer over the Python API.
+
+User errors print one line, `error: ...`, on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from charrnn import __version__
+from charrnn import config as cfg
+from charrnn.errors import CharrnnError
+from charrnn.pipeline import Pipeline, generate_text, write_text
+from charrnn.plugins import get_plugin_manager, list_plugins
+from charrnn.train import Aborted
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="charrnn", description="Character-level text generation in pure NumPy.")
+    parser.add_argument("--version", action="version", version=f"charrnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a YAML pipeline (train, generate)")
+    run.add_argument("pipeline", help="the pipeline YAML file")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a key; the value is parsed as YAML (repeatable)",
+    )
+    run.add_argument("--print-config", action="store_true", help="print the resolved pipeline and exit")
+
+    gen = sub.add_parser("generate", help="generate text from a checkpoint")
+    gen.add_argument("checkpoint", help="a .npz checkpoint written by training")
+    gen.add_argument("--seed-text", help="text that primes the hidden state (default: the pipeline's)")
+    gen.add_argument("--num-chars", type=int, help="how many characters to generate")
+    gen.add_argument("--sampler", help="sampler name (default: the pipeline's)")
+    gen.add_argument("--temperature", type=float, help="sampler temperature")
+    gen.add_argument("--seed", type=int, help="random seed (default: the pipeline's)")
+    gen.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="load a plugin module or .py file (repeatable)",
+    )
+
+    plugins = sub.add_parser("plugins", help="list plugins and their components as JSON")
+    plugins.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also load this plugin module or .py file",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: return the status, do not exit
+        return int(exc.code or 0)
+    _utf8(sys.stdout)
+    try:
+        return _COMMANDS[args.command](args)
+    except CharrnnError as exc:
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except Aborted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    pipeline = Pipeline(args.pipeline, overrides=args.overrides)
+    if args.print_config:
+        write_text(sys.stdout, cfg.dump(pipeline.config))
+        return 0
+    pipeline.run(stdout=sys.stdout, stderr=sys.stderr)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.num_chars is not None and args.num_chars < 0:
+        raise CharrnnError(f"--num-chars must be >= 0, got {args.num_chars}")
+    text = generate_text(
+        args.checkpoint,
+        num_chars=args.num_chars,
+        seed_text=args.seed_text,
+        sampler=args.sampler,
+        temperature=args.temperature,
+        seed=args.seed,
+        plugins=args.plugins,
+    )
+    write_text(sys.stdout, text + "\n")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    pm = get_plugin_manager(extra=args.plugins)
+    write_text(sys.stdout, json.dumps(list_plugins(pm), indent=2) + "\n")
+    return 0
+
+
+_COMMANDS = {"run": _run, "generate": _generate, "plugins": _plugins}
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _utf8(stream: object) -> None:
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(encoding="utf-8")
+        except (ValueError, OSError):
+            pass

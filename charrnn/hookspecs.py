@@ -1,0 +1,87 @@
+"""The hooks charrnn plugins implement: the one place they are declared.
+
+Components are contributed through collect-all *registration hooks*: each receives a
+`register(name, factory)` callable and registers zero or more named factories. A YAML
+section such as `sampler: {type: top_k, k: 5}` then picks a factory by name and the
+pipeline calls it once with the remaining options (checked against the factory's
+signature). Hooks build, loops call: no hook is called per training step or per character.
+
+Event hooks (`charrnn_train_report`, `charrnn_checkpoint_saved`) are called at report and
+checkpoint time only, off the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT = "charrnn"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[[str, Callable[..., Any]], None]
+
+
+@hookspec
+def charrnn_corpus_loader(register: Register) -> None:
+    """Register corpus loaders. Collect-all: every plugin's implementation is called once.
+
+    :param register: call ``register(name, loader)``; ``loader(**options)`` is called with the
+        YAML ``corpus`` section minus ``type`` and ``val_fraction`` (the pipeline splits off the
+        validation text for every loader) and must return a :class:`charrnn.Corpus`. Raise
+        :class:`charrnn.CorpusError` for a missing or unreadable source.
+    """
+
+
+@hookspec
+def charrnn_model(register: Register) -> None:
+    """Register model factories. Collect-all.
+
+    :param register: call ``register(name, factory)``; the pipeline calls
+        ``factory(vocab_size=V, rng=numpy.random.Generator, **options)`` with the YAML ``model``
+        section minus ``type``. The result fulfils :class:`charrnn.Model`: ``params``,
+        ``init_state``, ``train_step`` (forward, loss and backward on a (B, T) minibatch with the
+        hidden state carried in and out), ``loss`` (forward only) and ``step`` (one time step for
+        k streams, used to prime and to sample). Raise ``ValueError`` for bad options.
+    """
+
+
+@hookspec
+def charrnn_optimizer(register: Register) -> None:
+    """Register optimizer factories. Collect-all.
+
+    :param register: call ``register(name, factory)``; ``factory(**options)`` receives the YAML
+        ``optimizer`` section minus ``type`` and returns a :class:`charrnn.Optimizer`, whose
+        ``step(params, grads)`` updates the arrays in place and whose ``state_dict`` holds
+        everything needed to resume exactly. Raise ``ValueError`` for bad options.
+    """
+
+
+@hookspec
+def charrnn_sampler(register: Register) -> None:
+    """Register samplers. Collect-all.
+
+    :param register: call ``register(name, factory)``; ``factory(**options)`` receives the YAML
+        ``sampler`` section minus ``type`` and returns a callable
+        ``sampler(logits, rng) -> ids`` taking logits of shape (k, V) for k parallel streams and a
+        ``numpy.random.Generator``, returning k ids. If the sampler has ``bind(vocab)``, it is
+        called once with the vocabulary before generation starts.
+    """
+
+
+@hookspec
+def charrnn_train_report(step: int, metrics: dict[str, Any]) -> None:
+    """Called at each training report (every ``train.sample_every`` steps and at the end).
+
+    :param step: the number of training steps completed.
+    :param metrics: ``train_loss`` (smoothed, nats/char), ``val_loss`` (or None),
+        ``chars_per_sec`` and ``sample`` (a short generated text, or None). Return nothing.
+    """
+
+
+@hookspec
+def charrnn_checkpoint_saved(path: str, step: int) -> None:
+    """Called after a checkpoint has been written atomically to ``path`` at ``step``."""

@@ -1,0 +1,385 @@
+"""YAML (or dict) -> validated configuration -> components -> stages (`train`, `generate`).
+
+`run_pipeline` is the API beneath `charrnn run`; `generate_text` beneath `charrnn generate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import pluggy
+
+from charrnn import checkpoint as ckpt_io
+from charrnn import config as cfg
+from charrnn.errors import CheckpointError, ConfigError, CorpusError
+from charrnn.generate import sample
+from charrnn.plugins import Registry, get_plugin_manager
+from charrnn.train import Progress, Trainer, TrainResult, TrainSettings
+from charrnn.types import Corpus, Model
+
+#: arguments the pipeline passes to factories itself, per kind
+INJECTED = {"model": ("vocab_size", "rng")}
+
+
+@dataclass
+class RunResult:
+    """What `run_pipeline` hands back."""
+
+    config: dict[str, Any]
+    text: str | None = None
+    checkpoint: str | None = None
+    train: TrainResult | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """A validated configuration with its plugin manager and component registry."""
+
+    def __init__(
+        self,
+        source: str | Path | Mapping[str, Any],
+        *,
+        plugins: Iterable[object] = (),
+        overrides: Iterable[str] | Mapping[str, Any] | None = None,
+        load_entrypoints: bool = True,
+    ) -> None:
+        raw, self.lines, self.origin = cfg.load_config(source)
+        overridden = cfg.apply_overrides(raw, overrides)
+        self.lines = {k: v for k, v in self.lines.items() if ".".join(k) not in overridden}
+        config = cfg.validate(raw, self.lines, self.origin)
+        self.pm: pluggy.PluginManager = get_plugin_manager(
+            load_entrypoints=load_entrypoints, extra=[*config["plugins"], *plugins]
+        )
+        self.registry = Registry(self.pm)
+        for kind in cfg.COMPONENTS:
+            config[kind] = self.resolve(kind, config[kind])
+        self.config = config
+
+    def locate(self, *path: str) -> str:
+        return cfg.where(path, self.lines, self.origin)
+
+    def resolve(self, kind: str, section: dict[str, Any]) -> dict[str, Any]:
+        """Check a component section against its factory; fill the factory's defaults."""
+        name = section["type"]
+        component = self.registry.get(kind, name, self.locate(kind, "type"))
+        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
+        options = {k: v for k, v in section.items() if k != "type" and k not in own}
+        resolved = cfg.check_options(
+            component.factory, options, lambda key: self.locate(kind, key), INJECTED.get(kind, ())
+        )
+        return {"type": name, **{k: section[k] for k in own if k in section}, **resolved}
+
+    def build(self, kind: str, section: dict[str, Any], **injected: Any) -> Any:
+        """Call the factory a section names; its ValueError/TypeError becomes a ConfigError."""
+        component = self.registry.get(kind, section["type"], self.locate(kind, "type"))
+        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
+        options = {k: v for k, v in section.items() if k != "type" and k not in own}
+        try:
+            return component.factory(**injected, **options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{self.locate(kind)} ({section['type']}): {exc}") from None
+
+    def model(self, vocab_size: int, config: dict[str, Any] | None = None) -> Model:
+        config = config or self.config
+        rng = np.random.default_rng([config["seed"], 0])
+        return self.build("model", config["model"], vocab_size=vocab_size, rng=rng)
+
+    def sampler(self, vocab: list[str], section: dict[str, Any] | None = None) -> Any:
+        sampler = self.build("sampler", section or self.config["sampler"])
+        if hasattr(sampler, "bind"):
+            sampler.bind(vocab)
+        return sampler
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def load_corpus(self) -> tuple[Corpus, np.ndarray, np.ndarray | None]:
+        """The corpus, its training ids and validation ids (None without a split)."""
+        corpus = self.build("corpus", self.config["corpus"])
+        if not isinstance(corpus, Corpus):
+            raise CorpusError(
+                f"corpus loader {self.config['corpus']['type']!r} did not return a charrnn.Corpus"
+            )
+        n = len(corpus.ids)
+        name = corpus.source or self.config["corpus"]["type"]
+        if n == 0:
+            raise CorpusError(f"corpus {name} is empty")
+        if len(corpus.vocab) < 2:
+            raise CorpusError(
+                f"corpus {name} has {len(corpus.vocab)} distinct character(s); at least 2 are needed"
+            )
+        n_val = int(n * self.config["corpus"]["val_fraction"])
+        train_ids, val_ids = corpus.ids[: n - n_val], (corpus.ids[n - n_val :] if n_val else None)
+        t = self.config["train"]
+        need = t["batch_size"] * t["seq_length"] + 1
+        if len(train_ids) < need:
+            raise CorpusError(
+                f"training text of {name} has {len(train_ids)} characters; batch_size x seq_length + 1 = "
+                f"{need} are needed (use a longer text or a smaller batch_size/seq_length)"
+            )
+        if val_ids is not None and len(val_ids) < t["seq_length"] + 1:
+            raise CorpusError(
+                f"validation split of {name} has {len(val_ids)} characters; seq_length + 1 = "
+                f"{t['seq_length'] + 1} are needed (raise corpus.val_fraction or set it to 0)"
+            )
+        return corpus, train_ids, val_ids
+
+    def train(self, stderr: TextIO) -> tuple[Model, Corpus, TrainResult]:
+        corpus, train_ids, val_ids = self.load_corpus()
+        if "generate" in self.config["stages"]:
+            corpus.encode(self.config["generate"]["seed_text"])  # fail before training, not after
+        t = self.config["train"]
+        model = self.model(len(corpus.vocab))
+        optimizer = self.build("optimizer", self.config["optimizer"])
+        sampler = self.sampler(corpus.vocab)
+        digest = hashlib.sha256(np.ascontiguousarray(train_ids).tobytes()).hexdigest()
+        corpus_meta = {
+            "source": corpus.source,
+            "chars": int(len(corpus.ids)),
+            "train_chars": int(len(train_ids)),
+            "val_chars": int(0 if val_ids is None else len(val_ids)),
+            "train_sha256": digest,
+        }
+        progress = Progress()
+        if t["resume"]:
+            progress = self._resume(t["resume"], model, optimizer, corpus, corpus_meta)
+        started = time.time()
+
+        def save(p: Progress, extra: dict[str, Any]) -> None:
+            meta = {
+                "format": ckpt_io.FORMAT,
+                "format_version": ckpt_io.FORMAT_VERSION,
+                "charrnn_version": _version(),
+                "config": self.config,
+                "vocab": corpus.vocab,
+                "step": p.step,
+                "data_position": p.position,
+                "smooth_loss": p.smooth_loss,
+                "rng": p.rng_state,
+                "corpus": corpus_meta,
+                "saved_at": time.time(),
+                "elapsed_seconds": time.time() - started,
+                **extra,
+            }
+            ckpt_io.save(
+                t["checkpoint"],
+                ckpt_io.Checkpoint(
+                    params=model.params,
+                    meta=_jsonable(meta),
+                    optim=optimizer.state_dict(),
+                    state=p.state or {},
+                ),
+            )
+            self.pm.hook.charrnn_checkpoint_saved(path=t["checkpoint"], step=p.step)
+
+        settings = TrainSettings(
+            steps=t["steps"],
+            batch_size=t["batch_size"],
+            seq_length=t["seq_length"],
+            sample_every=t["sample_every"],
+            sample_length=t["sample_length"],
+            save_every=t["save_every"],
+            checkpoint=t["checkpoint"],
+            seed=self.config["seed"],
+        )
+        trainer = Trainer(
+            model,
+            optimizer,
+            sampler,
+            corpus,
+            train_ids,
+            val_ids,
+            settings,
+            save,
+            report=lambda step, metrics: self.pm.hook.charrnn_train_report(step=step, metrics=metrics),
+            stderr=stderr,
+        )
+        return model, corpus, trainer.run(progress)
+
+    def _resume(
+        self, resume: bool | str, model: Model, optimizer: Any, corpus: Corpus, corpus_meta: dict[str, Any]
+    ) -> Progress:
+        t = self.config["train"]
+        path = t["checkpoint"] if resume is True else resume
+        if not Path(path).exists():
+            raise CheckpointError(f"train.resume: no checkpoint to resume from at {path}")
+        saved = ckpt_io.load(path)
+        old = saved.meta["config"]
+        if t["steps"] is not None and t["steps"] <= saved.meta["step"]:
+            raise ConfigError(
+                f"train.steps ({t['steps']}) must be beyond the checkpoint's step ({saved.meta['step']}) to resume"
+            )
+        for section, keys in (("model", None), ("train", ("batch_size", "seq_length"))):
+            for key in keys or sorted(set(old[section]) | set(self.config[section])):
+                a, b = old[section].get(key), self.config[section].get(key)
+                if a != b:
+                    raise CheckpointError(
+                        f"cannot resume: {section}.{key} is {b!r} but the checkpoint {path} was trained with {a!r}"
+                    )
+        if old["optimizer"]["type"] != self.config["optimizer"]["type"]:
+            raise CheckpointError(
+                f"cannot resume: optimizer.type is {self.config['optimizer']['type']!r} but the checkpoint "
+                f"{path} used {old['optimizer']['type']!r}"
+            )
+        if saved.meta["vocab"] != corpus.vocab:
+            raise CheckpointError(
+                f"cannot resume: the corpus vocabulary differs from the checkpoint {path}'s"
+            )
+        if saved.meta.get("corpus", {}).get("train_sha256") != corpus_meta["train_sha256"]:
+            raise CheckpointError(
+                f"cannot resume: the training text differs from the one checkpoint {path} used"
+            )
+        load_params(model, saved, path)
+        optimizer.load_state_dict(saved.optim)
+        meta = saved.meta
+        return Progress(meta["step"], meta["data_position"], meta["smooth_loss"], meta["rng"], saved.state)
+
+    def generate(self, model: Model, vocab: list[str]) -> str:
+        g = self.config["generate"]
+        rng = np.random.default_rng([self.config["seed"], 2])
+        return sample(
+            model,
+            self.sampler(vocab),
+            Corpus(np.zeros(0, np.uint8), vocab),
+            rng,
+            g["seed_text"],
+            g["num_chars"],
+        )
+
+    def run(self, stdout: TextIO | None = None, stderr: TextIO | None = None) -> RunResult:
+        """Run the stages in order; generated text is written to `stdout` when given."""
+        stderr = stderr if stderr is not None else sys.stderr
+        result = RunResult(self.config)
+        model: Model | None = None
+        vocab: list[str] | None = None
+        for stage in self.config["stages"]:
+            if stage == "train":
+                model, corpus, result.train = self.train(stderr)
+                vocab, result.checkpoint = corpus.vocab, self.config["train"]["checkpoint"]
+            elif stage == "generate":
+                if model is None or vocab is None:
+                    path = self.config["generate"]["checkpoint"] or self.config["train"]["checkpoint"]
+                    model, vocab = self.load_model(path)
+                result.text = self.generate(model, vocab)
+                if stdout is not None:
+                    write_text(stdout, result.text + "\n")
+        return result
+
+    def load_model(self, path: str, saved: ckpt_io.Checkpoint | None = None) -> tuple[Model, list[str]]:
+        """A model rebuilt from a checkpoint with this pipeline's plugins (not the ones it names)."""
+        saved = saved or ckpt_io.load(path)
+        section = saved.meta["config"]["model"]
+        name = section.get("type")
+        if name not in self.registry.components["model"]:
+            raise CheckpointError(
+                f"checkpoint {path} needs model {name!r}, which no loaded plugin provides; install its plugin "
+                f"or name it with --plugin (available: {', '.join(sorted(self.registry.components['model']))})"
+            )
+        model = self.build(
+            "model", section, vocab_size=len(saved.meta["vocab"]), rng=np.random.default_rng(0)
+        )
+        load_params(model, saved, path)
+        return model, list(saved.meta["vocab"])
+
+
+def load_params(model: Model, saved: ckpt_io.Checkpoint, path: str | Path) -> None:
+    """Copy checkpoint arrays into the model's own arrays (shapes and names must agree)."""
+    if set(saved.params) != set(model.params):
+        raise CheckpointError(
+            f"checkpoint {path} has parameters {sorted(saved.params)}, the model expects {sorted(model.params)}"
+        )
+    for name, value in saved.params.items():
+        if value.shape != model.params[name].shape:
+            raise CheckpointError(
+                f"checkpoint {path}: parameter {name} has shape {value.shape}, expected {model.params[name].shape}"
+            )
+        model.params[name][...] = value
+
+
+def write_text(stream: TextIO, text: str) -> None:
+    """Write UTF-8 whatever the locale, when the stream has a byte buffer."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        stream.flush()
+        buffer.write(text.encode("utf-8"))
+        buffer.flush()
+    else:
+        stream.write(text)
+        stream.flush()
+
+
+def _version() -> str:
+    from charrnn import __version__
+
+    return __version__
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def run_pipeline(
+    config: str | Path | Mapping[str, Any],
+    *,
+    plugins: Iterable[object] = (),
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> RunResult:
+    """Run a pipeline from a YAML path or a dict; `overrides` are `KEY.PATH=VALUE` items.
+
+    Generated text is returned in `RunResult.text` (and written to `stdout` if given);
+    progress and reports go to `stderr` (default: `sys.stderr`).
+    """
+    return Pipeline(config, plugins=plugins, overrides=overrides).run(stdout=stdout, stderr=stderr)
+
+
+def generate_text(
+    checkpoint_path: str | Path,
+    num_chars: int | None = 1000,
+    seed_text: str | None = "The ",
+    *,
+    sampler: str | Mapping[str, Any] | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    plugins: Iterable[object] = (),
+) -> str:
+    """Generate from a checkpoint. `None` for an argument means the value saved in the checkpoint.
+
+    `sampler` is a name or a `{type: ..., option: ...}` mapping; a name other than the saved
+    one starts from that sampler's defaults. `temperature` sets the sampler's temperature.
+    """
+    saved = ckpt_io.load(checkpoint_path)
+    saved_cfg = saved.meta["config"]
+    overrides: dict[str, Any] = {"stages": ["generate"], "generate.checkpoint": str(checkpoint_path)}
+    if num_chars is not None:
+        overrides["generate.num_chars"] = num_chars
+    if seed_text is not None:
+        overrides["generate.seed_text"] = seed_text
+    if seed is not None:
+        overrides["seed"] = seed
+    section = dict(saved_cfg.get("sampler", {"type": "temperature"}))
+    if isinstance(sampler, str) and sampler != section.get("type"):
+        section = {"type": sampler}
+    elif isinstance(sampler, Mapping):
+        section = dict(sampler)
+    if temperature is not None:
+        section["temperature"] = temperature
+    overrides["sampler"] = section
+    base = {k: saved_cfg[k] for k in ("seed", "generate", "model") if k in saved_cfg}
+    # `plugins` is left out on purpose: generation never imports a module because a checkpoint names it
+    pipeline = Pipeline(base, plugins=plugins, overrides=overrides)
+    model, vocab = pipeline.load_model(str(checkpoint_path), saved)
+    return pipeline.generate(model, vocab)

@@ -1,0 +1,202 @@
+"""Plugin manager factory, plugin loading and the component registry.
+
+Registration order: the builtin `DEFAULT_PLUGINS`, then the `charrnn` entry-point group
+(unless `CHARRNN_LOAD_PLUGINS` restricts it), then modules named in the YAML `plugins:` list,
+then plugin objects passed to the API.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from charrnn import hookspecs
+from charrnn.errors import PluginError
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "charrnn_plugins.text",
+    "charrnn_plugins.rnn",
+    "charrnn_plugins.adagrad",
+    "charrnn_plugins.samplers",
+)
+
+ENTRY_POINT_GROUP = "charrnn"
+
+#: component kind -> the registration hook that contributes it
+KINDS: dict[str, str] = {
+    "corpus": "charrnn_corpus_loader",
+    "model": "charrnn_model",
+    "optimizer": "charrnn_optimizer",
+    "sampler": "charrnn_sampler",
+}
+
+
+def get_plugin_manager(load_entrypoints: bool = True, extra: Iterable[object] = ()) -> pluggy.PluginManager:
+    """A fresh manager with the builtins, entry points (optional) and `extra` plugins registered.
+
+    `extra` items are module objects, plugin objects, import names or paths to `.py` files.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    for plugin in extra:
+        add_plugin(pm, plugin)
+    if os.environ.get("CHARRNN_TRACE_PLUGINS"):
+        pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
+        pm.enable_tracing()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
+    return pm
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    wanted = os.environ.get("CHARRNN_LOAD_PLUGINS")
+    names = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP:
+                continue
+            if names is not None and ep.name not in names and dist.metadata["Name"] not in names:
+                continue
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            try:
+                ep.load()  # import first, so a broken plugin is named in the error
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r} (entry point {ep.value}) failed to load: {type(exc).__name__}: {exc}"
+                ) from None
+            try:
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"plugin {ep.name!r} is invalid: {exc}") from None
+
+
+def load_module(spec: str) -> ModuleType:
+    """Import a plugin module by import name, or from a path ending in `.py`."""
+    if spec.endswith(".py") or os.sep in spec or "/" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise PluginError(f"plugin file not found: {spec}")
+        name = "charrnn_local_" + path.stem
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise PluginError(f"plugin file {spec} failed to import: {type(exc).__name__}: {exc}") from None
+        sys.modules[name] = module
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as exc:
+        if exc.name and spec.startswith(exc.name):
+            raise PluginError(f"plugin module {spec!r} not found (is it installed?)") from None
+        raise PluginError(f"plugin module {spec!r} failed to import: {exc}") from None
+    except Exception as exc:
+        raise PluginError(f"plugin module {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+def add_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Register a module, plugin object, import name or `.py` path, once."""
+    if isinstance(plugin, (str, os.PathLike)):
+        plugin = load_module(os.fspath(plugin))
+    if pm.is_registered(plugin):
+        return
+    name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin)}"
+    _register(pm, plugin, name if pm.get_plugin(name) is None else f"{name}-{id(plugin)}")
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {name!r} is invalid: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Component:
+    """A named factory and the plugin that registered it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+
+
+class Registry:
+    """The named components of every kind, collected once from a plugin manager."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        for kind, hook_name in KINDS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                register = self._registrar(kind, impl.plugin_name)
+                impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
+
+    def _registrar(self, kind: str, plugin: str) -> Callable[[str, Callable[..., Any]], None]:
+        def register(name: str, factory: Callable[..., Any]) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {plugin!r} registered a {kind} with an invalid name {name!r}")
+            if not callable(factory):
+                raise PluginError(f"plugin {plugin!r} registered {kind} {name!r} with a non-callable")
+            known = self.components[kind]
+            if name in known:
+                raise PluginError(
+                    f"{kind} {name!r} is registered twice: by plugin {known[name].plugin!r} "
+                    f"and by plugin {plugin!r}"
+                )
+            known[name] = Component(kind, name, factory, plugin)
+
+        return register
+
+    def get(self, kind: str, name: object, where: str | None = None) -> Component:
+        """The component `name` of `kind`; an unknown name lists the known ones."""
+        known = self.components[kind]
+        if isinstance(name, str) and name in known:
+            return known[name]
+        where = where or f"{kind}.type"
+        names = sorted(known)
+        close = difflib.get_close_matches(str(name), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PluginError(f"{where}: unknown {kind} {name!r}{hint}; available: {', '.join(names) or 'none'}")
+
+
+def list_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """One entry per plugin: name, hooks, version (for entry-point plugins) and components."""
+    registry = Registry(pm)
+    versions = {
+        name: dist.version for name, dist in ((pm.get_name(p), d) for p, d in pm.list_plugin_distinfo())
+    }
+    result = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
+        components = {
+            kind: sorted(c.name for c in comps.values() if c.plugin == name)
+            for kind, comps in registry.components.items()
+        }
+        entry: dict[str, Any] = {"name": name, "hooks": hooks}
+        if name in versions:
+            entry["version"] = versions[name]
+        entry["components"] = {k: v for k, v in components.items() if v}
+        result.append(entry)
+    return result

@@ -1,0 +1,146 @@
+"""The contracts that plugin components fulfil: Corpus, Model, Optimizer, Sampler.
+
+Plugins hand these back from the factories they register (see `charrnn.hookspecs`); the
+training and generation loops call their methods directly, never the plugin manager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+from charrnn.errors import CorpusError
+
+Params = dict[str, np.ndarray]
+State = dict[str, np.ndarray]
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds ids below `vocab_size`."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dt).max + 1:
+            return np.dtype(dt)
+    raise CorpusError(f"vocabulary of {vocab_size} symbols is too large")
+
+
+@dataclass
+class Corpus:
+    """Encoded text: `ids` (N,) of unsigned ints indexing `vocab`, a list of symbols.
+
+    Loaders that read text call `Corpus.from_text`; loaders that produce ids directly
+    (a byte vocabulary, a memory-mapped cache) build it themselves.
+    """
+
+    ids: np.ndarray
+    vocab: list[str]
+    source: str = ""
+    _index: dict[str, int] = field(default=None, init=False, repr=False, compare=False)  # type: ignore[assignment]
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "") -> Corpus:
+        """Encode `text` with the sorted set of its characters as vocabulary (linear time)."""
+        if not text:
+            return cls(np.zeros(0, np.uint8), [], source)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (N,) code points
+        present = np.flatnonzero(np.bincount(codes))  # sorted distinct code points
+        lut = np.zeros(int(present[-1]) + 1, dtype=ids_dtype(len(present)))
+        lut[present] = np.arange(len(present))
+        vocab = [chr(c) for c in present]
+        return cls(lut[codes], vocab, source)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Symbol -> id."""
+        if self._index is None:
+            self._index = {ch: i for i, ch in enumerate(self.vocab)}
+        return self._index
+
+    def encode(self, text: str) -> np.ndarray:
+        """Ids of `text`; a symbol outside the vocabulary is a CorpusError that names it."""
+        index = self.index
+        try:
+            return np.array([index[ch] for ch in text], dtype=np.int64)
+        except KeyError as exc:
+            ch = exc.args[0]
+            raise CorpusError(
+                f"character {ch!r} (U+{ord(ch):04X}) is not in the model's vocabulary"
+            ) from None
+
+    def decode(self, ids: np.ndarray | list[int]) -> str:
+        vocab = self.vocab
+        return "".join(vocab[i] for i in ids)
+
+
+class StepResult(NamedTuple):
+    """What `Model.train_step` returns.
+
+    `loss` is the mean cross-entropy in nats per character over the minibatch; `grads` has the
+    keys of `Model.params` (its arrays may be buffers reused by the next call); `state` is the
+    hidden state after the last time step, to carry into the next chunk.
+    """
+
+    loss: float
+    grads: Params
+    state: State
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A character model. Factories are called as `factory(vocab_size=V, rng=Generator, **options)`.
+
+    `params` maps names (RNN notation: `Wxh`, `Whh`, `Why`, `bh`, `by`) to arrays that the
+    optimizer updates in place. State is a dict of arrays whose first axis is the stream
+    (batch) axis, so the pipeline can save it and carry it between chunks.
+    """
+
+    params: Params
+
+    def init_state(self, batch_size: int) -> State:
+        """A zero hidden state for `batch_size` parallel streams."""
+        ...
+
+    def train_step(self, inputs: np.ndarray, targets: np.ndarray, state: State) -> StepResult:
+        """Forward, loss and backward (truncated BPTT) on inputs/targets of shape (B, T)."""
+        ...
+
+    def loss(self, inputs: np.ndarray, targets: np.ndarray, state: State) -> tuple[float, State]:
+        """Forward only: mean loss in nats/char over (B, T) and the state after the chunk."""
+        ...
+
+    def step(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """One time step for k streams: ids (k,) -> logits (k, V) and the new state."""
+        ...
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """Updates parameters in place from gradients; keeps its own state per parameter name.
+
+    Factories are called as `factory(**options)`. `state_dict` returns arrays only (saved in
+    checkpoints, so resume is exact); `load_state_dict` restores them.
+    """
+
+    def step(self, params: Params, grads: Params) -> None: ...
+
+    def state_dict(self) -> dict[str, np.ndarray]: ...
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Picks the next symbol of k parallel streams.
+
+    Called with logits of shape (k, V) and a `numpy.random.Generator`; returns k ids, shape (k,).
+    A sampler may define `bind(vocab)` to see the vocabulary before the first call.
+    """
+
+    def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray: ...
+
+
+class CorpusLoader(Protocol):
+    """A registered loader: `loader(**options) -> Corpus`."""
+
+    def __call__(self, **options: object) -> Corpus: ...

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from charrnn.plugins import get_plugin_manager
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+TINY_TEXT = (
+    "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. the end.\n"
+) * 8
+
+
+@pytest.fixture
+def tiny_text() -> str:
+    return TINY_TEXT
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def pm():
+    """A fresh plugin manager with the builtins only (no entry points)."""
+    return get_plugin_manager(load_entrypoints=False)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, corpus_file):
+    """A pipeline dict that trains a few steps on the tiny text, in seconds."""
+    return {
+        "seed": 1,
+        "corpus": {"type": "text", "path": str(corpus_file), "val_fraction": 0.1},
+        "model": {"type": "rnn", "hidden_size": 16},
+        "optimizer": {"type": "adagrad", "lr": 0.1},
+        "sampler": {"type": "temperature", "temperature": 1.0},
+        "stages": ["train", "generate"],
+        "train": {
+            "steps": 20,
+            "batch_size": 4,
+            "seq_length": 8,
+            "sample_every": 10,
+            "sample_length": 20,
+            "checkpoint": str(tmp_path / "model.npz"),
+        },
+        "generate": {"num_chars": 50, "seed_text": "the "},
+    }
+
+
+@pytest.fixture
+def cli_env(monkeypatch):
+    """Environment for CLI subprocesses: no external plugins, unbuffered."""
+    import os
+
+    env = dict(os.environ, CHARRNN_LOAD_PLUGINS="", PYTHONUNBUFFERED="1")
+    return env
+
+
+def charrnn_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "charrnn", *args]

@@ -1,0 +1,333 @@
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import json
+import sys
+import types
+
+import numpy as np
+import pluggy
+import pytest
+from conftest import TINY_TEXT
+
+import charrnn
+from charrnn import hookspecs
+from charrnn.cli import main
+from charrnn.errors import PluginError
+from charrnn.pipeline import Pipeline, run_pipeline
+from charrnn.plugins import DEFAULT_PLUGINS, Registry, get_plugin_manager, list_plugins
+
+
+class FirstChar:
+    """A sampler that always picks id 0 (the smallest character)."""
+
+    def __init__(self, unused: int = 0) -> None:
+        self.bound = None
+
+    def bind(self, vocab):
+        self.bound = list(vocab)
+
+    def __call__(self, logits, rng):
+        return np.zeros(logits.shape[0], dtype=np.int64)
+
+
+class SamplerPlugin:
+    @charrnn.hookimpl
+    def charrnn_sampler(self, register):
+        register("first_char", FirstChar)
+
+
+def test_builtins_registered_without_entrypoints(pm):
+    names = {name for name, _ in pm.list_name_plugin()}
+    assert set(DEFAULT_PLUGINS) <= names
+    registry = Registry(pm)
+    assert "text" in registry.components["corpus"]
+    assert "rnn" in registry.components["model"]
+    assert "adagrad" in registry.components["optimizer"]
+    assert "temperature" in registry.components["sampler"]
+
+
+def test_every_hookspec_has_a_test_and_a_readme_section():
+    specs = [
+        name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("charrnn_")
+    ]
+    assert len(specs) >= 4
+    here = sys.modules[__name__]
+    readme = (__import__("pathlib").Path(__file__).parent.parent / "README.md").read_text()
+    for name in specs:
+        assert hasattr(here, f"test_hook_{name}"), f"no test_hook_{name}"
+        assert f"`{name}`" in readme, f"README does not document {name}"
+
+
+def test_hook_charrnn_sampler(tiny_config):
+    tiny_config["sampler"] = {"type": "first_char"}
+    tiny_config["stages"] = ["train", "generate"]
+    result = run_pipeline(tiny_config, plugins=[SamplerPlugin()])
+    vocab_first = sorted(set(TINY_TEXT))[0]
+    assert result.text == "the " + vocab_first * 50
+
+
+def test_hook_charrnn_corpus_loader(tiny_config):
+    calls = []
+
+    class Loader:
+        @charrnn.hookimpl
+        def charrnn_corpus_loader(self, register):
+            def load(repeat: int = 50, word: str = "abc "):
+                calls.append((repeat, word))
+                return charrnn.Corpus.from_text(word * repeat, source="generated")
+
+            register("repeat", load)
+
+    tiny_config["corpus"] = {"type": "repeat", "repeat": 60, "word": "xyz ", "val_fraction": 0.1}
+    tiny_config["generate"]["seed_text"] = "x"
+    result = run_pipeline(tiny_config, plugins=[Loader()])
+    assert calls == [(60, "xyz ")]
+    assert set(result.text) <= set("xyz ")
+    assert len(result.text) == 1 + 50
+
+
+def test_hook_charrnn_model(tiny_config):
+    class Bigram:
+        """A bigram table: logits for the next char depend only on the current one."""
+
+        def __init__(self, vocab_size, rng, scale: float = 0.0):
+            self.params = {"W": rng.standard_normal((vocab_size, vocab_size)) * scale}
+
+        def init_state(self, batch_size):
+            return {}
+
+        def _probs(self, inputs):
+            z = self.params["W"][inputs]
+            z = z - z.max(-1, keepdims=True)
+            p = np.exp(z)
+            return p / p.sum(-1, keepdims=True)
+
+        def loss(self, inputs, targets, state):
+            p = self._probs(inputs)
+            return float(-np.log(np.take_along_axis(p, targets[..., None].astype(int), -1)).mean()), state
+
+        def train_step(self, inputs, targets, state):
+            p = self._probs(inputs)
+            loss = float(-np.log(np.take_along_axis(p, targets[..., None].astype(int), -1)).mean())
+            d = p.copy()
+            np.put_along_axis(
+                d,
+                targets[..., None].astype(int),
+                np.take_along_axis(d, targets[..., None].astype(int), -1) - 1,
+                -1,
+            )
+            g = np.zeros_like(self.params["W"])
+            np.add.at(g, inputs.astype(int), d / inputs.size)
+            return charrnn.StepResult(loss, {"W": g}, state)
+
+        def step(self, ids, state):
+            return self.params["W"][ids], state
+
+    class ModelPlugin:
+        @charrnn.hookimpl
+        def charrnn_model(self, register):
+            register("bigram", Bigram)
+
+    tiny_config["model"] = {"type": "bigram"}
+    tiny_config["train"]["steps"] = 60
+    result = run_pipeline(tiny_config, plugins=[ModelPlugin()])
+    assert result.train.train_loss < np.log(len(set(TINY_TEXT)))
+    assert len(result.text) == 4 + 50
+
+
+def test_hook_charrnn_optimizer(tiny_config):
+    steps = []
+
+    class Frozen:
+        def __init__(self):
+            self.count = np.zeros(1)
+
+        def step(self, params, grads):
+            steps.append(sorted(grads))
+            self.count += 1
+
+        def state_dict(self):
+            return {"count": self.count}
+
+        def load_state_dict(self, state):
+            self.count = state["count"].copy()
+
+    class OptPlugin:
+        @charrnn.hookimpl
+        def charrnn_optimizer(self, register):
+            register("frozen", Frozen)
+
+    tiny_config["optimizer"] = {"type": "frozen"}
+    tiny_config["stages"] = ["train"]
+    result = run_pipeline(tiny_config, plugins=[OptPlugin()])
+    assert len(steps) == 20 and steps[0] == ["Whh", "Why", "Wxh", "bh", "by"]
+    assert result.train.steps == 20
+    saved = np.load(tiny_config["train"]["checkpoint"], allow_pickle=False)
+    assert saved["optim/count"][0] == 20
+
+
+def test_hook_charrnn_train_report(tiny_config):
+    reports = []
+
+    class Reporter:
+        @charrnn.hookimpl
+        def charrnn_train_report(self, step, metrics):
+            reports.append((step, metrics))
+
+    run_pipeline(tiny_config, plugins=[Reporter()])
+    assert [s for s, _ in reports] == [10, 20]
+    assert all(np.isfinite(m["train_loss"]) and np.isfinite(m["val_loss"]) for _, m in reports)
+    assert len(reports[0][1]["sample"]) == 20
+
+
+def test_hook_charrnn_checkpoint_saved(tiny_config):
+    saved = []
+
+    class Watcher:
+        @charrnn.hookimpl
+        def charrnn_checkpoint_saved(self, path, step):
+            saved.append((path, step))
+
+    tiny_config["train"]["save_every"] = 5
+    tiny_config["stages"] = ["train"]
+    run_pipeline(tiny_config, plugins=[Watcher()])
+    path = tiny_config["train"]["checkpoint"]
+    assert saved == [(path, 5), (path, 10), (path, 15), (path, 20)]
+
+
+def test_bad_hook_signature_is_rejected():
+    class Bad:
+        @charrnn.hookimpl
+        def charrnn_sampler(self, register, nonsense):
+            pass
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    with pytest.raises(pluggy.PluginValidationError):
+        pm.register(Bad())
+    with pytest.raises(PluginError, match="invalid"):
+        get_plugin_manager(load_entrypoints=False, extra=[Bad()])
+
+
+def test_misspelled_hook_fails_check_pending():
+    class Typo:
+        @charrnn.hookimpl
+        def charrnn_samplr(self, register):
+            pass
+
+    with pytest.raises(PluginError, match="charrnn_samplr"):
+        get_plugin_manager(load_entrypoints=False, extra=[Typo()])
+
+
+def test_duplicate_component_names_both_plugins():
+    class Dup:
+        @charrnn.hookimpl
+        def charrnn_sampler(self, register):
+            register("temperature", FirstChar)
+
+    pm = get_plugin_manager(load_entrypoints=False, extra=[Dup()])
+    with pytest.raises(PluginError, match=r"registered twice.*charrnn_plugins.samplers.*Dup"):
+        Registry(pm)
+
+
+def test_unknown_component_lists_available(tiny_config):
+    tiny_config["sampler"] = {"type": "temperatur"}
+    with pytest.raises(PluginError, match=r"did you mean 'temperature'.*available: temperature"):
+        Pipeline(tiny_config)
+
+
+def _fake_distribution(monkeypatch, module_name, module, version="1.2.3"):
+    sys.modules[module_name] = module
+
+    class EP:
+        name = "vowels"
+        group = "charrnn"
+        value = module_name
+
+        def load(self):
+            return module
+
+    class Dist:
+        entry_points = [EP()]
+        metadata = {"Name": "charrnn-vowels", "name": "charrnn-vowels"}
+        version = "1.2.3"
+        name = "charrnn-vowels"
+
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [Dist()])
+
+
+def test_entrypoint_plugins_are_loaded_and_listed(monkeypatch, capsys):
+    module = types.ModuleType("charrnn_vowels_test")
+
+    @charrnn.hookimpl
+    def charrnn_sampler(register):
+        register("first_char", FirstChar)
+
+    module.charrnn_sampler = charrnn_sampler
+    _fake_distribution(monkeypatch, "charrnn_vowels_test", module)
+    monkeypatch.delenv("CHARRNN_LOAD_PLUGINS", raising=False)
+    pm = get_plugin_manager()
+    assert "first_char" in Registry(pm).components["sampler"]
+    listing = {p["name"]: p for p in list_plugins(pm)}
+    assert listing["vowels"]["components"] == {"sampler": ["first_char"]}
+    assert listing["vowels"]["version"] == "1.2.3"
+    assert main(["plugins"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert any(p["name"] == "vowels" for p in out)
+
+    monkeypatch.setenv("CHARRNN_LOAD_PLUGINS", "")
+    assert "first_char" not in Registry(get_plugin_manager()).components["sampler"]
+
+
+def test_broken_entrypoint_plugin_is_named(monkeypatch):
+    class EP:
+        name = "broken"
+        group = "charrnn"
+        value = "charrnn_broken"
+
+        def load(self):
+            raise ImportError("no module named numpyy")
+
+    class Dist:
+        entry_points = [EP()]
+        metadata = {"Name": "charrnn-broken"}
+
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [Dist()])
+    monkeypatch.delenv("CHARRNN_LOAD_PLUGINS", raising=False)
+    with pytest.raises(PluginError, match="plugin 'broken'.*failed to load.*numpyy"):
+        get_plugin_manager()
+
+
+def test_plugins_listing_shows_default_components(capsys, monkeypatch):
+    monkeypatch.setenv("CHARRNN_LOAD_PLUGINS", "")
+    assert main(["plugins"]) == 0
+    listing = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert listing["charrnn_plugins.rnn"]["components"] == {"model": ["rnn"]}
+    assert listing["charrnn_plugins.text"]["hooks"] == ["charrnn_corpus_loader"]
+
+
+def test_plugin_from_yaml_path(tmp_path, tiny_config):
+    plugin = tmp_path / "my_sampler.py"
+    plugin.write_text(
+        "import numpy as np\nimport charrnn\n\n"
+        "class Last:\n    def __call__(self, logits, rng):\n"
+        "        return np.full(logits.shape[0], logits.shape[1] - 1)\n\n"
+        "@charrnn.hookimpl\ndef charrnn_sampler(register):\n    register('last_char', Last)\n"
+    )
+    tiny_config["plugins"] = [str(plugin)]
+    tiny_config["sampler"] = {"type": "last_char"}
+    result = run_pipeline(tiny_config)
+    last = sorted(set(TINY_TEXT))[-1]
+    assert result.text == "the " + last * 50
+
+
+def test_plugin_module_that_fails_to_import_is_named(tmp_path, tiny_config):
+    plugin = tmp_path / "broken_plugin.py"
+    plugin.write_text("import numpyy\n")
+    tiny_config["plugins"] = [str(plugin)]
+    with pytest.raises(PluginError, match="broken_plugin.py failed to import.*numpyy"):
+        Pipeline(tiny_config)
+    tiny_config["plugins"] = ["no_such_plugin_module"]
+    with pytest.raises(PluginError, match="'no_such_plugin_module' not found"):
+        Pipeline(tiny_config)

@@ -1,0 +1,244 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from charrnn_plugins import rnn as rnn_plugin
+from charrnn_plugins.rnn import RNN
+from reference_rnn import reference_loss_and_grads
+
+from charrnn import Model
+
+KEYS = ("Wxh", "Whh", "Why", "bh", "by")
+
+
+def make_model(V=5, H=4, scale=0.5, seed=0, **options):
+    """A float64 model with non-trivial weights and biases (biases start at zero otherwise)."""
+    rng = np.random.default_rng(seed)
+    model = RNN(V, rng, hidden_size=H, dtype="float64", init_scale=scale, **options)
+    model.params["bh"][:] = rng.standard_normal(H) * scale
+    model.params["by"][:] = rng.standard_normal(V) * scale
+    return model
+
+
+def make_batch(V, B, T, seed=1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, size=(B, T + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def random_state(model, B, seed=2):
+    return {"h": np.random.default_rng(seed).uniform(-0.9, 0.9, (B, model.hidden_size))}
+
+
+def test_rnn_fulfils_model_protocol(rng):
+    assert isinstance(RNN(5, rng), Model)
+
+
+def test_registered_as_rnn(pm):
+    registered = {}
+    pm.hook.charrnn_model(register=registered.__setitem__)
+    assert registered["rnn"] is RNN
+
+
+def test_gradient_check_every_parameter_entry():
+    model = make_model()
+    inputs, targets = make_batch(5, B=2, T=3)
+    state = random_state(model, 2)
+    _, grads, _ = model.train_step(inputs, targets, state)
+    grads = {k: g.copy() for k, g in grads.items()}
+    eps = 1e-5
+    for key in KEYS:
+        param = model.params[key]
+        for i in np.ndindex(param.shape):
+            old = param[i]
+            param[i] = old + eps
+            plus, _ = model.loss(inputs, targets, state)
+            param[i] = old - eps
+            minus, _ = model.loss(inputs, targets, state)
+            param[i] = old
+            numeric, analytic = (plus - minus) / (2 * eps), grads[key][i]
+            diff = abs(numeric - analytic)
+            assert diff <= 1e-6 * (abs(numeric) + abs(analytic)) or diff < 1e-9, (key, i, analytic, numeric)
+
+
+def test_batch_of_one_matches_reference():
+    model = make_model(V=7, H=6, seed=3)
+    inputs, targets = make_batch(7, B=1, T=9)
+    state = random_state(model, 1)
+    loss, grads, new_state = model.train_step(inputs, targets, state)
+    ref_loss, ref_grads, ref_h = reference_loss_and_grads(model.params, inputs[0], targets[0], state["h"][0])
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-10)
+    for key in KEYS:
+        np.testing.assert_allclose(grads[key], ref_grads[key], rtol=1e-10, atol=1e-15, err_msg=key)
+    np.testing.assert_allclose(new_state["h"][0], ref_h, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dense_scatter", [True, False])
+def test_batch_equals_mean_of_reference_runs(dense_scatter):
+    model = make_model(V=6, H=5, seed=4)
+    model._dense_scatter = dense_scatter  # both ways of building dWxh
+    B = 4
+    inputs, targets = make_batch(6, B=B, T=7, seed=5)
+    state = random_state(model, B)
+    loss, grads, new_state = model.train_step(inputs, targets, state)
+    runs = [reference_loss_and_grads(model.params, inputs[b], targets[b], state["h"][b]) for b in range(B)]
+    np.testing.assert_allclose(loss, np.mean([r[0] for r in runs]), rtol=1e-10)
+    for key in KEYS:
+        expected = np.mean([r[1][key] for r in runs], axis=0)
+        np.testing.assert_allclose(grads[key], expected, rtol=1e-10, atol=1e-15, err_msg=key)
+    np.testing.assert_allclose(new_state["h"], np.stack([r[2] for r in runs]), rtol=1e-10)
+
+
+def test_loss_equals_train_step_loss():
+    model = make_model(V=6, H=5)
+    inputs, targets = make_batch(6, B=3, T=5)
+    state = random_state(model, 3)
+    loss, new_state = model.loss(inputs, targets, state)
+    result = model.train_step(inputs, targets, state)
+    assert loss == pytest.approx(result.loss, rel=1e-12)
+    np.testing.assert_allclose(new_state["h"], result.state["h"], rtol=1e-12)
+
+
+def test_step_by_step_logits_give_the_same_loss():
+    model = make_model(V=6, H=5)
+    inputs, targets = make_batch(6, B=3, T=5)
+    state = random_state(model, 3)
+    loss, final = model.loss(inputs, targets, state)
+    h, losses = state, []
+    for t in range(inputs.shape[1]):
+        logits, h = model.step(inputs[:, t], h)  # (B, V)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        losses.append(-logp[np.arange(3), targets[:, t]])
+    assert np.mean(losses) == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(h["h"], final["h"], rtol=1e-12)
+
+
+def test_state_carried_across_chunks_equals_one_long_chunk():
+    model = make_model(V=6, H=5)
+    inputs, targets = make_batch(6, B=2, T=8)
+    state = random_state(model, 2)
+    whole, whole_state = model.loss(inputs, targets, state)
+    first, mid = model.loss(inputs[:, :3], targets[:, :3], state)
+    second, end = model.loss(inputs[:, 3:], targets[:, 3:], mid)
+    assert (3 * first + 5 * second) / 8 == pytest.approx(whole, rel=1e-12)
+    np.testing.assert_allclose(end["h"], whole_state["h"], rtol=1e-12)
+
+
+def test_incoming_state_is_not_modified():
+    model = make_model()
+    inputs, targets = make_batch(5, B=2, T=3)
+    state = random_state(model, 2)
+    before = state["h"].copy()
+    result = model.train_step(inputs, targets, state)
+    model.loss(inputs, targets, state)
+    model.step(inputs[:, 0], state)
+    model.train_step(inputs, targets, result.state)  # a returned state survives the next call
+    np.testing.assert_array_equal(state["h"], before)
+    assert not np.shares_memory(result.state["h"], model.train_step(inputs, targets, state).state["h"])
+
+
+def test_float32_by_default(rng):
+    model = RNN(5, rng, hidden_size=8)
+    assert {p.dtype for p in model.params.values()} == {np.dtype(np.float32)}
+    assert {k: p.shape for k, p in model.params.items()} == {
+        "Wxh": (5, 8),
+        "Whh": (8, 8),
+        "Why": (8, 5),
+        "bh": (8,),
+        "by": (5,),
+    }
+    inputs, targets = make_batch(5, B=2, T=3)
+    loss, grads, state = model.train_step(inputs, targets, model.init_state(2))
+    assert isinstance(loss, float)
+    assert {g.dtype for g in grads.values()} == {np.dtype(np.float32)}
+    assert state["h"].dtype == np.float32
+    logits, _ = model.step(inputs[:, 0], model.init_state(2))
+    assert logits.dtype == np.float32 and logits.shape == (2, 5)
+
+
+def test_init_state_is_zero(rng):
+    state = RNN(5, rng, hidden_size=8).init_state(3)
+    np.testing.assert_array_equal(state["h"], np.zeros((3, 8)))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"hidden_size": 0}, "hidden_size must be a positive integer, got 0"),
+        ({"hidden_size": 2.5}, "hidden_size must be a positive integer"),
+        ({"dtype": "float16"}, "dtype must be 'float32' or 'float64', got 'float16'"),
+        ({"init_scale": 0}, "init_scale must be a positive finite number"),
+        ({"init_scale": "big"}, "init_scale must be a positive number"),
+        ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+    ],
+)
+def test_bad_options_raise_value_error(rng, options, message):
+    kwargs = {"vocab_size": 5, "rng": rng, **options}
+    with pytest.raises(ValueError, match=message):
+        RNN(**kwargs)
+
+
+def test_mismatched_shapes_raise_value_error(rng):
+    model = RNN(5, rng, hidden_size=4)
+    inputs, targets = make_batch(5, B=2, T=3)
+    with pytest.raises(ValueError, match=r"state\['h'\] must have shape \(2, 4\)"):
+        model.train_step(inputs, targets, model.init_state(3))
+    with pytest.raises(ValueError, match="inputs and targets"):
+        model.loss(inputs, targets[:, :2], model.init_state(2))
+    with pytest.raises(ValueError, match="ids must have shape"):
+        model.step(inputs[:, 0], model.init_state(3))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int64])
+def test_integer_input_dtypes(dtype):
+    model = make_model()
+    inputs, targets = make_batch(5, B=2, T=3)
+    state = random_state(model, 2)
+    expected = model.train_step(inputs, targets, state)
+    expected = (expected.loss, {k: g.copy() for k, g in expected.grads.items()})
+    loss, grads, _ = model.train_step(inputs.astype(dtype), targets.astype(dtype), state)
+    assert loss == expected[0]
+    for key in KEYS:
+        np.testing.assert_array_equal(grads[key], expected[1][key])
+    logits, _ = model.step(inputs[:, 0].astype(dtype), state)
+    assert logits.shape == (2, 5)
+
+
+def test_strided_input_views_work():
+    model = make_model()
+    ids = np.random.default_rng(0).integers(0, 5, size=(2, 20)).astype(np.uint8)
+    inputs, targets = ids[:, 4:7], ids[:, 5:8]  # non-contiguous slices, as the training loop passes
+    state = random_state(model, 2)
+    expected, _ = model.loss(inputs.copy(), targets.copy(), state)
+    assert model.loss(inputs, targets, state)[0] == expected
+
+
+def test_buffer_cache_is_bounded():
+    model = make_model()
+    state = random_state(model, 1)
+    for T in range(1, 2 * rnn_plugin._MAX_CACHED_SHAPES):
+        inputs, targets = make_batch(5, B=1, T=T)
+        model.loss(inputs, targets, state)
+    assert len(model._buffers) == rnn_plugin._MAX_CACHED_SHAPES
+
+
+def test_sgd_reduces_loss_on_repetitive_text(tiny_text):
+    vocab = sorted(set(tiny_text))
+    ids = np.array([vocab.index(c) for c in tiny_text], dtype=np.uint8)
+    model = RNN(len(vocab), np.random.default_rng(0), hidden_size=32, init_scale=0.1)
+    B, T = 4, 16
+    span = (len(ids) - 1) // B
+    streams = np.stack([ids[b * span : (b + 1) * span + 1] for b in range(B)])  # (B, span + 1)
+    state, losses, pos = model.init_state(B), [], 0
+    for _ in range(60):
+        if pos + T >= span:
+            state, pos = model.init_state(B), 0
+        loss, grads, state = model.train_step(
+            streams[:, pos : pos + T], streams[:, pos + 1 : pos + T + 1], state
+        )
+        for key, g in grads.items():
+            model.params[key] -= 1.0 * g
+        losses.append(loss)
+        pos += T
+    assert losses[0] == pytest.approx(np.log(len(vocab)), rel=0.05)
+    assert np.mean(losses[-10:]) < 0.5 * losses[0]
