@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -57,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
         help="load a plugin module or .py file (repeatable)",
     )
 
+    bench = sub.add_parser("bench", help="measure a pipeline's training and generation speed")
+    bench.add_argument("pipeline", help="the pipeline YAML file")
+    bench.add_argument("--seconds", type=float, default=10.0, help="time budget (default 10)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    bench.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a key, as with run",
+    )
+
     plugins = sub.add_parser("plugins", help="list plugins and their components as JSON")
     plugins.add_argument(
         "--plugin",
@@ -86,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `charrnn run ... | head`: not an error; keep Python quiet at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
@@ -115,13 +130,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from charrnn.bench import bench, format_table
+
+    if not args.seconds > 0:
+        raise CharrnnError(f"--seconds must be > 0, got {args.seconds}")
+    report = bench(Pipeline(args.pipeline, overrides=args.overrides), seconds=args.seconds)
+    write_text(sys.stdout, (json.dumps(report) if args.json else format_table(report)) + "\n")
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     pm = get_plugin_manager(extra=args.plugins)
     write_text(sys.stdout, json.dumps(list_plugins(pm), indent=2) + "\n")
     return 0
 
 
-_COMMANDS = {"run": _run, "generate": _generate, "plugins": _plugins}
+_COMMANDS = {"run": _run, "generate": _generate, "bench": _bench, "plugins": _plugins}
 
 
 def _one_line(message: str) -> str:

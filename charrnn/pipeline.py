@@ -20,12 +20,9 @@ from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import sample
-from charrnn.plugins import Registry, get_plugin_manager
+from charrnn.plugins import INJECTED, Registry, get_plugin_manager
 from charrnn.train import Progress, Trainer, TrainResult, TrainSettings
 from charrnn.types import Corpus, Model
-
-#: arguments the pipeline passes to factories itself, per kind
-INJECTED = {"model": ("vocab_size", "rng")}
 
 
 @dataclass
@@ -72,7 +69,10 @@ class Pipeline:
         own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
         options = {k: v for k, v in section.items() if k != "type" and k not in own}
         resolved = cfg.check_options(
-            component.factory, options, lambda key: self.locate(kind, key), INJECTED.get(kind, ())
+            component.factory,
+            options,
+            lambda key: self.locate(kind, key),
+            INJECTED if kind == "model" else (),
         )
         return {"type": name, **{k: section[k] for k in own if k in section}, **resolved}
 

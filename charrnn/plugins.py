@@ -11,6 +11,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -32,6 +33,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 
 ENTRY_POINT_GROUP = "charrnn"
+
+#: arguments the pipeline passes to factories itself, not options a user sets
+INJECTED = ("vocab_size", "rng")
 
 #: component kind -> the registration hook that contributes it
 KINDS: dict[str, str] = {
@@ -179,8 +183,25 @@ class Registry:
         raise PluginError(f"{where}: unknown {kind} {name!r}{hint}; available: {', '.join(names) or 'none'}")
 
 
+def options_of(factory: Callable[..., Any]) -> dict[str, Any]:
+    """A factory's options and their defaults (`"required"` where there is none), for listings."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: "required" if p.default is p.empty else p.default if _plain(p.default) else repr(p.default)
+        for p in params
+        if p.name not in INJECTED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+
+
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def list_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
-    """One entry per plugin: name, hooks, version (for entry-point plugins) and components."""
+    """One entry per plugin: name, hooks, version (entry-point plugins) and components with options."""
     registry = Registry(pm)
     versions = {
         name: dist.version for name, dist in ((pm.get_name(p), d) for p, d in pm.list_plugin_distinfo())
@@ -191,7 +212,11 @@ def list_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
             continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
         components = {
-            kind: sorted(c.name for c in comps.values() if c.plugin == name)
+            kind: {
+                c.name: options_of(c.factory)
+                for c in sorted(comps.values(), key=lambda c: c.name)
+                if c.plugin == name
+            }
             for kind, comps in registry.components.items()
         }
         entry: dict[str, Any] = {"name": name, "hooks": hooks}

@@ -101,6 +101,8 @@ class TrainResult:
     val_loss: float | None
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the loop, reports and checkpoints included
+    chars: int = 0  # characters trained on in this run
 
 
 class Trainer:
@@ -146,6 +148,7 @@ class Trainer:
         state = progress.state if progress.state is not None else self.model.init_state(s.batch_size)
         step, pos, smooth = progress.step, progress.position, progress.smooth_loss
         result = TrainResult(step, smooth, None)
+        started = time.perf_counter()
         tty = self.stderr.isatty()
         self._bar = (
             tqdm(
@@ -174,7 +177,10 @@ class Trainer:
             )
 
         # overflow shows up as a non-finite loss, which stops training with a clear message
-        with Interrupts(self.log) as interrupts, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with (
+            Interrupts(self.log) as interrupts,
+            np.errstate(over="ignore", invalid="ignore", divide="ignore"),
+        ):
             try:
                 while s.steps is None or step < s.steps:
                     if interrupts.stop:
@@ -240,6 +246,8 @@ class Trainer:
             if interrupts.abort is not None:
                 raise Aborted(interrupts.abort, f"interrupted: saved step {step} to {s.checkpoint}")
             result.stopped_early = interrupts.stop
+            result.seconds = time.perf_counter() - started
+            result.chars = (step - progress.step) * chars_per_step
             if interrupts.stop:
                 self.log(f"stopped at step {step}; saved {s.checkpoint}")
         return result

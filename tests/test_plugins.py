@@ -270,7 +270,7 @@ def test_entrypoint_plugins_are_loaded_and_listed(monkeypatch, capsys):
     pm = get_plugin_manager()
     assert "first_char" in Registry(pm).components["sampler"]
     listing = {p["name"]: p for p in list_plugins(pm)}
-    assert listing["vowels"]["components"] == {"sampler": ["first_char"]}
+    assert listing["vowels"]["components"] == {"sampler": {"first_char": {"unused": 0}}}
     assert listing["vowels"]["version"] == "1.2.3"
     assert main(["plugins"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -303,7 +303,11 @@ def test_plugins_listing_shows_default_components(capsys, monkeypatch):
     monkeypatch.setenv("CHARRNN_LOAD_PLUGINS", "")
     assert main(["plugins"]) == 0
     listing = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
-    assert listing["charrnn_plugins.rnn"]["components"] == {"model": ["rnn"]}
+    assert listing["charrnn_plugins.rnn"]["components"]["model"]["rnn"]["hidden_size"] == 128
+    assert listing["charrnn_plugins.text"]["components"] == {"corpus": {"text": {"path": "required"}}}
+    assert listing["charrnn_plugins.adagrad"]["components"] == {
+        "optimizer": {"adagrad": {"lr": 0.1, "eps": 1e-8, "clip": 5.0}}
+    }
     assert listing["charrnn_plugins.text"]["hooks"] == ["charrnn_corpus_loader"]
 
 
