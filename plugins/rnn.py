@@ -37,14 +37,14 @@ class _Buffers:
         self.hs = np.empty((T + 1, B, H), dtype)  # hs[0] incoming state, hs[t + 1] = h_t
         self.dhr = np.empty((T, B, H), dtype)  # dL/dh_t from the outputs, then dL/d(pre-activation)
         self.dh = np.empty((B, H), dtype)  # gradient flowing from step t + 1 into h_t
-        self.logits = np.empty((N, V), dtype)  # logits, then exp, then dL/dlogits
-        self.col = np.empty((N, 1), dtype)  # row max, then row sum of exp
+        self.logits = np.empty((V, N), dtype)  # logits, then exp, then dL/dlogits; (V, N) so the
+        self.row = np.empty((1, N), dtype)  # per-position max and sum over V are fast axis-0 reductions
         self.h_flat = self.hs[1:].reshape(N, H)  # (N, H) views over all positions, row = t * B + b
         self.h_prev_flat = self.hs[:-1].reshape(N, H)
         self.dhr_flat = self.dhr.reshape(N, H)
-        self.row_starts = (np.arange(N) * V).reshape(T, B)  # flat index of each row of logits
+        self.n = np.intp(N)
+        self.columns = np.arange(N).reshape(T, B)  # column of each position in logits and one-hot
         self.target_idx = np.empty((T, B), np.intp)  # flat index of each target logit
-        self.columns = np.arange(N).reshape(T, B)  # one-hot column of each position
         self.onehot: np.ndarray | None = None  # (V, N), made on first dense dWxh
         # Per-step views, prebuilt: indexing costs as much as a tiny ufunc call.
         self.forward_steps = list(zip(self.xs, self.hs[:-1], self.hs[1:], strict=True))
@@ -95,6 +95,7 @@ class RNN:
         }
         self._grads = {k: np.zeros_like(p) for k, p in self.params.items()}
         self._WhhT = np.empty((H, H), self.dtype)  # contiguous Whh.T: BLAS is faster on it than on a view
+        self._x_table = np.empty((V, H), self.dtype)  # Wxh + bh, gathered by input id
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._dense_scatter = V <= _DENSE_SCATTER_MAX_VOCAB
 
@@ -112,10 +113,10 @@ class RNN:
         b = self._forward(inputs, targets, state)
         loss = self._cross_entropy(b, backward=True)  # b.logits is now dL/dlogits
         p, g = self.params, self._grads
-        dlogits = b.logits  # (N, V)
-        np.dot(b.h_flat.T, dlogits, out=g["Why"])  # (H, V)
-        np.sum(dlogits, axis=0, out=g["by"])  # (V,)
-        np.dot(dlogits, p["Why"].T, out=b.dhr_flat)  # (N, H) dL/dh_t through the outputs
+        dlogits = b.logits  # (V, N)
+        np.dot(b.h_flat.T, dlogits.T, out=g["Why"])  # (H, V)
+        np.sum(dlogits, axis=1, out=g["by"])  # (V,)
+        np.dot(dlogits.T, p["Why"].T, out=b.dhr_flat)  # (N, H) dL/dh_t through the outputs
 
         dtanh = np.multiply(b.hs[1:], b.hs[1:], out=b.xs)  # (T, B, H), xs no longer needed
         np.subtract(1, dtanh, out=dtanh)  # tanh' = 1 - h^2
@@ -168,43 +169,49 @@ class RNN:
 
     def _forward(self, inputs: np.ndarray, targets: np.ndarray, state: dict[str, np.ndarray]) -> _Buffers:
         """Fill the buffers for this (B, T): hidden states, logits and target indices."""
-        if inputs.ndim != 2 or inputs.shape != targets.shape:
+        if inputs.ndim != 2 or inputs.shape != targets.shape or inputs.size == 0:
             raise ValueError(
-                f"inputs and targets must both have shape (B, T), got {inputs.shape} and {targets.shape}"
+                f"inputs and targets must both have shape (B, T) with B, T > 0, "
+                f"got {inputs.shape} and {targets.shape}"
             )
         B, T = inputs.shape
         h0 = state["h"]
         if h0.shape != (B, self.hidden_size):
             raise ValueError(f"state['h'] must have shape {(B, self.hidden_size)}, got {h0.shape}")
+        V = self.vocab_size
+        for ids in (inputs, targets):
+            if ids.max() >= V or (ids.dtype.kind != "u" and ids.min() < 0):
+                raise ValueError(f"ids must lie in [0, {V}), got {ids.min()}..{ids.max()}")
         b = self._buffers_for(B, T)
         p = self.params
-        np.take(p["Wxh"], inputs.T, axis=0, out=b.xs)  # (T, B, H) input projection for all steps
-        b.xs += p["bh"]
+        table = np.add(p["Wxh"], p["bh"], out=self._x_table)  # (V, H): Wxh[x] + bh == table[x]
+        np.take(table, inputs.T, axis=0, out=b.xs, mode="clip")  # (T, B, H); ids checked, no buffering
         np.copyto(b.hs[0], h0)
         Whh = p["Whh"]
         for x_t, h_prev, h_t in b.forward_steps:
             np.dot(h_prev, Whh, out=h_t)  # (B, H)
             np.add(h_t, x_t, out=h_t)
             np.tanh(h_t, out=h_t)
-        np.dot(b.h_flat, p["Why"], out=b.logits)  # (N, V) all positions at once
-        b.logits += p["by"]
-        np.add(b.row_starts, targets.T, out=b.target_idx)  # (T, B) flat index of each target logit
+        np.dot(p["Why"].T, b.h_flat.T, out=b.logits)  # (V, N) all positions at once
+        b.logits += p["by"][:, None]
+        np.multiply(targets.T, b.n, out=b.target_idx)  # (T, B) flat index of each target logit
+        b.target_idx += b.columns
         return b
 
     @staticmethod
     def _cross_entropy(b: _Buffers, backward: bool) -> float:
         """Mean softmax cross-entropy of `b.logits`; with `backward`, leave dL/dlogits in their place."""
-        logits, col = b.logits, b.col
-        N = logits.shape[0]
-        np.max(logits, axis=1, keepdims=True, out=col)
-        logits -= col  # stable: the largest logit of each row is 0
+        logits, row = b.logits, b.row
+        N = logits.shape[1]
+        np.max(logits, axis=0, keepdims=True, out=row)
+        logits -= row  # stable: the largest logit at each position is 0
         picked = logits.take(b.target_idx)  # (T, B) shifted logit of each target
         np.exp(logits, out=logits)
-        np.sum(logits, axis=1, keepdims=True, out=col)  # (N, 1) partition functions
-        loss = (float(np.log(col).sum()) - float(picked.sum())) / N
+        np.sum(logits, axis=0, keepdims=True, out=row)  # (1, N) partition functions
+        loss = (float(np.log(row).sum()) - float(picked.sum())) / N
         if backward:
-            col *= N
-            logits /= col  # softmax / N
+            row *= N
+            logits /= row  # softmax / N
             logits.reshape(-1)[b.target_idx.reshape(-1)] -= 1 / N  # (softmax - onehot) / N
         return loss
 
@@ -216,7 +223,7 @@ class RNN:
         """
         if self._dense_scatter:
             if b.onehot is None:
-                b.onehot = np.zeros((self.vocab_size, b.logits.shape[0]), self.dtype)
+                b.onehot = np.zeros(b.logits.shape, self.dtype)
             onehot = b.onehot
             onehot.fill(0)
             onehot[inputs.T, b.columns] = 1  # (V, N)

@@ -187,6 +187,12 @@ def test_mismatched_shapes_raise_value_error(rng):
         model.loss(inputs, targets[:, :2], model.init_state(2))
     with pytest.raises(ValueError, match="ids must have shape"):
         model.step(inputs[:, 0], model.init_state(3))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 5\), got 5..5"):
+        model.train_step(inputs, np.full_like(targets, 5), model.init_state(2))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 5\), got -1..3"):
+        model.loss(np.array([[-1, 3]]), np.array([[0, 0]]), model.init_state(1))
+    with pytest.raises(ValueError, match="B, T > 0"):
+        model.loss(inputs[:, :0], targets[:, :0], model.init_state(2))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int64])
