@@ -15,14 +15,10 @@ def load_text(path: str) -> Corpus:
     if not file.is_file():
         raise CorpusError(f"corpus path is not a file: {path}")
     try:
-        text = file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorpusError(f"corpus file {path} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+        raw = file.read_bytes()
     except OSError as exc:
         raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]  # a byte-order mark is not part of the text
-    return Corpus.from_text(text, source=str(file))
+    return Corpus.from_utf8(raw, source=str(file))
 
 
 @hookimpl

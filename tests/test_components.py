@@ -120,3 +120,23 @@ def test_temperature_one_samples_the_softmax():
 def test_temperature_must_be_positive(t):
     with pytest.raises(ValueError, match="temperature must be > 0"):
         Temperature(t)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64, 1 << 22])
+def test_from_utf8_matches_from_text_at_any_chunk_size(chunk_size):
+    text = "héllo wörld ✓ 😀\n" * 50
+    a, b = Corpus.from_utf8(text.encode(), chunk_size=chunk_size), Corpus.from_text(text)
+    assert a.vocab == b.vocab and a.ids.dtype == b.ids.dtype and np.array_equal(a.ids, b.ids)
+
+
+def test_from_utf8_ascii_fast_path_and_bom():
+    a = Corpus.from_utf8(b"\xef\xbb\xbf" + b"hello, world\n" * 100)
+    b = Corpus.from_text("hello, world\n" * 100)
+    assert a.vocab == b.vocab and np.array_equal(a.ids, b.ids) and a.ids.dtype == np.uint8
+
+
+@pytest.mark.parametrize("chunk_size", [3, 7, 1 << 22])
+def test_from_utf8_names_the_offset_of_invalid_bytes(chunk_size):
+    raw = ("ñ" * 100).encode()  # 200 bytes
+    with pytest.raises(CorpusError, match=r"not valid UTF-8 \(byte 120: invalid start byte\)"):
+        Corpus.from_utf8(raw[:120] + b"\xff" + raw[120:], source="x.txt", chunk_size=chunk_size)

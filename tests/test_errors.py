@@ -200,10 +200,14 @@ class ExplodePlugin:
 def test_nan_loss_keeps_last_good_checkpoint(capsys, pipeline, tmp_path):
     args = ["train.steps=50", "train.save_every=20", "stages=[train]"]
     with pytest.raises(charrnn.TrainingError, match="no checkpoint was saved"):
-        charrnn.run_pipeline(pipeline, plugins=[ExplodePlugin()], overrides=[*args, "optimizer={type: explode}"])
+        charrnn.run_pipeline(
+            pipeline, plugins=[ExplodePlugin()], overrides=[*args, "optimizer={type: explode}"]
+        )
     assert not (tmp_path / "m.npz").exists()
 
-    with pytest.raises(charrnn.TrainingError, match=r"loss became nan at step 2[6-9].* step 20 in .* is kept"):
+    with pytest.raises(
+        charrnn.TrainingError, match=r"loss became nan at step 2[6-9].* step 20 in .* is kept"
+    ):
         charrnn.run_pipeline(
             pipeline, plugins=[ExplodePlugin()], overrides=[*args, "optimizer={type: explode, after: 25}"]
         )
@@ -224,7 +228,9 @@ def test_nan_loss_is_a_one_line_cli_error(capsys, pipeline, tmp_path):
         "    def load_state_dict(self, state):\n        pass\n\n"
         "@charrnn.hookimpl\ndef charrnn_optimizer(register):\n    register('explode', Explode)\n"
     )
-    line = run_error(capsys, ["run", str(pipeline), "--set", f"plugins=[{plugin}]", "--set", "optimizer=explode"])
+    line = run_error(
+        capsys, ["run", str(pipeline), "--set", f"plugins=[{plugin}]", "--set", "optimizer=explode"]
+    )
     assert "loss became nan" in line
 
 

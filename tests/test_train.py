@@ -222,7 +222,9 @@ def test_sigint_saves_then_generates_and_resume_matches(tiny_config, tmp_path, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signals", "code"), [((signal.SIGINT, signal.SIGINT), 130), ((signal.SIGTERM,), 143)])
+@pytest.mark.parametrize(
+    ("signals", "code"), [((signal.SIGINT, signal.SIGINT), 130), ((signal.SIGTERM,), 143)]
+)
 def test_second_interrupt_or_sigterm_saves_and_exits(tiny_config, tmp_path, cli_env, signals, code):
     ckpt = tmp_path / "int.npz"
     tiny_config["train"].update(steps=None, sample_every=None, save_every=100, checkpoint=str(ckpt))
