@@ -27,7 +27,7 @@ from charrnn.errors import ConfigError
 Lines = dict[tuple[str, ...], int]
 
 STAGES = ("train", "generate")
-COMPONENTS = ("corpus", "model", "optimizer", "sampler")
+COMPONENTS = ("corpus", "model", "optimizer", "sampler", "schedule")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "save_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null)"),
         "checkpoint": Opt((str,), "runs/default/final_model.npz", bool, "must not be empty"),
         "resume": Opt((bool, str), False, lambda v: v != "", "must be true, false or a path"),
+        "eval_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null: at each sample_every)"),
+        "patience": Opt(INT + NONE, None, _positive, "must be > 0 (or null: no early stopping)"),
+        "keep_best": Opt((bool,), True),
+        "metrics": Opt((bool,), True),
     },
     "generate": {
         "num_chars": Opt(INT, 1000, _non_negative, "must be >= 0"),
@@ -96,6 +100,7 @@ DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
     "model": {"type": "rnn"},
     "optimizer": {"type": "adagrad"},
     "sampler": {"type": "temperature"},
+    "schedule": {"type": "constant"},
 }
 
 

@@ -73,6 +73,19 @@ def charrnn_sampler(register: Register) -> None:
 
 
 @hookspec
+def charrnn_schedule(register: Register) -> None:
+    """Register learning-rate schedules. Collect-all.
+
+    :param register: call ``register(name, factory)``; ``factory(**options)`` receives the YAML
+        ``schedule`` section minus ``type`` and returns a callable ``schedule(step, total_steps)``
+        giving the factor by which the optimizer's base ``lr`` is multiplied for step ``step``
+        (0 for the first step); ``total_steps`` is ``train.steps`` (None when training until
+        Ctrl+C). The training loop sets ``optimizer.lr`` before every step, so a schedule other
+        than ``constant`` needs an optimizer with an ``lr`` attribute.
+    """
+
+
+@hookspec
 def charrnn_train_report(step: int, metrics: dict[str, Any]) -> None:
     """Called at each training report (every ``train.sample_every`` steps and at the end).
 

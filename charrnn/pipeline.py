@@ -137,6 +137,14 @@ class Pipeline:
         t = self.config["train"]
         model = self.model(len(corpus.vocab))
         optimizer = self.build("optimizer", self.config["optimizer"])
+        schedule = self.build("schedule", self.config["schedule"])
+        if not isinstance(getattr(optimizer, "lr", None), (int, float)):
+            if self.config["schedule"]["type"] != "constant":
+                raise ConfigError(
+                    f"schedule {self.config['schedule']['type']!r} needs an optimizer with an `lr` attribute; "
+                    f"optimizer {self.config['optimizer']['type']!r} has none"
+                )
+            schedule = None
         sampler = self.sampler(corpus.vocab)
         digest = hashlib.sha256(np.ascontiguousarray(train_ids).tobytes()).hexdigest()
         corpus_meta = {
@@ -151,7 +159,7 @@ class Pipeline:
             progress = self._resume(t["resume"], model, optimizer, corpus, corpus_meta)
         started = time.time()
 
-        def save(p: Progress, extra: dict[str, Any]) -> None:
+        def save(p: Progress, extra: dict[str, Any], path: str) -> None:
             meta = {
                 "format": ckpt_io.FORMAT,
                 "format_version": ckpt_io.FORMAT_VERSION,
@@ -162,13 +170,15 @@ class Pipeline:
                 "data_position": p.position,
                 "smooth_loss": p.smooth_loss,
                 "rng": p.rng_state,
+                "best_val_loss": p.best_val,
+                "bad_evals": p.bad_evals,
                 "corpus": corpus_meta,
                 "saved_at": time.time(),
                 "elapsed_seconds": time.time() - started,
                 **extra,
             }
             ckpt_io.save(
-                t["checkpoint"],
+                path,
                 ckpt_io.Checkpoint(
                     params=model.params,
                     meta=_jsonable(meta),
@@ -176,7 +186,7 @@ class Pipeline:
                     state=p.state or {},
                 ),
             )
-            self.pm.hook.charrnn_checkpoint_saved(path=t["checkpoint"], step=p.step)
+            self.pm.hook.charrnn_checkpoint_saved(path=path, step=p.step)
 
         settings = TrainSettings(
             steps=t["steps"],
@@ -187,6 +197,12 @@ class Pipeline:
             save_every=t["save_every"],
             checkpoint=t["checkpoint"],
             seed=self.config["seed"],
+            eval_every=t["eval_every"],
+            patience=t["patience"],
+            best_checkpoint=sibling(t["checkpoint"], ".best.npz")
+            if t["keep_best"] and val_ids is not None
+            else None,
+            metrics_path=sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] else None,
         )
         trainer = Trainer(
             model,
@@ -199,6 +215,7 @@ class Pipeline:
             save,
             report=lambda step, metrics: self.pm.hook.charrnn_train_report(step=step, metrics=metrics),
             stderr=stderr,
+            schedule=schedule,
         )
         return model, corpus, trainer.run(progress)
 
@@ -238,7 +255,15 @@ class Pipeline:
         load_params(model, saved, path)
         optimizer.load_state_dict(saved.optim)
         meta = saved.meta
-        return Progress(meta["step"], meta["data_position"], meta["smooth_loss"], meta["rng"], saved.state)
+        return Progress(
+            meta["step"],
+            meta["data_position"],
+            meta["smooth_loss"],
+            meta["rng"],
+            saved.state,
+            meta.get("best_val_loss"),
+            meta.get("bad_evals", 0),
+        )
 
     def generate(self, model: Model, vocab: list[str]) -> str:
         g = self.config["generate"]
@@ -286,6 +311,14 @@ class Pipeline:
         )
         load_params(model, saved, path)
         return model, list(saved.meta["vocab"])
+
+
+def sibling(checkpoint: str, suffix: str) -> str:
+    """`runs/x/model.npz` -> `runs/x/model<suffix>`: files that belong with a checkpoint."""
+    path = Path(checkpoint)
+    return str(
+        path.with_name(path.stem + suffix) if path.suffix == ".npz" else path.with_name(path.name + suffix)
+    )
 
 
 def load_params(model: Model, saved: ckpt_io.Checkpoint, path: str | Path) -> None:

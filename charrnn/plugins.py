@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.rnn",
     "charrnn_plugins.adagrad",
     "charrnn_plugins.samplers",
+    "charrnn_plugins.schedules",
 )
 
 ENTRY_POINT_GROUP = "charrnn"
@@ -43,6 +44,7 @@ KINDS: dict[str, str] = {
     "model": "charrnn_model",
     "optimizer": "charrnn_optimizer",
     "sampler": "charrnn_sampler",
+    "schedule": "charrnn_schedule",
 }
 
 

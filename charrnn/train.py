@@ -7,6 +7,8 @@ The corpus is cut into `batch_size` contiguous streams; each step trains on the 
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import signal
 import sys
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from charrnn.errors import TrainingError
 from charrnn.generate import sample
-from charrnn.types import Corpus, Model, Optimizer, Sampler
+from charrnn.types import Corpus, Model, Optimizer, Sampler, Schedule
 
 LN2 = math.log(2)
 
@@ -80,7 +82,10 @@ class TrainSettings:
     save_every: int | None
     checkpoint: str
     seed: int
-    seed_text: str = "\n"
+    eval_every: int | None = None  # None: at each sample_every report
+    patience: int | None = None  # stop after this many evaluations without a better val loss
+    best_checkpoint: str | None = None  # where the best model by val loss is kept
+    metrics_path: str | None = None  # JSON lines, appended at each report
 
 
 @dataclass
@@ -92,6 +97,8 @@ class Progress:
     smooth_loss: float | None = None
     rng_state: dict[str, Any] | None = None
     state: dict[str, np.ndarray] | None = None
+    best_val: float | None = None
+    bad_evals: int = 0
 
 
 @dataclass
@@ -99,14 +106,18 @@ class TrainResult:
     steps: int
     train_loss: float | None
     val_loss: float | None
-    stopped_early: bool = False
+    best_val_loss: float | None = None
+    stopped_early: bool = False  # by Ctrl+C or early stopping
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the loop, reports and checkpoints included
     chars: int = 0  # characters trained on in this run
 
 
+SaveFn = Callable[[Progress, dict[str, Any], str], None]
+
+
 class Trainer:
-    """Owns one training run; `save` is called by the loop at checkpoint times."""
+    """Owns one training run: the loop, its reports, evaluation and checkpoints."""
 
     def __init__(
         self,
@@ -117,20 +128,22 @@ class Trainer:
         train_ids: np.ndarray,
         val_ids: np.ndarray | None,
         settings: TrainSettings,
-        save: Callable[[Progress, dict[str, Any]], None],
+        save: SaveFn,
         report: Callable[[int, dict[str, Any]], None] = lambda step, metrics: None,
         stderr: TextIO | None = None,
+        schedule: Schedule | None = None,
     ) -> None:
         self.model, self.optimizer, self.sampler = model, optimizer, sampler
+        self.schedule = schedule
         self.vocab, self.settings = vocab, settings
         self.save_fn, self.report_fn = save, report
         self.stderr = stderr if stderr is not None else sys.stderr
         B = settings.batch_size
-        self.stream_len = (len(train_ids) - 1) // B
-        L = self.stream_len
+        self.stream_len = L = (len(train_ids) - 1) // B
         self.inputs = train_ids[: B * L].reshape(B, L)  # (B, L) views, no copy
         self.targets = train_ids[1 : B * L + 1].reshape(B, L)
         self.val_ids = val_ids
+        self.eval_every = settings.eval_every or settings.sample_every if val_ids is not None else None
         self._bar: tqdm | None = None
 
     def log(self, message: str) -> None:
@@ -140,41 +153,31 @@ class Trainer:
             print(message, file=self.stderr, flush=True)
 
     def run(self, progress: Progress) -> TrainResult:
-        s = self.settings
-        T = s.seq_length
+        s, T = self.settings, self.settings.seq_length
+        p = progress  # updated in place: p.step, p.position, p.state, ... are the live loop state
         rng = np.random.default_rng([s.seed, 1])
-        if progress.rng_state is not None:
-            rng.bit_generator.state = progress.rng_state
-        state = progress.state if progress.state is not None else self.model.init_state(s.batch_size)
-        step, pos, smooth = progress.step, progress.position, progress.smooth_loss
-        result = TrainResult(step, smooth, None)
-        started = time.perf_counter()
-        tty = self.stderr.isatty()
-        self._bar = (
-            tqdm(
-                total=s.steps,
-                initial=step,
-                unit="step",
-                file=self.stderr,
-                disable=not tty,
-                dynamic_ncols=True,
-                desc="train",
-            )
-            if tty
-            else None
-        )
+        if p.rng_state is not None:
+            rng.bit_generator.state = p.rng_state
+        if p.state is None:
+            p.state = self.model.init_state(s.batch_size)
+        start_step = p.step
+        result = TrainResult(p.step, p.smooth_loss, None, p.best_val)
         chars_per_step = s.batch_size * T
-        train_time, window_steps, last_post = 0.0, 0, 0.0
-        speed = 0.0
+        schedule, base_lr = self.schedule, getattr(self.optimizer, "lr", None)
+        self.lr = base_lr
+        # a model that uses randomness in training (dropout) takes the loop's generator
+        step_kwargs = {"rng": rng} if "rng" in inspect.signature(self.model.train_step).parameters else {}
+        self.saved_at: list[int] = []
+        self.window = [0.0, 0]  # training seconds and steps since the last report
+        started = last_post = time.perf_counter()
+        if self.stderr.isatty():
+            self._bar = tqdm(total=s.steps, initial=p.step, unit="step", file=self.stderr, dynamic_ncols=True)
 
-        saved_at: list[int] = []
-
-        def checkpoint(extra: dict[str, Any]) -> None:
-            saved_at.append(step)
-            self.save_fn(
-                Progress(step, pos, smooth, rng.bit_generator.state, state),
-                {"chars_per_sec": speed, "val_loss": result.val_loss, **extra},
-            )
+        def checkpoint(path: str = s.checkpoint) -> None:
+            p.rng_state = rng.bit_generator.state
+            if path == s.checkpoint:
+                self.saved_at.append(p.step)
+            self.save_fn(p, {"chars_per_sec": self.speed(), "val_loss": result.val_loss}, path)
 
         # overflow shows up as a non-finite loss, which stops training with a clear message
         with (
@@ -182,75 +185,77 @@ class Trainer:
             np.errstate(over="ignore", invalid="ignore", divide="ignore"),
         ):
             try:
-                while s.steps is None or step < s.steps:
-                    if interrupts.stop:
-                        break
-                    if pos + T > self.stream_len:
-                        pos, state = 0, self.model.init_state(s.batch_size)  # new epoch
+                while (s.steps is None or p.step < s.steps) and not interrupts.stop:
+                    if p.position + T > self.stream_len:
+                        p.position, p.state = 0, self.model.init_state(s.batch_size)  # new epoch
                     t0 = time.perf_counter()
                     interrupts.critical = True
-                    loss, grads, new_state = self.model.train_step(
-                        self.inputs[:, pos : pos + T], self.targets[:, pos : pos + T], state
+                    if schedule is not None:
+                        self.lr = self.optimizer.lr = base_lr * schedule(p.step, s.steps)  # type: ignore[attr-defined]
+                    chunk = slice(p.position, p.position + T)
+                    loss, grads, state = self.model.train_step(
+                        self.inputs[:, chunk], self.targets[:, chunk], p.state, **step_kwargs
                     )
                     if not math.isfinite(loss):
                         interrupts.critical = False
-                        kept = (
-                            f"the checkpoint of step {saved_at[-1]} in {s.checkpoint} is kept"
-                            if saved_at
-                            else "no checkpoint was saved before it (train.save_every keeps regular ones)"
-                        )
-                        raise TrainingError(
-                            f"loss became {loss} at step {step + 1}; training stopped and {kept}; "
-                            "try a lower learning rate or tighter clipping"
-                        )
+                        raise TrainingError(self._diverged(loss, p.step + 1))
                     self.optimizer.step(self.model.params, grads)
-                    state, pos, step = new_state, pos + T, step + 1
-                    smooth = loss if smooth is None else 0.99 * smooth + 0.01 * loss
+                    p.state, p.position, p.step = state, p.position + T, p.step + 1
+                    p.smooth_loss = loss if p.smooth_loss is None else 0.99 * p.smooth_loss + 0.01 * loss
                     interrupts.critical = False
-                    dt = time.perf_counter() - t0
-                    train_time += dt
-                    window_steps += 1
+                    self.window[0] += time.perf_counter() - t0
+                    self.window[1] += 1
                     if interrupts.abort is not None:
                         break
                     if self._bar is not None:
                         self._bar.update(1)
                         if t0 - last_post > 0.5:
                             last_post = t0
-                            speed = window_steps * chars_per_step / max(train_time, 1e-9)
-                            self._bar.set_postfix_str(
-                                f"loss {smooth:.3f} | {speed:,.0f} chars/s", refresh=False
-                            )
-                    if s.sample_every and step % s.sample_every == 0:
-                        speed = window_steps * chars_per_step / max(train_time, 1e-9)
-                        train_time, window_steps = 0.0, 0
-                        result.val_loss = self._report(step, smooth, speed, result)
-                    if s.save_every and step % s.save_every == 0:
-                        checkpoint({})
-                if window_steps:
-                    speed = window_steps * chars_per_step / max(train_time, 1e-9)
-                result.steps, result.train_loss = step, smooth
-                if interrupts.abort is None and (not s.sample_every or step % s.sample_every != 0):
-                    if step > progress.step:
-                        result.val_loss = self._report(step, smooth, speed, result, with_sample=False)
-                if not saved_at or saved_at[-1] != step:
-                    checkpoint({})
+                            postfix = f"loss {p.smooth_loss:.3f} | {self.speed():,.0f} chars/s"
+                            self._bar.set_postfix_str(postfix, refresh=False)
+                    sample_now = bool(s.sample_every) and p.step % s.sample_every == 0
+                    eval_now = bool(self.eval_every) and p.step % self.eval_every == 0
+                    if sample_now or eval_now:
+                        self._report(p, result, sample_now, eval_now, checkpoint)
+                        if s.patience is not None and p.bad_evals >= s.patience:
+                            self.log(f"early stopping: no better validation loss in {s.patience} evaluations")
+                            result.stopped_early = True
+                            break
+                    if s.save_every and p.step % s.save_every == 0:
+                        checkpoint()
+                if interrupts.abort is None and p.step > start_step and not self.window[1] == 0:
+                    self._report(p, result, False, self.val_ids is not None, checkpoint)
+                if not self.saved_at or self.saved_at[-1] != p.step:
+                    checkpoint()
             except Aborted as exc:
-                if interrupts.critical:  # cannot happen (handler defers), kept for safety
+                if interrupts.critical:  # cannot happen (the handler defers), kept for safety
                     raise
-                result.steps, result.train_loss = step, smooth
-                checkpoint({})
-                self._close()
-                raise Aborted(exc.code, f"interrupted: saved step {step} to {s.checkpoint}") from None
+                checkpoint()
+                raise Aborted(exc.code, f"interrupted: saved step {p.step} to {s.checkpoint}") from None
             finally:
                 self._close()
             if interrupts.abort is not None:
-                raise Aborted(interrupts.abort, f"interrupted: saved step {step} to {s.checkpoint}")
-            result.stopped_early = interrupts.stop
-            result.seconds = time.perf_counter() - started
-            result.chars = (step - progress.step) * chars_per_step
-            if interrupts.stop:
-                self.log(f"stopped at step {step}; saved {s.checkpoint}")
+                raise Aborted(interrupts.abort, f"interrupted: saved step {p.step} to {s.checkpoint}")
+        if interrupts.stop:
+            result.stopped_early = True
+            self.log(f"stopped at step {p.step}; saved {s.checkpoint}")
+        result.steps, result.train_loss, result.best_val_loss = p.step, p.smooth_loss, p.best_val
+        result.seconds = time.perf_counter() - started
+        result.chars = (p.step - start_step) * chars_per_step
         return result
+
+    def speed(self) -> float:
+        """Training chars/s over the steps since the last report (reports and evaluation excluded)."""
+        seconds, steps = self.window
+        return steps * self.settings.batch_size * self.settings.seq_length / seconds if seconds else 0.0
+
+    def _diverged(self, loss: float, step: int) -> str:
+        kept = (
+            f"the checkpoint of step {self.saved_at[-1]} in {self.settings.checkpoint} is kept"
+            if self.saved_at
+            else "no checkpoint was saved before it (train.save_every keeps regular ones)"
+        )
+        return f"loss became {loss} at step {step}; training stopped and {kept}; try a lower learning rate or tighter clipping"
 
     def _close(self) -> None:
         if self._bar is not None:
@@ -258,26 +263,58 @@ class Trainer:
             self._bar = None
 
     def _report(
-        self, step: int, smooth: float | None, speed: float, result: TrainResult, with_sample: bool = True
-    ) -> float | None:
-        val = self.evaluate() if self.val_ids is not None else None
+        self,
+        p: Progress,
+        result: TrainResult,
+        with_sample: bool,
+        with_eval: bool,
+        checkpoint: Callable[..., None],
+    ) -> None:
+        s = self.settings
+        speed = self.speed()
+        self.window = [0.0, 0]
+        val = self.evaluate() if with_eval and self.val_ids is not None else None
+        best = False
+        if val is not None:
+            result.val_loss = val
+            if p.best_val is None or val < p.best_val:
+                p.best_val, p.bad_evals, best = val, 0, True
+                if s.best_checkpoint:
+                    checkpoint(s.best_checkpoint)
+            else:
+                p.bad_evals += 1
         text = None
-        if with_sample and self.settings.sample_length:
-            rng = np.random.default_rng([self.settings.seed, 3, step])
-            text = sample(self.model, self.sampler, self.vocab, rng, "", self.settings.sample_length)
-        loss_txt = f"loss {smooth:.4f} nats/char ({smooth / LN2:.3f} bits/char)" if smooth is not None else ""
-        val_txt = f" | val {val:.4f} ({val / LN2:.3f} bits)" if val is not None else ""
-        total = f"/{self.settings.steps}" if self.settings.steps else ""
-        self.log(f"step {step}{total} | {loss_txt}{val_txt} | {speed:,.0f} chars/s")
+        if with_sample and s.sample_length:
+            rng = np.random.default_rng([s.seed, 3, p.step])
+            text = sample(self.model, self.sampler, self.vocab, rng, "", s.sample_length)
+        smooth = p.smooth_loss
+        parts = [f"step {p.step}" + (f"/{s.steps}" if s.steps else "")]
+        if smooth is not None:
+            parts.append(f"loss {smooth:.4f} nats/char ({smooth / LN2:.3f} bits/char)")
+        if val is not None:
+            parts.append(f"val {val:.4f} ({val / LN2:.3f} bits)" + (" best" if best else ""))
+        if self.lr is not None and self.schedule is not None:
+            parts.append(f"lr {self.lr:.3g}")
+        parts.append(f"{speed:,.0f} chars/s")
+        self.log(" | ".join(parts))
         if text is not None:
             self.log("----\n" + text + "\n----")
-        metrics = {"train_loss": smooth, "val_loss": val, "chars_per_sec": speed, "sample": text}
-        result.history.append({"step": step, **{k: v for k, v in metrics.items() if k != "sample"}})
-        self.report_fn(step, metrics)
-        return val
+        record = {
+            "step": p.step,
+            "train_loss": smooth,
+            "val_loss": val,
+            "lr": self.lr,
+            "chars_per_sec": speed,
+        }
+        result.history.append(record)
+        if s.metrics_path:
+            with open(s.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.report_fn(p.step, {**record, "sample": text})
 
     def evaluate(self) -> float:
         """Mean loss over the whole validation split, in parallel streams with carried state."""
+        assert self.val_ids is not None
         return evaluate(self.model, self.val_ids, self.settings.batch_size, self.settings.seq_length)
 
 

@@ -162,7 +162,12 @@ class Model(Protocol):
         ...
 
     def train_step(self, inputs: np.ndarray, targets: np.ndarray, state: State) -> StepResult:
-        """Forward, loss and backward (truncated BPTT) on inputs/targets of shape (B, T)."""
+        """Forward, loss and backward (truncated BPTT) on inputs/targets of shape (B, T).
+
+        A model that needs randomness while training (dropout) declares a keyword argument
+        `rng`; the loop then passes its `numpy.random.Generator`, whose state checkpoints keep,
+        so resume stays exact.
+        """
         ...
 
     def loss(self, inputs: np.ndarray, targets: np.ndarray, state: State) -> tuple[float, State]:
@@ -198,6 +203,12 @@ class Sampler(Protocol):
     """
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray: ...
+
+
+class Schedule(Protocol):
+    """A learning-rate schedule: the factor for the base `lr` at `step` (0-based)."""
+
+    def __call__(self, step: int, total_steps: int | None) -> float: ...
 
 
 class CorpusLoader(Protocol):

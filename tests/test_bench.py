@@ -3,9 +3,9 @@ from __future__ import annotations
 import json
 
 import yaml
-from conftest import TINY_TEXT
 
 from charrnn.cli import main
+from conftest import TINY_TEXT
 
 
 def test_bench_reports_speeds_and_memory(tiny_config, tmp_path, capsys, monkeypatch):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from charrnn import Corpus, CorpusError
 from charrnn_plugins.adagrad import Adagrad
 from charrnn_plugins.samplers import Temperature
 from charrnn_plugins.text import load_text
-
-from charrnn import Corpus, CorpusError
 
 
 def test_corpus_vocab_is_sorted_unicode_set():

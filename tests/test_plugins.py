@@ -9,7 +9,6 @@ import types
 import numpy as np
 import pluggy
 import pytest
-from conftest import TINY_TEXT
 
 import charrnn
 from charrnn import hookspecs
@@ -17,6 +16,7 @@ from charrnn.cli import main
 from charrnn.errors import PluginError
 from charrnn.pipeline import Pipeline, run_pipeline
 from charrnn.plugins import DEFAULT_PLUGINS, Registry, get_plugin_manager, list_plugins
+from conftest import TINY_TEXT
 
 
 class FirstChar:
@@ -194,7 +194,10 @@ def test_hook_charrnn_checkpoint_saved(tiny_config):
     tiny_config["stages"] = ["train"]
     run_pipeline(tiny_config, plugins=[Watcher()])
     path = tiny_config["train"]["checkpoint"]
-    assert saved == [(path, 5), (path, 10), (path, 15), (path, 20)]
+    assert [(p, s) for p, s in saved if p == path] == [(path, 5), (path, 10), (path, 15), (path, 20)]
+    best = path.replace(".npz", ".best.npz")
+    assert [p for p, _ in saved if p != path] == [best] * len([p for p, _ in saved if p != path])
+    assert (10 if saved.count((best, 10)) else 20) in [s for p, s in saved if p == best]
 
 
 def test_bad_hook_signature_is_rejected():
@@ -335,3 +338,23 @@ def test_plugin_module_that_fails_to_import_is_named(tmp_path, tiny_config):
     tiny_config["plugins"] = ["no_such_plugin_module"]
     with pytest.raises(PluginError, match="'no_such_plugin_module' not found"):
         Pipeline(tiny_config)
+
+
+def test_hook_charrnn_schedule(tiny_config):
+    seen = []
+
+    class Halving:
+        def __call__(self, step, total_steps):
+            seen.append((step, total_steps))
+            return 0.5**step
+
+    class SchedulePlugin:
+        @charrnn.hookimpl
+        def charrnn_schedule(self, register):
+            register("halving", Halving)
+
+    tiny_config["schedule"] = {"type": "halving"}
+    tiny_config["train"].update(steps=4, sample_every=1)
+    result = run_pipeline(tiny_config, plugins=[SchedulePlugin()])
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert [h["lr"] for h in result.train.history] == [0.1, 0.05, 0.025, 0.0125]

@@ -7,9 +7,9 @@ import shlex
 import shutil
 
 import pytest
-from conftest import ROOT
 
 from charrnn.cli import main
+from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

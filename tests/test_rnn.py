@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from charrnn import Model
 from charrnn_plugins import rnn as rnn_plugin
 from charrnn_plugins.rnn import RNN
 from reference_rnn import reference_loss_and_grads
-
-from charrnn import Model
 
 KEYS = ("Wxh", "Whh", "Why", "bh", "by")
 

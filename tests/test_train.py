@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, TINY_TEXT, charrnn_cmd
 
 import charrnn
 from charrnn import CheckpointError, ConfigError, generate_text, run_pipeline
 from charrnn.cli import main
 from charrnn.train import Aborted
+from conftest import ROOT, TINY_TEXT, charrnn_cmd
 
 
 def params_of(path):
@@ -280,3 +280,69 @@ def test_classic_config_writes_final_model(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert (tmp_path / "final_model.npz").exists()
     assert "step 100" in err and len(out) == len("The ") + 40 + 1
+
+
+def test_best_checkpoint_metrics_and_eval_every(tiny_config, tmp_path):
+    tiny_config["train"].update(steps=30, sample_every=10, eval_every=5)
+    result = run_pipeline(tiny_config)
+    lines = (tmp_path / "model.metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert all(r["val_loss"] is not None and r["lr"] == 0.1 and r["chars_per_sec"] > 0 for r in records)
+    best = min(records, key=lambda r: r["val_loss"])
+    arrays, meta = params_of(tmp_path / "model.best.npz")
+    assert meta["step"] == best["step"] and meta["best_val_loss"] == best["val_loss"]
+    assert result.train.best_val_loss == best["val_loss"]
+    # the best checkpoint holds the model as it was at that step: its val loss evaluates to the same
+    from charrnn.pipeline import Pipeline
+    from charrnn.train import evaluate
+
+    pipe = Pipeline(tiny_config)
+    model, _ = pipe.load_model(str(tmp_path / "model.best.npz"))
+    _, _, val_ids = pipe.load_corpus()
+    assert evaluate(model, val_ids, 4, 8) == pytest.approx(best["val_loss"], rel=1e-6)
+    # a second run appends to the metrics file
+    run_pipeline(tiny_config)
+    assert len((tmp_path / "model.metrics.jsonl").read_text().splitlines()) == 12
+
+
+def test_evaluation_does_not_disturb_training(tiny_config, tmp_path):
+    tiny_config["stages"] = ["train"]
+    tiny_config["train"].update(steps=30, sample_every=None, eval_every=3)
+    run_pipeline(tiny_config)
+    with_eval, _ = params_of(tiny_config["train"]["checkpoint"])
+    tiny_config["train"].update(eval_every=None, checkpoint=str(tmp_path / "noeval.npz"))
+    tiny_config["corpus"]["val_fraction"] = 0.1
+    run_pipeline(tiny_config)
+    without, _ = params_of(tmp_path / "noeval.npz")
+    assert all(np.array_equal(with_eval[k], without[k]) for k in with_eval)
+
+
+def test_early_stopping(tiny_config):
+    class Frozen:  # never changes the parameters: the validation loss cannot improve
+        def step(self, params, grads):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    class Plugin:
+        @charrnn.hookimpl
+        def charrnn_optimizer(self, register):
+            register("frozen", Frozen)
+
+    tiny_config["optimizer"] = {"type": "frozen"}
+    tiny_config["train"].update(steps=500, sample_every=None, eval_every=2, patience=3)
+    result = run_pipeline(tiny_config, plugins=[Plugin()])
+    # evaluations at steps 2 (best), 4, 6, 8: three without improvement, so it stops at step 8
+    assert result.train.stopped_early and result.train.steps == 8
+    assert len(result.text) == 4 + 50  # the later stages still run
+
+
+def test_no_files_beside_the_checkpoint_when_turned_off(tiny_config, tmp_path):
+    tiny_config["train"].update(keep_best=False, metrics=False)
+    run_pipeline(tiny_config)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt") == ["model.npz"]

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from charrnn import ConfigError, run_pipeline
+from charrnn_plugins.schedules import Constant, Cosine, StepDecay
+
+
+def test_constant():
+    assert [Constant()(s, 10) for s in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_step_decay_like_char_rnn():
+    sched = StepDecay(every=10, factor=0.97, start=20)
+    assert sched(0, None) == 1.0 and sched(29, None) == 1.0
+    assert sched(30, None) == pytest.approx(0.97) and sched(45, None) == pytest.approx(0.97**2)
+
+
+def test_cosine_with_warmup():
+    sched = Cosine(warmup_steps=4, min_factor=0.1)
+    assert [sched(s, 105) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert sched(4, 105) == pytest.approx(1.0)
+    assert sched(54, 105) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert sched(104, 105) == pytest.approx(0.1) and sched(500, 105) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="needs train.steps"):
+        Cosine()(10, None)
+
+
+@pytest.mark.parametrize("bad", [{"every": 0}, {"factor": 0}, {"factor": 1.5}, {"start": -1}])
+def test_step_decay_rejects_bad_options(bad):
+    with pytest.raises(ValueError):
+        StepDecay(**bad)
+
+
+def test_schedule_from_yaml_sets_the_optimizer_rate(tiny_config):
+    tiny_config["schedule"] = {"type": "cosine", "warmup_steps": 2, "min_factor": 0.0}
+    tiny_config["train"].update(steps=4, sample_every=1)
+    lrs = [h["lr"] for h in run_pipeline(tiny_config).train.history]
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.0])
+
+
+def test_schedule_needs_an_optimizer_with_lr(tiny_config):
+    class NoLr:
+        def step(self, params, grads):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    import charrnn
+
+    class Plugin:
+        @charrnn.hookimpl
+        def charrnn_optimizer(self, register):
+            register("nolr", NoLr)
+
+    tiny_config["optimizer"] = {"type": "nolr"}
+    tiny_config["schedule"] = {"type": "step"}
+    with pytest.raises(ConfigError, match="schedule 'step' needs an optimizer with an `lr` attribute"):
+        run_pipeline(tiny_config, plugins=[Plugin()])
