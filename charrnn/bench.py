@@ -47,13 +47,13 @@ def bench(pipeline: Pipeline, seconds: float = 10.0) -> dict[str, Any]:
 
     g = config["generate"]
     g["num_chars"] = 200
-    pipeline.generate(model, corpus.vocab)  # warm-up
+    pipeline.generate(model, corpus)  # warm-up
     start = time.perf_counter()
-    pipeline.generate(model, corpus.vocab)
+    pipeline.generate(model, corpus)
     per_char = (time.perf_counter() - start) / 200
     g["num_chars"] = max(1000, int(seconds / 2 / max(per_char, 1e-7)))
     start = time.perf_counter()
-    pipeline.generate(model, corpus.vocab)
+    pipeline.generate(model, corpus)
     gen_cps = g["num_chars"] / (time.perf_counter() - start)
 
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -146,7 +146,7 @@ class Pipeline:
                 )
             schedule = None
         sampler = self.sampler(corpus.vocab)
-        digest = hashlib.sha256(np.ascontiguousarray(train_ids).tobytes()).hexdigest()
+        digest = _sha256(train_ids)
         corpus_meta = {
             "source": corpus.source,
             "chars": int(len(corpus.ids)),
@@ -166,6 +166,7 @@ class Pipeline:
                 "charrnn_version": _version(),
                 "config": self.config,
                 "vocab": corpus.vocab,
+                "encoding": corpus.encoding,
                 "step": p.step,
                 "data_position": p.position,
                 "smooth_loss": p.smooth_loss,
@@ -244,7 +245,7 @@ class Pipeline:
                 f"cannot resume: optimizer.type is {self.config['optimizer']['type']!r} but the checkpoint "
                 f"{path} used {old['optimizer']['type']!r}"
             )
-        if saved.meta["vocab"] != corpus.vocab:
+        if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
             raise CheckpointError(
                 f"cannot resume: the corpus vocabulary differs from the checkpoint {path}'s"
             )
@@ -265,13 +266,13 @@ class Pipeline:
             meta.get("bad_evals", 0),
         )
 
-    def generate(self, model: Model, vocab: list[str]) -> str:
+    def generate(self, model: Model, vocab: Corpus) -> str:
         g = self.config["generate"]
         rng = np.random.default_rng([self.config["seed"], 2])
         return sample(
             model,
-            self.sampler(vocab),
-            Corpus(np.zeros(0, np.uint8), vocab),
+            self.sampler(vocab.vocab),
+            vocab,
             rng,
             g["seed_text"],
             g["num_chars"],
@@ -282,11 +283,11 @@ class Pipeline:
         stderr = stderr if stderr is not None else sys.stderr
         result = RunResult(self.config)
         model: Model | None = None
-        vocab: list[str] | None = None
+        vocab: Corpus | None = None
         for stage in self.config["stages"]:
             if stage == "train":
                 model, corpus, result.train = self.train(stderr)
-                vocab, result.checkpoint = corpus.vocab, self.config["train"]["checkpoint"]
+                vocab, result.checkpoint = corpus, self.config["train"]["checkpoint"]
             elif stage == "generate":
                 if model is None or vocab is None:
                     path = self.config["generate"]["checkpoint"] or self.config["train"]["checkpoint"]
@@ -296,7 +297,7 @@ class Pipeline:
                     write_text(stdout, result.text + "\n")
         return result
 
-    def load_model(self, path: str, saved: ckpt_io.Checkpoint | None = None) -> tuple[Model, list[str]]:
+    def load_model(self, path: str, saved: ckpt_io.Checkpoint | None = None) -> tuple[Model, Corpus]:
         """A model rebuilt from a checkpoint with this pipeline's plugins (not the ones it names)."""
         saved = saved or ckpt_io.load(path)
         section = saved.meta["config"]["model"]
@@ -310,7 +311,8 @@ class Pipeline:
             "model", section, vocab_size=len(saved.meta["vocab"]), rng=np.random.default_rng(0)
         )
         load_params(model, saved, path)
-        return model, list(saved.meta["vocab"])
+        vocab = Corpus(np.zeros(0, np.uint8), list(saved.meta["vocab"]), path, saved.meta.get("encoding", "utf-8"))
+        return model, vocab
 
 
 def sibling(checkpoint: str, suffix: str) -> str:
@@ -345,6 +347,14 @@ def write_text(stream: TextIO, text: str) -> None:
     else:
         stream.write(text)
         stream.flush()
+
+
+def _sha256(ids: np.ndarray, chunk: int = 1 << 24) -> str:
+    """Digest of the ids, read in slices so a memory-mapped corpus is never copied whole."""
+    h = hashlib.sha256(str(ids.dtype).encode())
+    for i in range(0, len(ids), chunk):
+        h.update(np.ascontiguousarray(ids[i : i + chunk]))
+    return h.hexdigest()
 
 
 def _version() -> str:

@@ -31,13 +31,15 @@ def ids_dtype(vocab_size: int) -> np.dtype:
 class Corpus:
     """Encoded text: `ids` (N,) of unsigned ints indexing `vocab`, a list of symbols.
 
-    Loaders that read text call `Corpus.from_text`; loaders that produce ids directly
-    (a byte vocabulary, a memory-mapped cache) build it themselves.
+    Loaders that read text call `Corpus.from_text` or `Corpus.from_utf8`; loaders that produce
+    ids directly (a memory-mapped cache) build it themselves. With `encoding="bytes"` the
+    vocabulary is the 256 byte values (`vocab[i] == chr(i)`) and text is encoded as UTF-8.
     """
 
     ids: np.ndarray
     vocab: list[str]
     source: str = ""
+    encoding: str = "utf-8"  # or "bytes": 256 symbols, one per byte; text is encoded to UTF-8 bytes
     _index: dict[str, int] = field(default=None, init=False, repr=False, compare=False)  # type: ignore[assignment]
 
     @classmethod
@@ -117,8 +119,15 @@ class Corpus:
             self._index = {ch: i for i, ch in enumerate(self.vocab)}
         return self._index
 
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str = "") -> Corpus:
+        """Any bytes, over the 256-symbol byte vocabulary."""
+        return cls(np.frombuffer(raw, dtype=np.uint8).copy(), [chr(i) for i in range(256)], source, "bytes")
+
     def encode(self, text: str) -> np.ndarray:
         """Ids of `text`; a symbol outside the vocabulary is a CorpusError that names it."""
+        if self.encoding == "bytes":
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
         index = self.index
         try:
             return np.array([index[ch] for ch in text], dtype=np.int64)
@@ -129,6 +138,9 @@ class Corpus:
             ) from None
 
     def decode(self, ids: np.ndarray | list[int]) -> str:
+        """Text of `ids`; with the byte vocabulary, invalid UTF-8 shows as U+FFFD."""
+        if self.encoding == "bytes":
+            return bytes(np.asarray(ids, dtype=np.uint8)).decode("utf-8", errors="replace")
         vocab = self.vocab
         return "".join(vocab[i] for i in ids)
 
