@@ -15,7 +15,7 @@ from charrnn.types import Corpus, Model, Optimizer, Sampler, StepResult
 
 __version__ = "0.1.0"
 
-from charrnn.pipeline import Pipeline, RunResult, generate_text, run_pipeline  # noqa: E402
+from charrnn.pipeline import Pipeline, RunResult, generate_samples, generate_text, run_pipeline  # noqa: E402
 from charrnn.plugins import get_plugin_manager  # noqa: E402
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "StepResult",
     "TrainingError",
     "__version__",
+    "generate_samples",
     "generate_text",
     "get_plugin_manager",
     "hookimpl",

@@ -15,7 +15,7 @@ from typing import NoReturn
 from charrnn import __version__
 from charrnn import config as cfg
 from charrnn.errors import CharrnnError
-from charrnn.pipeline import Pipeline, generate_text, write_text
+from charrnn.pipeline import Pipeline, generate_samples, write_text
 from charrnn.plugins import get_plugin_manager, list_plugins
 from charrnn.train import Aborted
 
@@ -48,7 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-chars", type=int, help="how many characters to generate")
     gen.add_argument("--sampler", help="sampler name (default: the pipeline's)")
     gen.add_argument("--temperature", type=float, help="sampler temperature")
+    gen.add_argument(
+        "-o",
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampler option, the value parsed as YAML, e.g. -o k=5 (repeatable)",
+    )
     gen.add_argument("--seed", type=int, help="random seed (default: the pipeline's)")
+    gen.add_argument(
+        "--num-samples", type=int, help="generate this many independent samples in one batched pass"
+    )
+    gen.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="stop a sample just before this text appears (repeatable)",
+    )
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
     gen.add_argument(
         "--plugin",
         dest="plugins",
@@ -117,16 +136,25 @@ def _run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     if args.num_chars is not None and args.num_chars < 0:
         raise CharrnnError(f"--num-chars must be >= 0, got {args.num_chars}")
-    text = generate_text(
+    if args.num_samples is not None and args.num_samples < 1:
+        raise CharrnnError(f"--num-samples must be >= 1, got {args.num_samples}")
+    options: dict[str, object] = {}
+    cfg.apply_overrides(options, args.options)
+    result = generate_samples(
         args.checkpoint,
         num_chars=args.num_chars,
         seed_text=args.seed_text,
         sampler=args.sampler,
         temperature=args.temperature,
+        sampler_options=options,
         seed=args.seed,
+        num_samples=args.num_samples,
+        stop=args.stop,
+        on_text=(lambda t: write_text(sys.stdout, t)) if args.stream else None,
         plugins=args.plugins,
     )
-    write_text(sys.stdout, text + "\n")
+    text = result.text or ""
+    write_text(sys.stdout, (text[len(result.texts[0]) :] if args.stream else text) + "\n")
     return 0
 
 

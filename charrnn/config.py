@@ -87,6 +87,15 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "num_chars": Opt(INT, 1000, _non_negative, "must be >= 0"),
         "seed_text": Opt((str,), "The "),
         "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null"),
+        "num_samples": Opt(INT, 1, _positive, "must be >= 1"),
+        "stop": Opt(
+            (list, str),
+            [],
+            lambda v: all(isinstance(x, str) and x for x in ([v] if isinstance(v, str) else v)),
+            "must be a non-empty string or a list of them",
+        ),
+        "stream": Opt((bool,), False),
+        "separator": Opt((str,), "\n---\n"),
     },
 }
 
@@ -299,6 +308,8 @@ def validate(raw: dict[str, Any], lines: Lines | None = None, origin: str = "") 
             config[key] = check_value(spec, raw[key], where([key], lines, origin))
         else:
             config[key] = copy.deepcopy(spec.default)
+    if isinstance(config["generate"]["stop"], str):
+        config["generate"]["stop"] = [config["generate"]["stop"]]
     for i, plugin in enumerate(config["plugins"]):
         if not isinstance(plugin, str) or not plugin:
             raise ConfigError(f"{where(['plugins'], lines, origin)}[{i}]: expected a module name or .py path")

@@ -1,19 +1,45 @@
-"""Priming and sampling: turns a model, a sampler and a seed text into new text."""
+"""Priming and sampling: turns a model, a sampler and a seed text into new text.
+
+k samples are generated at once as k parallel streams of one batched model step. The loop
+calls the sampler's optional methods when it has them: `reset(k)` at the start, `observe(ids)`
+with every id fed to the model (so a repetition penalty sees the history), and `search(...)`,
+to which a sampler that needs the model itself (beam search) hands the whole generation.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import codecs
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from charrnn.types import Corpus, Model, Sampler
+
+OnText = Callable[[str], None]
 
 
 def start_ids(vocab: Corpus, seed_text: str) -> np.ndarray:
     """The ids that prime the state: the seed text, or a newline (else id 0) when it is empty."""
     if seed_text:
         return vocab.encode(seed_text)
-    return np.array([vocab.index.get("\n", 0)], dtype=np.int64)
+    return np.array([vocab.index.get("\n", 0) if vocab.encoding != "bytes" else 10], dtype=np.int64)
+
+
+def prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray], None] | None = None):
+    """Feed all ids but the last to one stream, then copy its state to k streams.
+
+    Returns the state and the (k,) last ids, the first input of the sampling loop. `observe`
+    sees every seed id.
+    """
+    state = model.init_state(1)
+    for i in ids[:-1]:
+        _, state = model.step(np.array([i]), state)
+    if observe is not None:
+        for i in ids:
+            observe(np.full(k, i))
+    if k > 1:
+        state = {name: np.repeat(a, k, axis=0) for name, a in state.items()}
+    return state, np.repeat(ids[-1:], k)
 
 
 def sample(
@@ -24,19 +50,100 @@ def sample(
     seed_text: str,
     num_chars: int,
 ) -> str:
-    """`seed_text` followed by exactly `num_chars` generated characters.
+    """`seed_text` followed by exactly `num_chars` generated characters (one stream)."""
+    return generate(model, sampler, vocab, rng, seed_text, num_chars)[0]
 
-    Every seed character but the last primes the hidden state; the last one is the first
-    input of the sampling loop.
+
+def generate(
+    model: Model,
+    sampler: Sampler | Callable[[np.ndarray, np.random.Generator], np.ndarray],
+    vocab: Corpus,
+    rng: np.random.Generator,
+    seed_text: str,
+    num_chars: int,
+    num_samples: int = 1,
+    stop: Sequence[str] = (),
+    on_text: OnText | None = None,
+    chunk_chars: int = 256,
+) -> list[str]:
+    """`num_samples` texts, each `seed_text` followed by `num_chars` generated characters.
+
+    A text ends early, just before the first occurrence of any `stop` string in its generated
+    part. With `on_text`, the first text is also handed over as it is produced (seed text
+    first), in chunks of about `chunk_chars` characters, so streaming costs no speed.
     """
-    ids = start_ids(vocab, seed_text)
-    state = model.init_state(1)
-    for i in ids[:-1]:
-        _, state = model.step(np.array([i]), state)
-    x = ids[-1:]
-    out = np.empty(num_chars, dtype=np.int64)
-    for n in range(num_chars):
-        logits, state = model.step(x, state)  # (1, V)
-        x = sampler(logits, rng)  # (1,)
-        out[n] = x[0]
-    return seed_text + vocab.decode(out)
+    k = num_samples
+    stop = [s for s in stop if s]
+    observe = getattr(sampler, "observe", None)
+    if hasattr(sampler, "reset"):
+        sampler.reset(k)  # type: ignore[union-attr]
+    state, x = prime(model, start_ids(vocab, seed_text), k, observe)
+    streams = [_Stream(stop, vocab) for _ in range(k)]
+    if on_text is not None:
+        on_text(seed_text)
+        streams[0].emit = on_text
+    search = getattr(sampler, "search", None)
+    if search is not None:
+        out = np.asarray(search(model, state, x, num_chars, rng), dtype=np.int64).reshape(k, num_chars)
+        for stream, row in zip(streams, out, strict=True):
+            stream.add(row)
+    else:
+        done = 0
+        while done < num_chars and not all(st.stopped for st in streams):
+            n = min(chunk_chars, num_chars - done)
+            chunk, state, x = _steps(model, sampler, rng, state, x, n, observe)
+            for stream, row in zip(streams, chunk, strict=True):
+                stream.add(row)
+            done += n
+    return [seed_text + stream.finish() for stream in streams]
+
+
+def _steps(model, sampler, rng, state, x, n, observe):
+    """n sampling steps for k streams: the hot loop, with nothing in it but the model and sampler."""
+    out = np.empty((len(x), n), dtype=np.int64)
+    for i in range(n):
+        logits, state = model.step(x, state)  # (k, V)
+        x = sampler(logits, rng)  # (k,)
+        out[:, i] = x
+        if observe is not None:
+            observe(x)
+    return out, state, x
+
+
+class _Stream:
+    """The text of one stream: cut at the first stop string, optionally emitted as it grows."""
+
+    def __init__(self, stop: Sequence[str], vocab: Corpus) -> None:
+        self.stop, self.parts, self.pending, self.stopped = stop, [], "", False
+        if vocab.encoding == "bytes":  # a character's bytes may be split between chunks
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self.decode = lambda ids, final=False: decoder.decode(bytes(ids.astype(np.uint8)), final)
+        else:
+            self.decode = lambda ids, final=False: vocab.decode(ids)
+        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may span chunks
+        self.emit: OnText | None = None
+
+    def add(self, ids: np.ndarray, final: bool = False) -> None:
+        if self.stopped:
+            return
+        pending = self.pending + self.decode(ids, final)
+        ends = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
+        if ends:
+            pending, self.stopped = pending[: min(ends)], True
+            ready, self.pending = pending, ""
+        else:
+            cut = max(0, len(pending) - self.hold)
+            ready, self.pending = pending[:cut], pending[cut:]
+        self.parts.append(ready)
+        if self.emit is not None and ready:
+            self.emit(ready)
+
+    def finish(self) -> str:
+        self.add(np.zeros(0, np.int64), final=True)
+        self.hold = 0
+        if self.pending and not self.stopped:
+            self.parts.append(self.pending)
+            if self.emit is not None:
+                self.emit(self.pending)
+            self.pending = ""
+        return "".join(self.parts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,7 +19,7 @@ import pluggy
 from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
-from charrnn.generate import sample
+from charrnn.generate import generate
 from charrnn.plugins import INJECTED, Registry, get_plugin_manager
 from charrnn.train import Progress, Trainer, TrainResult, TrainSettings
 from charrnn.types import Corpus, Model
@@ -30,7 +30,8 @@ class RunResult:
     """What `run_pipeline` hands back."""
 
     config: dict[str, Any]
-    text: str | None = None
+    text: str | None = None  # the samples joined by generate.separator
+    texts: list[str] = field(default_factory=list)
     checkpoint: str | None = None
     train: TrainResult | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
@@ -266,16 +267,22 @@ class Pipeline:
             meta.get("bad_evals", 0),
         )
 
-    def generate(self, model: Model, vocab: Corpus) -> str:
+    def generate(
+        self, model: Model, vocab: Corpus, on_text: Callable[[str], None] | None = None
+    ) -> list[str]:
+        """The generate stage's samples; with `stream: true`, the first is also fed to `on_text`."""
         g = self.config["generate"]
         rng = np.random.default_rng([self.config["seed"], 2])
-        return sample(
+        return generate(
             model,
             self.sampler(vocab.vocab),
             vocab,
             rng,
             g["seed_text"],
             g["num_chars"],
+            num_samples=g["num_samples"],
+            stop=g["stop"],
+            on_text=on_text if g["stream"] else None,
         )
 
     def run(self, stdout: TextIO | None = None, stderr: TextIO | None = None) -> RunResult:
@@ -292,9 +299,12 @@ class Pipeline:
                 if model is None or vocab is None:
                     path = self.config["generate"]["checkpoint"] or self.config["train"]["checkpoint"]
                     model, vocab = self.load_model(path)
-                result.text = self.generate(model, vocab)
+                streamed = stdout is not None and self.config["generate"]["stream"]
+                texts = self.generate(model, vocab, (lambda t: write_text(stdout, t)) if streamed else None)
+                result.texts, result.text = texts, self.config["generate"]["separator"].join(texts)
                 if stdout is not None:
-                    write_text(stdout, result.text + "\n")
+                    rest = result.text[len(texts[0]) :] if streamed else result.text
+                    write_text(stdout, rest + "\n")
         return result
 
     def load_model(self, path: str, saved: ckpt_io.Checkpoint | None = None) -> tuple[Model, Corpus]:
@@ -311,7 +321,9 @@ class Pipeline:
             "model", section, vocab_size=len(saved.meta["vocab"]), rng=np.random.default_rng(0)
         )
         load_params(model, saved, path)
-        vocab = Corpus(np.zeros(0, np.uint8), list(saved.meta["vocab"]), path, saved.meta.get("encoding", "utf-8"))
+        vocab = Corpus(
+            np.zeros(0, np.uint8), list(saved.meta["vocab"]), path, saved.meta.get("encoding", "utf-8")
+        )
         return model, vocab
 
 
@@ -389,28 +401,36 @@ def run_pipeline(
     return Pipeline(config, plugins=plugins, overrides=overrides).run(stdout=stdout, stderr=stderr)
 
 
-def generate_text(
+def generate_samples(
     checkpoint_path: str | Path,
-    num_chars: int | None = 1000,
-    seed_text: str | None = "The ",
+    num_chars: int | None = None,
+    seed_text: str | None = None,
     *,
     sampler: str | Mapping[str, Any] | None = None,
     temperature: float | None = None,
+    sampler_options: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    num_samples: int | None = None,
+    stop: Iterable[str] | None = None,
+    on_text: Callable[[str], None] | None = None,
     plugins: Iterable[object] = (),
-) -> str:
+) -> RunResult:
     """Generate from a checkpoint. `None` for an argument means the value saved in the checkpoint.
 
     `sampler` is a name or a `{type: ..., option: ...}` mapping; a name other than the saved
-    one starts from that sampler's defaults. `temperature` sets the sampler's temperature.
+    one starts from that sampler's defaults; `temperature` and `sampler_options` then set
+    options. `on_text` receives the first sample as it is produced (streaming). The result
+    has every sample in `texts` and them joined by `generate.separator` in `text`.
     """
     saved = ckpt_io.load(checkpoint_path)
     saved_cfg = saved.meta["config"]
     overrides: dict[str, Any] = {"stages": ["generate"], "generate.checkpoint": str(checkpoint_path)}
-    if num_chars is not None:
-        overrides["generate.num_chars"] = num_chars
-    if seed_text is not None:
-        overrides["generate.seed_text"] = seed_text
+    for key, value in (("num_chars", num_chars), ("seed_text", seed_text), ("num_samples", num_samples)):
+        if value is not None:
+            overrides[f"generate.{key}"] = value
+    if stop is not None:
+        overrides["generate.stop"] = list(stop)
+    overrides["generate.stream"] = on_text is not None
     if seed is not None:
         overrides["seed"] = seed
     section = dict(saved_cfg.get("sampler", {"type": "temperature"}))
@@ -420,9 +440,18 @@ def generate_text(
         section = dict(sampler)
     if temperature is not None:
         section["temperature"] = temperature
+    section.update(sampler_options or {})
     overrides["sampler"] = section
     base = {k: saved_cfg[k] for k in ("seed", "generate", "model") if k in saved_cfg}
     # `plugins` is left out on purpose: generation never imports a module because a checkpoint names it
     pipeline = Pipeline(base, plugins=plugins, overrides=overrides)
     model, vocab = pipeline.load_model(str(checkpoint_path), saved)
-    return pipeline.generate(model, vocab)
+    texts = pipeline.generate(model, vocab, on_text)
+    return RunResult(pipeline.config, pipeline.config["generate"]["separator"].join(texts), texts)
+
+
+def generate_text(
+    checkpoint_path: str | Path, num_chars: int | None = 1000, seed_text: str | None = "The ", **options: Any
+) -> str:
+    """The classic `generate.py`: text from a checkpoint (see `generate_samples` for the options)."""
+    return generate_samples(checkpoint_path, num_chars, seed_text, **options).text or ""

@@ -5,36 +5,29 @@ from __future__ import annotations
 import numpy as np
 
 from charrnn import hookimpl
+from charrnn_plugins.optimizers import BaseOptimizer, check_option, load_arrays
 
 
-class Adagrad:
-    """Adagrad with elementwise gradient clipping.
+class Adagrad(BaseOptimizer):
+    """Adagrad with gradient clipping (elementwise `clip`, global-norm `clip_norm`; null turns either off).
 
-    g <- clip(g, -clip, clip); mem += g * g; p -= lr * g / sqrt(mem + eps).
-    `clip: null` turns clipping off.
+    g <- clipped g; mem += g * g; p -= lr * g / sqrt(mem + eps).
     """
 
-    def __init__(self, lr: float = 0.1, eps: float = 1e-8, clip: float | None = 5.0) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if clip is not None and not clip > 0:
-            raise ValueError(f"clip must be > 0 or null, got {clip}")
-        self.lr, self.eps, self.clip = lr, eps, clip
+    def __init__(
+        self, lr: float = 0.1, eps: float = 1e-8, clip: float | None = 5.0, clip_norm: float | None = None
+    ) -> None:
+        super().__init__(lr, clip, clip_norm)
+        check_option("eps", eps, lambda v: v > 0, "> 0")
+        self.eps = eps
         self.mem: dict[str, np.ndarray] = {}
-        self._buf: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per-key scratch, no allocation per step
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        grads = self.clipped(grads)
         for key, p in params.items():
             if key not in self.mem:
                 self.mem[key] = np.zeros_like(p)
-            if key not in self._buf:
-                self._buf[key] = (np.empty_like(p), np.empty_like(p))
-            mem, (clipped, tmp) = self.mem[key], self._buf[key]
-            g = grads[key]
-            if self.clip is not None:
-                g = np.clip(g, -self.clip, self.clip, out=clipped)
+            g, mem, tmp = grads[key], self.mem[key], self.buffer(f"tmp.{key}", p)
             np.multiply(g, g, out=tmp)
             mem += tmp
             np.add(mem, self.eps, out=tmp)
@@ -47,7 +40,7 @@ class Adagrad:
         return {f"mem.{k}": v for k, v in self.mem.items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.mem = {k.removeprefix("mem."): np.array(v) for k, v in state.items()}
+        self.mem = load_arrays(state, ("mem",))["mem"]
 
 
 @hookimpl

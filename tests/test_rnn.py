@@ -135,6 +135,9 @@ def test_incoming_state_is_not_modified():
     model.train_step(inputs, targets, result.state)  # a returned state survives the next call
     np.testing.assert_array_equal(state["h"], before)
     assert not np.shares_memory(result.state["h"], model.train_step(inputs, targets, state).state["h"])
+    logits1, state1 = model.step(inputs[:, 0], state)
+    logits2, state2 = model.step(inputs[:, 1], state1)
+    assert not np.shares_memory(logits1, logits2) and not np.shares_memory(state1["h"], state2["h"])
 
 
 def test_float32_by_default(rng):

@@ -1,0 +1,275 @@
+"""The `sgd`, `rmsprop`, `adam` and `adamw` optimizers, and the gradient clipping all optimizers share.
+
+Every optimizer takes `clip` (clip each gradient entry to [-clip, clip]) and `clip_norm` (then
+rescale all gradients jointly so that their global L2 norm is at most `clip_norm`); `null` turns
+either off. The caller's gradients are never modified: clipped values go to scratch buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from charrnn import hookimpl
+
+Params = dict[str, np.ndarray]
+
+
+def check_option(
+    name: str, value: object, ok: Callable[[float], bool], must: str, optional: bool = False
+) -> None:
+    """Raise ValueError("{name} must be {must}, got {value}") unless `value` is a finite number passing `ok`.
+
+    With `optional`, None is accepted too and the message says "or null".
+    """
+    if optional and value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {must}{' or null' if optional else ''}, got {value!r}")
+
+
+class BaseOptimizer:
+    """Learning rate, gradient clipping and per-key scratch buffers for the optimizers here.
+
+    Subclasses call `self.clipped(grads)` once per step and never write to its arrays, which
+    may be the caller's; `self.buffer(name, like)` gives a scratch array allocated once.
+    """
+
+    def __init__(self, lr: float, clip: float | None, clip_norm: float | None) -> None:
+        check_option("lr", lr, lambda v: v > 0, "> 0")
+        check_option("clip", clip, lambda v: v > 0, "> 0", optional=True)
+        check_option("clip_norm", clip_norm, lambda v: v > 0, "> 0", optional=True)
+        self.lr, self.clip, self.clip_norm = float(lr), clip, clip_norm
+        self._buffers: dict[str, np.ndarray] = {}
+        self._grads: Params = {}  # what `clipped` returns, reused across steps
+
+    def buffer(self, name: str, like: np.ndarray) -> np.ndarray:
+        """A scratch array called `name` (e.g. `"tmp.Wxh"`) with the shape and dtype of `like`."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self._buffers[name] = np.empty_like(like)
+        return buf
+
+    def clipped(self, grads: Params) -> Params:
+        """`grads` clipped elementwise to [-clip, clip], then scaled by clip_norm / max(norm, clip_norm)."""
+        if self.clip is None and self.clip_norm is None:
+            return grads
+        out, sq = self._grads, 0.0
+        for key, g in grads.items():
+            if self.clip is not None:
+                g = np.clip(g, -self.clip, self.clip, out=self.buffer(f"grad.{key}", g))
+            out[key] = g
+            if self.clip_norm is not None:
+                sq += float(np.vdot(g, g))  # global squared L2 norm over all parameters
+        if self.clip_norm is not None:
+            norm = math.sqrt(sq)
+            if norm > self.clip_norm:
+                scale = self.clip_norm / norm
+                for key, g in out.items():
+                    out[key] = np.multiply(g, scale, out=self.buffer(f"grad.{key}", g))
+        return out
+
+
+def load_arrays(state: dict[str, np.ndarray], prefixes: tuple[str, ...]) -> dict[str, Params]:
+    """Split `{"m.Wxh": a, "v.Wxh": b, ...}` into `{"m": {"Wxh": a}, "v": {"Wxh": b}}` (copies)."""
+    groups: dict[str, Params] = {prefix: {} for prefix in prefixes}
+    for name, value in state.items():
+        prefix, _, key = name.partition(".")
+        if prefix not in groups or not key:
+            raise ValueError(f"unexpected optimizer state {name!r}; expected keys {', '.join(prefixes)}.<param>")
+        groups[prefix][key] = np.array(value)
+    return groups
+
+
+class SGD(BaseOptimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
+
+    g += weight_decay * p; buf = momentum * buf + g; p -= lr * buf, or with `nesterov`
+    p -= lr * (g + momentum * buf) (as torch.optim.SGD).
+    """
+
+    def __init__(
+        self,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        clip: float | None = None,
+        clip_norm: float | None = 5.0,
+    ) -> None:
+        super().__init__(lr, clip, clip_norm)
+        check_option("momentum", momentum, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be true or false, got {nesterov!r}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov needs momentum > 0, got momentum 0")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self.buf: Params = {}
+
+    def step(self, params: Params, grads: Params) -> None:
+        grads = self.clipped(grads)
+        for key, p in params.items():
+            g, upd = grads[key], self.buffer(f"upd.{key}", p)
+            if self.weight_decay:
+                g = np.multiply(p, self.weight_decay, out=self.buffer(f"wd.{key}", p))
+                g += grads[key]  # g + weight_decay * p
+            d = g
+            if self.momentum:
+                if key not in self.buf:
+                    self.buf[key] = np.zeros_like(p)
+                buf = self.buf[key]
+                buf *= self.momentum
+                buf += g
+                d = buf
+                if self.nesterov:
+                    d = np.multiply(buf, self.momentum, out=upd)
+                    d += g
+            np.multiply(d, self.lr, out=upd)
+            p -= upd
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {f"buf.{k}": v for k, v in self.buf.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.buf = load_arrays(state, ("buf",))["buf"]
+
+
+class RMSprop(BaseOptimizer):
+    """RMSprop as in char-rnn (torch `optim.rmsprop`), whose defaults these are.
+
+    cache = decay * cache + (1 - decay) * g^2; p -= lr * g / (sqrt(cache) + eps).
+    """
+
+    def __init__(
+        self,
+        lr: float = 2e-3,
+        decay: float = 0.95,
+        eps: float = 1e-8,
+        clip: float | None = 5.0,
+        clip_norm: float | None = None,
+    ) -> None:
+        super().__init__(lr, clip, clip_norm)
+        check_option("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_option("eps", eps, lambda v: v > 0, "> 0")
+        self.decay, self.eps = decay, eps
+        self.cache: Params = {}
+
+    def step(self, params: Params, grads: Params) -> None:
+        grads = self.clipped(grads)
+        for key, p in params.items():
+            if key not in self.cache:
+                self.cache[key] = np.zeros_like(p)
+            g, cache, tmp = grads[key], self.cache[key], self.buffer(f"tmp.{key}", p)
+            np.multiply(g, g, out=tmp)
+            tmp *= 1 - self.decay
+            cache *= self.decay
+            cache += tmp
+            np.sqrt(cache, out=tmp)
+            tmp += self.eps
+            np.divide(g, tmp, out=tmp)
+            tmp *= self.lr
+            p -= tmp
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {f"cache.{k}": v for k, v in self.cache.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.cache = load_arrays(state, ("cache",))["cache"]
+
+
+class Adam(BaseOptimizer):
+    """Adam with bias correction; the step count `t` is part of the state, so resume is exact.
+
+    m = beta1 * m + (1 - beta1) * g; v = beta2 * v + (1 - beta2) * g^2; t += 1;
+    p -= lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t).
+    """
+
+    def __init__(
+        self,
+        lr: float = 2e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        clip: float | None = None,
+        clip_norm: float | None = 5.0,
+    ) -> None:
+        super().__init__(lr, clip, clip_norm)
+        check_option("beta1", beta1, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_option("beta2", beta2, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_option("eps", eps, lambda v: v > 0, "> 0")
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.weight_decay = 0.0  # AdamW's decoupled decay; plain Adam has none
+        self.m: Params = {}
+        self.v: Params = {}
+        self.t = 0
+
+    def step(self, params: Params, grads: Params) -> None:
+        grads = self.clipped(grads)
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        step_size = self.lr / (1 - b1**self.t)  # bias corrections folded into scalars, as in torch
+        v_correction = math.sqrt(1 - b2**self.t)
+        shrink = 1 - self.lr * self.weight_decay
+        for key, p in params.items():
+            if key not in self.m:
+                self.m[key], self.v[key] = np.zeros_like(p), np.zeros_like(p)
+            g, m, v, tmp = grads[key], self.m[key], self.v[key], self.buffer(f"tmp.{key}", p)
+            if self.weight_decay and p.ndim >= 2:
+                p *= shrink  # decoupled weight decay (AdamW), matrices only
+            np.multiply(g, 1 - b1, out=tmp)
+            m *= b1
+            m += tmp
+            np.multiply(g, g, out=tmp)
+            tmp *= 1 - b2
+            v *= b2
+            v += tmp
+            np.sqrt(v, out=tmp)
+            tmp /= v_correction  # sqrt(v_hat)
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
+        state["t"] = np.array(self.t, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        state = dict(state)
+        self.t = int(state.pop("t", 0))
+        groups = load_arrays(state, ("m", "v"))
+        self.m, self.v = groups["m"], groups["v"]
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (torch.optim.AdamW): p *= 1 - lr * weight_decay, then Adam.
+
+    Only matrices (ndim >= 2: `Wxh`, `Whh`, `Why`) are decayed, never biases, as in nanoGPT.
+    """
+
+    def __init__(
+        self,
+        lr: float = 2e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        clip: float | None = None,
+        clip_norm: float | None = 5.0,
+    ) -> None:
+        super().__init__(lr, beta1, beta2, eps, clip, clip_norm)
+        check_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+        self.weight_decay = weight_decay
+
+
+@hookimpl
+def charrnn_optimizer(register):
+    register("sgd", SGD)
+    register("rmsprop", RMSprop)
+    register("adam", Adam)
+    register("adamw", AdamW)
