@@ -238,5 +238,5 @@ def test_print_config(capsys, pipeline):
     assert main(["run", str(pipeline), "--print-config", "--set", "train.steps=7"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["train"]["steps"] == 7
-    assert resolved["optimizer"] == {"type": "adagrad", "lr": 0.1, "eps": 1e-8, "clip": 5.0}
+    assert resolved["optimizer"] == {"type": "adagrad", "lr": 0.1, "eps": 1e-8, "clip": 5.0, "clip_norm": None}
     assert resolved["generate"]["checkpoint"] is None

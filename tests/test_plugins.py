@@ -309,7 +309,7 @@ def test_plugins_listing_shows_default_components(capsys, monkeypatch):
     assert listing["charrnn_plugins.rnn"]["components"]["model"]["rnn"]["hidden_size"] == 128
     assert listing["charrnn_plugins.text"]["components"] == {"corpus": {"text": {"path": "required"}}}
     assert listing["charrnn_plugins.adagrad"]["components"] == {
-        "optimizer": {"adagrad": {"lr": 0.1, "eps": 1e-8, "clip": 5.0}}
+        "optimizer": {"adagrad": {"lr": 0.1, "eps": 1e-8, "clip": 5.0, "clip_norm": None}}
     }
     assert listing["charrnn_plugins.text"]["hooks"] == ["charrnn_corpus_loader"]
 
