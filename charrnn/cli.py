@@ -90,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
         help="override a key, as with run",
     )
 
+    grad = sub.add_parser("gradcheck", help="check a model's gradients against finite differences")
+    grad.add_argument("pipeline", help="the pipeline YAML file (its model section is checked)")
+    grad.add_argument("--entries", type=int, default=30, help="entries checked per parameter (0: all)")
+    grad.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a key, e.g. --set model.hidden_size=8 for a quicker, complete check",
+    )
+
     plugins = sub.add_parser("plugins", help="list plugins and their components as JSON")
     plugins.add_argument(
         "--plugin",
@@ -168,13 +180,30 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gradcheck(args: argparse.Namespace) -> int:
+    from charrnn.gradcheck import format_rows, gradcheck
+
+    if args.entries < 0:
+        raise CharrnnError(f"--entries must be >= 0, got {args.entries}")
+    pipeline = Pipeline(args.pipeline, overrides=args.overrides)
+    rows = gradcheck(pipeline, entries=args.entries or None)
+    write_text(sys.stdout, format_rows(rows, "float64") + "\n")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def _plugins(args: argparse.Namespace) -> int:
     pm = get_plugin_manager(extra=args.plugins)
     write_text(sys.stdout, json.dumps(list_plugins(pm), indent=2) + "\n")
     return 0
 
 
-_COMMANDS = {"run": _run, "generate": _generate, "bench": _bench, "plugins": _plugins}
+_COMMANDS = {
+    "run": _run,
+    "generate": _generate,
+    "bench": _bench,
+    "gradcheck": _gradcheck,
+    "plugins": _plugins,
+}
 
 
 def _one_line(message: str) -> str:

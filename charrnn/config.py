@@ -26,7 +26,7 @@ from charrnn.errors import ConfigError
 
 Lines = dict[tuple[str, ...], int]
 
-STAGES = ("train", "generate")
+STAGES = ("train", "evaluate", "generate")
 COMPONENTS = ("corpus", "model", "optimizer", "sampler", "schedule")
 
 
@@ -78,6 +78,7 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "save_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null)"),
         "checkpoint": Opt((str,), "runs/default/final_model.npz", bool, "must not be empty"),
         "resume": Opt((bool, str), False, lambda v: v != "", "must be true, false or a path"),
+        "init_from": Opt((str,) + NONE, None, lambda v: v != "", "must be a checkpoint path or null"),
         "eval_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null: at each sample_every)"),
         "patience": Opt(INT + NONE, None, _positive, "must be > 0 (or null: no early stopping)"),
         "keep_best": Opt((bool,), True),
@@ -96,6 +97,10 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         ),
         "stream": Opt((bool,), False),
         "separator": Opt((str,), "\n---\n"),
+    },
+    "evaluate": {
+        "path": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null (the validation split)"),
+        "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null"),
     },
 }
 

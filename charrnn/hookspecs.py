@@ -67,8 +67,11 @@ def charrnn_sampler(register: Register) -> None:
     :param register: call ``register(name, factory)``; ``factory(**options)`` receives the YAML
         ``sampler`` section minus ``type`` and returns a callable
         ``sampler(logits, rng) -> ids`` taking logits of shape (k, V) for k parallel streams and a
-        ``numpy.random.Generator``, returning k ids. If the sampler has ``bind(vocab)``, it is
-        called once with the vocabulary before generation starts.
+        ``numpy.random.Generator``, returning k ids. Optional methods, called when present:
+        ``bind(vocab)`` once with the vocabulary; ``reset(k)`` at the start of each generation;
+        ``observe(ids)`` with every (k,) ids of the text, seed and generated (for repetition
+        penalties); ``search(model, state, last_ids, num_chars, rng) -> (k, num_chars) ids``
+        takes over the whole generation, for strategies that need the model (beam search).
     """
 
 

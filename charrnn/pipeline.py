@@ -22,6 +22,7 @@ from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import generate
 from charrnn.plugins import INJECTED, Registry, get_plugin_manager
 from charrnn.train import Progress, Trainer, TrainResult, TrainSettings
+from charrnn.train import evaluate as evaluate_loss
 from charrnn.types import Corpus, Model
 
 
@@ -32,6 +33,7 @@ class RunResult:
     config: dict[str, Any]
     text: str | None = None  # the samples joined by generate.separator
     texts: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
     checkpoint: str | None = None
     train: TrainResult | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +158,13 @@ class Pipeline:
             "train_sha256": digest,
         }
         progress = Progress()
+        if t["init_from"] and t["resume"]:
+            raise ConfigError(
+                "train.init_from and train.resume exclude each other: resume continues a run exactly, "
+                "init_from starts a new one from a checkpoint's weights"
+            )
+        if t["init_from"]:
+            self._init_from(t["init_from"], model, corpus)
         if t["resume"]:
             progress = self._resume(t["resume"], model, optimizer, corpus, corpus_meta)
         started = time.time()
@@ -220,6 +229,26 @@ class Pipeline:
             schedule=schedule,
         )
         return model, corpus, trainer.run(progress)
+
+    def _init_from(self, path: str, model: Model, corpus: Corpus) -> None:
+        """Start from a checkpoint's weights (fine-tuning); optimizer and step start afresh."""
+        saved = ckpt_io.load(path)
+        if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
+            old, new = set(saved.meta["vocab"]), set(corpus.vocab)
+            extra = "".join(sorted(new - old))[:20]
+            raise CheckpointError(
+                f"train.init_from: the vocabulary of {path} ({len(old)} symbols) differs from the corpus's "
+                f"({len(new)} symbols"
+                + (f"; new: {extra!r}" if extra else "")
+                + "); fine-tuning needs the same vocabulary "
+                "(use encoding: bytes for both to share one)"
+            )
+        old_model = saved.meta["config"]["model"]
+        if old_model.get("type") != self.config["model"]["type"]:
+            raise CheckpointError(
+                f"train.init_from: {path} holds a {old_model.get('type')!r} model, the pipeline builds {self.config['model']['type']!r}"
+            )
+        load_params(model, saved, path)
 
     def _resume(
         self, resume: bool | str, model: Model, optimizer: Any, corpus: Corpus, corpus_meta: dict[str, Any]
@@ -295,6 +324,14 @@ class Pipeline:
             if stage == "train":
                 model, corpus, result.train = self.train(stderr)
                 vocab, result.checkpoint = corpus, self.config["train"]["checkpoint"]
+            elif stage == "evaluate":
+                if model is None or vocab is None:
+                    model, vocab = self.load_model(
+                        self.config["evaluate"]["checkpoint"] or self.config["train"]["checkpoint"]
+                    )
+                result.evaluation = self.evaluate(model, vocab)
+                if stdout is not None:
+                    write_text(stdout, format_evaluation(result.evaluation) + "\n")
             elif stage == "generate":
                 if model is None or vocab is None:
                     path = self.config["generate"]["checkpoint"] or self.config["train"]["checkpoint"]
@@ -306,6 +343,47 @@ class Pipeline:
                     rest = result.text[len(texts[0]) :] if streamed else result.text
                     write_text(stdout, rest + "\n")
         return result
+
+    def evaluate(self, model: Model, vocab: Corpus) -> dict[str, Any]:
+        """Loss on `evaluate.path` (default: the validation split) beside n-gram baselines.
+
+        The unigram and bigram baselines are add-one smoothed counts over the training text,
+        so a model's loss can be read against what counting characters alone achieves.
+        """
+        corpus, train_ids, val_ids = self.load_corpus()
+        if corpus.vocab != vocab.vocab or corpus.encoding != vocab.encoding:
+            raise CorpusError(
+                "evaluate: the corpus vocabulary differs from the model's; use the corpus it was trained on"
+            )
+        path = self.config["evaluate"]["path"]
+        if path is not None:
+            try:
+                raw = Path(path).read_bytes()
+            except OSError as exc:
+                raise CorpusError(f"evaluate.path: cannot read {path}: {exc.strerror}") from None
+            try:
+                ids = (
+                    vocab.encode(raw.decode("utf-8"))
+                    if vocab.encoding != "bytes"
+                    else vocab.encode(raw.decode("latin-1"))
+                )
+            except UnicodeDecodeError as exc:
+                raise CorpusError(f"evaluate.path: {path} is not valid UTF-8 (byte {exc.start})") from None
+            source = path
+        elif val_ids is not None:
+            ids, source = val_ids, "validation split"
+        else:
+            raise ConfigError(
+                "evaluate: set evaluate.path or corpus.val_fraction > 0 (there is no validation split)"
+            )
+        T = self.config["train"]["seq_length"]
+        if len(ids) < T + 1:
+            raise CorpusError(
+                f"evaluate: {source} has {len(ids)} characters; seq_length + 1 = {T + 1} are needed"
+            )
+        loss = evaluate_loss(model, np.asarray(ids), self.config["train"]["batch_size"], T)
+        unigram, bigram = ngram_baselines(train_ids, np.asarray(ids), len(vocab.vocab))
+        return {"source": source, "chars": int(len(ids)), "loss": loss, "unigram": unigram, "bigram": bigram}
 
     def load_model(self, path: str, saved: ckpt_io.Checkpoint | None = None) -> tuple[Model, Corpus]:
         """A model rebuilt from a checkpoint with this pipeline's plugins (not the ones it names)."""
@@ -325,6 +403,26 @@ class Pipeline:
             np.zeros(0, np.uint8), list(saved.meta["vocab"]), path, saved.meta.get("encoding", "utf-8")
         )
         return model, vocab
+
+
+def ngram_baselines(train_ids: np.ndarray, ids: np.ndarray, V: int) -> tuple[float, float]:
+    """Mean loss in nats/char of add-one smoothed unigram and bigram models fit on `train_ids`."""
+    train = np.asarray(train_ids, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    uni = np.bincount(train, minlength=V) + 1.0
+    uni_loss = float(-np.log(uni[ids] / uni.sum()).mean())
+    pairs = np.bincount(train[:-1] * V + train[1:], minlength=V * V).reshape(V, V) + 1.0
+    cond = pairs / pairs.sum(axis=1, keepdims=True)  # (V, V): P(next | current)
+    bi_loss = float(-np.log(cond[ids[:-1], ids[1:]]).mean())
+    return uni_loss, bi_loss
+
+
+def format_evaluation(e: dict[str, Any]) -> str:
+    ln2 = np.log(2)
+    rows = [("model", e["loss"]), ("unigram baseline", e["unigram"]), ("bigram baseline", e["bigram"])]
+    lines = [f"evaluation on {e['source']} ({e['chars']:,} characters); baselines fit on the training text"]
+    lines += [f"{name:<17} {loss:.4f} nats/char  {loss / ln2:.3f} bits/char" for name, loss in rows]
+    return "\n".join(lines)
 
 
 def sibling(checkpoint: str, suffix: str) -> str:

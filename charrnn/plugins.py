@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.rnn",
     "charrnn_plugins.adagrad",
     "charrnn_plugins.samplers",
+    "charrnn_plugins.beam",
     "charrnn_plugins.schedules",
 )
 

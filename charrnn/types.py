@@ -211,7 +211,8 @@ class Sampler(Protocol):
     """Picks the next symbol of k parallel streams.
 
     Called with logits of shape (k, V) and a `numpy.random.Generator`; returns k ids, shape (k,).
-    A sampler may define `bind(vocab)` to see the vocabulary before the first call.
+    Optional methods (see `charrnn.hookspecs.charrnn_sampler`): `bind(vocab)`, `reset(k)`,
+    `observe(ids)` and `search(model, state, last_ids, num_chars, rng)`.
     """
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray: ...

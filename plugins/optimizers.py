@@ -20,15 +20,17 @@ Params = dict[str, np.ndarray]
 def check_option(
     name: str, value: object, ok: Callable[[float], bool], must: str, optional: bool = False
 ) -> None:
-    """Raise ValueError("{name} must be {must}, got {value}") unless `value` is a finite number passing `ok`.
+    """Raise ValueError("lr must be > 0, got -1") unless `value` is a finite number passing `ok`.
 
     With `optional`, None is accepted too and the message says "or null".
     """
     if optional and value is None:
         return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and ok(value)):
-        raise ValueError(f"{name} must be {must}{' or null' if optional else ''}, got {value!r}")
+    must = f"{must} or null" if optional else must
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number {must}, got {value!r}")
+    if not ok(value):
+        raise ValueError(f"{name} must be {must}, got {value!r}")
 
 
 class BaseOptimizer:
@@ -79,7 +81,9 @@ def load_arrays(state: dict[str, np.ndarray], prefixes: tuple[str, ...]) -> dict
     for name, value in state.items():
         prefix, _, key = name.partition(".")
         if prefix not in groups or not key:
-            raise ValueError(f"unexpected optimizer state {name!r}; expected keys {', '.join(prefixes)}.<param>")
+            raise ValueError(
+                f"unexpected optimizer state {name!r}; expected keys {', '.join(prefixes)}.<param>"
+            )
         groups[prefix][key] = np.array(value)
     return groups
 
@@ -93,7 +97,7 @@ class SGD(BaseOptimizer):
 
     def __init__(
         self,
-        lr: float = 0.1,
+        lr: float = 0.5,
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,

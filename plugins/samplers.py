@@ -1,29 +1,212 @@
-"""The `temperature` sampler: softmax sampling of k streams at once."""
+"""Samplers for k parallel streams: `temperature`, `greedy`, `top_k`, `top_p` and `min_p`.
+
+Each call turns logits (k, V) into k ids in a few vectorised NumPy operations:
+
+1. `adjust`: divide by the temperature and apply the repetition penalty (a fresh (k, V) array);
+2. `filter`: set the logits outside the kept set to -inf, in place (`top_k`, `top_p`, `min_p`);
+3. Gumbel-max: argmax(z + Gumbel noise) ~ softmax(z), exact for the filtered, renormalised
+   softmax because -inf logits never win.
+
+The filters act on the temperature-scaled distribution (as in Hugging Face `generate`), and
+tokens tied with the last one kept are kept too. All samplers take the CTRL-style repetition
+penalty (`RepetitionPenalty`); `repetition_penalty: 1.0` (the default) turns it off.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
 
 import numpy as np
 
 from charrnn import hookimpl
 
 
-class Temperature:
+def _number(name: str, value: object, ok: Callable[[float], bool], requirement: str) -> float:
+    """`value` as a float if it is a real number (not a bool, not NaN) for which `ok` holds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class RepetitionPenalty:
+    """CTRL-style repetition penalty over the last `repetition_window` observed ids, per stream.
+
+    A logit l of an id seen in the window becomes l / penalty if l > 0, else l * penalty (once,
+    however often the id was seen). A penalty > 1 discourages repeats, < 1 encourages them, 1 is
+    off. The generation loop calls `reset(k)` and then `observe(ids)` with every id it feeds the
+    model, seed text included; a change in the number of streams starts a new history.
+    """
+
+    def __init__(self, repetition_penalty: float = 1.0, repetition_window: int = 20) -> None:
+        self.repetition_penalty = _number(
+            "repetition_penalty", repetition_penalty, lambda v: 0 < v < math.inf, "> 0 (1.0 is off)"
+        )
+        self.repetition_window = _positive_int("repetition_window", repetition_window)
+        self._on = self.repetition_penalty != 1.0
+        self._history = np.zeros((0, self.repetition_window), np.intp)  # (k, window) ring of ids
+        self._rows = np.zeros((0, 1), np.intp)  # (k, 1) row index for fancy indexing
+        self._filled = self._next = 0
+
+    def reset(self, k: int) -> None:
+        """Forget the history; `k` streams follow."""
+        if self._on and len(self._history) != k:
+            self._history = np.zeros((k, self.repetition_window), np.intp)
+            self._rows = np.arange(k)[:, None]
+        self._filled = self._next = 0
+
+    def observe(self, ids: np.ndarray) -> None:
+        """Record the (k,) ids just fed to the model."""
+        if not self._on:
+            return
+        if len(ids) != len(self._history):
+            self.reset(len(ids))
+        self._history[:, self._next] = ids
+        self._next = (self._next + 1) % self.repetition_window
+        self._filled = min(self._filled + 1, self.repetition_window)
+
+    def penalise(self, z: np.ndarray) -> None:
+        """Apply the penalty to logits z (k, V) in place."""
+        if not self._filled:
+            return
+        if len(z) != len(self._history):
+            raise ValueError(f"observed {len(self._history)} streams but got logits for {len(z)}")
+        seen = self._history[:, : self._filled]  # (k, n) ids, order irrelevant
+        v = z[self._rows, seen]  # (k, n) their logits
+        p = self.repetition_penalty
+        z[self._rows, seen] = np.where(v > 0, v / p, v * p)  # duplicates write the same value
+
+
+class Temperature(RepetitionPenalty):
     """Sample from softmax(logits / temperature); temperature 1 samples the model's softmax.
 
     Uses the Gumbel-max trick, argmax(z + Gumbel noise) ~ softmax(z), which is exact and costs
-    one vectorised draw for all k streams instead of a `choice` call per stream.
+    one vectorised draw for all k streams instead of a `choice` call per stream. Subclasses
+    restrict the support by overriding `filter`.
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        if isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+    def __init__(
+        self, temperature: float = 1.0, repetition_penalty: float = 1.0, repetition_window: int = 20
+    ) -> None:
+        super().__init__(repetition_penalty, repetition_window)
+        self.temperature = _number("temperature", temperature, lambda v: 0 < v < math.inf, "> 0 and finite")
+
+    def adjust(self, logits: np.ndarray) -> np.ndarray:
+        """Fresh logits (k, V) divided by the temperature, with the repetition penalty applied."""
+        z = logits / self.temperature  # (k, V)
+        self.penalise(z)
+        return z
+
+    def filter(self, z: np.ndarray) -> np.ndarray:
+        """Set the logits outside the kept set to -inf, in place; returns z. Keeps all here."""
+        return z
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        z = logits / self.temperature  # (k, V)
-        return np.argmax(z + rng.gumbel(size=z.shape), axis=-1)  # (k,)
+        z = self.filter(self.adjust(logits))  # (k, V)
+        g = rng.gumbel(size=z.shape)
+        g += z
+        return g.argmax(axis=-1)  # (k,)
+
+
+class TopK(Temperature):
+    """Sample among the `k` largest logits of each stream, renormalised."""
+
+    def __init__(
+        self,
+        k: int = 40,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        repetition_window: int = 20,
+    ) -> None:
+        super().__init__(temperature, repetition_penalty, repetition_window)
+        self.k = _positive_int("k", k)
+
+    def filter(self, z: np.ndarray) -> np.ndarray:
+        V = z.shape[-1]
+        if self.k < V:
+            kth = np.partition(z, V - self.k, axis=-1)[:, V - self.k, None]  # (k, 1) k-th largest
+            np.copyto(z, -np.inf, where=z < kth)
+        return z
+
+
+class TopP(Temperature):
+    """Nucleus sampling: the smallest set of most likely ids with total probability >= `p`.
+
+    The most likely id is always kept; `p: 1.0` keeps everything.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.9,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        repetition_window: int = 20,
+    ) -> None:
+        super().__init__(temperature, repetition_penalty, repetition_window)
+        self.p = _number("p", p, lambda v: 0 < v <= 1, "in (0, 1]")
+
+    def filter(self, z: np.ndarray) -> np.ndarray:
+        if self.p >= 1.0:
+            return z
+        zs = np.sort(z, axis=-1)[:, ::-1]  # (k, V) descending
+        probs = np.exp(zs - zs[:, :1])  # unnormalised, largest is 1
+        cum = np.cumsum(probs, axis=-1)  # (k, V)
+        cut = self.p * cum[:, -1:]  # (k, 1) p times the total mass
+        cum -= probs  # mass of the strictly more likely ids
+        n_keep = (cum < cut).sum(axis=-1)  # (k,) >= 1
+        last = zs[np.arange(len(zs)), n_keep - 1, None]  # (k, 1) smallest kept logit
+        np.copyto(z, -np.inf, where=z < last)
+        return z
+
+
+class MinP(Temperature):
+    """Sample among the ids whose probability is at least `min_p` times the largest one's."""
+
+    def __init__(
+        self,
+        min_p: float = 0.05,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        repetition_window: int = 20,
+    ) -> None:
+        super().__init__(temperature, repetition_penalty, repetition_window)
+        self.min_p = _number("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
+        self._log_min_p = math.log(self.min_p) if self.min_p > 0 else -math.inf
+
+    def filter(self, z: np.ndarray) -> np.ndarray:
+        if self.min_p > 0:
+            cut = z.max(axis=-1, keepdims=True) + self._log_min_p  # p >= min_p * p_max in logits
+            np.copyto(z, -np.inf, where=z < cut)
+        return z
+
+
+class Greedy(RepetitionPenalty):
+    """The most likely id of each stream (after the repetition penalty, if any)."""
+
+    def __init__(self, repetition_penalty: float = 1.0, repetition_window: int = 20) -> None:
+        super().__init__(repetition_penalty, repetition_window)
+
+    def adjust(self, logits: np.ndarray) -> np.ndarray:
+        """Fresh logits (k, V) with the repetition penalty applied."""
+        z = logits.copy()
+        self.penalise(z)
+        return z
+
+    def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return (self.adjust(logits) if self._filled else logits).argmax(axis=-1)  # (k,)
 
 
 @hookimpl
 def charrnn_sampler(register):
     register("temperature", Temperature)
+    register("greedy", Greedy)
+    register("top_k", TopK)
+    register("top_p", TopP)
+    register("min_p", MinP)

@@ -1,24 +1,28 @@
-"""The `text` corpus loader: one UTF-8 text file, vocabulary = its sorted set of characters."""
+"""The `text` corpus loader: one text file, as UTF-8 characters or as raw bytes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from charrnn import Corpus, CorpusError, hookimpl
+from charrnn_plugins.cache import check_encoding, read_file
 
 
-def load_text(path: str) -> Corpus:
-    """Read and encode the UTF-8 file at `path` (relative to the working directory)."""
+def load_text(path: str, encoding: str = "utf-8", cache: bool = False) -> Corpus:
+    """Read and encode the file at `path` (relative to the working directory).
+
+    `encoding`: `utf-8` (the vocabulary is the file's sorted set of characters; a leading byte-order
+    mark is dropped) or `bytes` (the 256 byte values: any file loads). `cache: true` keeps the encoded
+    ids in the cache folder and memory-maps them, for corpora too large to hold in memory; the cache
+    is rebuilt when the file's size or mtime changes (see `charrnn_plugins.cache`).
+    """
+    encoding = check_encoding(encoding)
     file = Path(path)
     if not file.exists():
         raise CorpusError(f"corpus file not found: {path}")
     if not file.is_file():
         raise CorpusError(f"corpus path is not a file: {path}")
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from None
-    return Corpus.from_utf8(raw, source=str(file))
+    return read_file(file, source=str(file), encoding=encoding, cache=cache)
 
 
 @hookimpl

@@ -36,7 +36,7 @@ def test_defaults_fill_in(tiny_config):
     del tiny_config["optimizer"], tiny_config["sampler"]
     config = Pipeline(tiny_config).config
     assert config["optimizer"] == {"type": "adagrad", "lr": 0.1, "eps": 1e-8, "clip": 5.0, "clip_norm": None}
-    assert config["sampler"] == {"type": "temperature", "temperature": 1.0}
+    assert config["sampler"]["type"] == "temperature" and config["sampler"]["temperature"] == 1.0
     assert config["train"]["save_every"] is None
 
 

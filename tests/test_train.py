@@ -346,3 +346,61 @@ def test_no_files_beside_the_checkpoint_when_turned_off(tiny_config, tmp_path):
     tiny_config["train"].update(keep_best=False, metrics=False)
     run_pipeline(tiny_config)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt") == ["model.npz"]
+
+
+def test_init_from_fine_tunes_from_a_checkpoint(tiny_config, tmp_path):
+    tiny_config["stages"] = ["train"]
+    run_pipeline(tiny_config)
+    base, _ = params_of(tiny_config["train"]["checkpoint"])
+    other = tmp_path / "other.txt"
+    other.write_text(TINY_TEXT.replace("cat", "tac").replace("dog", "god"))  # same characters, new text
+    tiny_config["corpus"]["path"] = str(other)
+    tiny_config["train"].update(
+        init_from=tiny_config["train"]["checkpoint"], checkpoint=str(tmp_path / "ft.npz"), steps=1
+    )
+    tiny_config["optimizer"]["lr"] = 1e-30  # one negligible step: the weights are the base model's
+    run_pipeline(tiny_config)
+    tuned, meta = params_of(tmp_path / "ft.npz")
+    assert meta["step"] == 1
+    assert all(np.allclose(tuned[k], base[k]) for k in base if k.startswith("param/"))
+
+    tiny_config["train"]["init_from"] = str(tmp_path / "missing.npz")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        run_pipeline(tiny_config)
+    other.write_text(TINY_TEXT + "XYZ")
+    tiny_config["train"]["init_from"] = str(tmp_path / "model.npz")
+    with pytest.raises(CheckpointError, match=r"vocabulary of .* differs.*new: 'XYZ'"):
+        run_pipeline(tiny_config)
+    tiny_config["train"]["resume"] = True
+    with pytest.raises(ConfigError, match="exclude each other"):
+        run_pipeline(tiny_config)
+
+
+def test_evaluate_stage_prints_loss_and_baselines(tiny_config, tmp_path, capsys):
+    import yaml
+
+    tiny_config["stages"] = ["train", "evaluate"]
+    tiny_config["train"]["steps"] = 100
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("evaluation on validation split")
+    losses = {line.split("  ")[0].strip(): float(line.split()[-4]) for line in out[1:]}
+    assert set(losses) == {"model", "unigram baseline", "bigram baseline"}
+    assert losses["model"] < losses["bigram baseline"] < losses["unigram baseline"]
+    # on another text, from the checkpoint alone
+    text = tmp_path / "eval.txt"
+    text.write_text("the cat sat on the log. " * 10)
+    assert main(["run", str(path), "--set", "stages=[evaluate]", "--set", f"evaluate.path={text}"]) == 0
+    assert capsys.readouterr().out.startswith(f"evaluation on {text}")
+
+
+def test_ngram_baselines_by_hand():
+    from charrnn.pipeline import ngram_baselines
+
+    train = np.array([0, 1, 0, 1, 0])  # counts 3, 2 -> add-one 4/7, 3/7
+    uni, bi = ngram_baselines(train, np.array([0, 1]), 2)
+    assert uni == pytest.approx(-(np.log(4 / 7) + np.log(3 / 7)) / 2)
+    # pairs 0->1 twice, 1->0 twice; add-one: P(1|0) = 3/4
+    assert bi == pytest.approx(-np.log(3 / 4))

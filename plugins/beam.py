@@ -1,0 +1,84 @@
+"""The `beam` sampler: beam search for the most likely continuation of each stream.
+
+Beam search cannot work one step's logits at a time: it keeps `beam_width` candidate texts per
+stream, each with its own hidden state, and must run the model on all of them and reorder the
+states as candidates are dropped. So instead of a separate hook it is a sampler with a
+`search(model, state, last_ids, num_chars, rng)` method, to which the generation loop hands the
+whole generation; it stays selectable like any sampler (`sampler: {type: beam}`) and adds no
+hook. Called one step at a time, like any sampler, it falls back to greedy argmax.
+
+All candidates have exactly `num_chars` characters, so the result is simply the one with the
+highest total log-probability; no length penalty is needed. It is deterministic (`rng` unused).
+Beam search is not guaranteed to beat greedy (the greedy prefix can fall out of the beam), and
+on a character model the most likely text tends to repeat itself.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from charrnn import Model, hookimpl
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)  # (n, V) stable
+    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z
+
+
+class Beam:
+    """Beam search with `beam_width` candidates per stream; greedy when called per step."""
+
+    def __init__(self, beam_width: int = 5) -> None:
+        if isinstance(beam_width, bool) or not isinstance(beam_width, numbers.Integral) or beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {beam_width!r}")
+        self.beam_width = int(beam_width)
+
+    def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return logits.argmax(axis=-1)  # (k,)
+
+    def search(
+        self,
+        model: Model,
+        state: dict[str, np.ndarray],
+        last_ids: np.ndarray,
+        num_chars: int,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """The most likely `num_chars` ids (k, num_chars) found for each of k primed streams.
+
+        `state` is the primed state for k streams and `last_ids` (k,) the first input. All
+        k * beam_width candidates advance in one `model.step` call per character.
+        """
+        k, W = len(last_ids), self.beam_width
+        ids = np.repeat(np.asarray(last_ids), W)  # (k*W,) row s*W + b is beam b of stream s
+        state = {name: np.repeat(a, W, axis=0) for name, a in state.items()}
+        scores = np.full((k, W), -np.inf)  # (k, W) total log-probability of each beam
+        scores[:, 0] = 0.0  # one live beam per stream to start: the copies are all the same
+        tokens = np.empty((num_chars, k, W), np.int32)  # id chosen by each beam at each step
+        parents = np.empty((num_chars, k, W), np.int32)  # the beam it extended
+        first_row = (np.arange(k) * W)[:, None]  # (k, 1)
+        for t in range(num_chars):
+            logits, state = model.step(ids, state)  # (k*W, V)
+            V = logits.shape[-1]
+            cand = scores[:, :, None] + _log_softmax(logits).reshape(k, W, V)  # (k, W, V)
+            best = np.argsort(-cand.reshape(k, W * V), axis=-1, kind="stable")[:, :W]  # (k, W)
+            scores = np.take_along_axis(cand.reshape(k, W * V), best, axis=-1)  # descending
+            parent, token = np.divmod(best, V)
+            parents[t], tokens[t] = parent, token
+            rows = (first_row + parent).ravel()  # (k*W,) the state each new beam continues
+            state = {name: a[rows] for name, a in state.items()}
+            ids = token.ravel()
+        out = np.empty((k, num_chars), np.int64)
+        streams, beam = np.arange(k), np.zeros(k, np.intp)  # beam 0 scores highest
+        for t in range(num_chars - 1, -1, -1):  # follow the back-pointers
+            out[:, t] = tokens[t, streams, beam]
+            beam = parents[t, streams, beam]
+        return out
+
+
+@hookimpl
+def charrnn_sampler(register):
+    register("beam", Beam)

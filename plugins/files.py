@@ -1,0 +1,43 @@
+"""The `files` corpus loader: every file a glob matches, in sorted order, joined by a separator."""
+
+from __future__ import annotations
+
+import os
+from glob import glob as expand
+from pathlib import Path
+
+from charrnn import Corpus, CorpusError, hookimpl
+from charrnn_plugins.cache import cached_corpus, check_encoding, encode_files
+
+ERRORS = ("strict", "skip")
+
+
+def load_files(
+    glob: str, separator: str = "\n\n", encoding: str = "utf-8", errors: str = "strict", cache: bool = False
+) -> Corpus:
+    """The files matching `glob` (e.g. `src/**/*.py`; `**` spans folders), joined by `separator`.
+
+    A folder path means every file under it (`folder/**/*`). Files are read in the order of their
+    paths as strings; wildcards skip names that start with a dot (`.git`, `.venv`) unless the
+    pattern spells the dot. `encoding` is `utf-8` or `bytes` as for `text`. `errors`: `strict`
+    (a file that is not valid UTF-8 is an error naming it) or `skip` (leave such files out, with a
+    warning that names them). `cache: true` memory-maps the encoded ids as for `text`; the cache is
+    rebuilt when a file is added, removed or changed.
+    """
+    encoding = check_encoding(encoding)
+    if errors not in ERRORS:
+        raise ValueError(f"unknown errors {errors!r}; choices: {', '.join(ERRORS)}")
+    pattern = os.path.join(glob, "**", "*") if os.path.isdir(glob) else glob
+    found = sorted(p for p in expand(pattern, recursive=True) if os.path.isfile(p))
+    if not found:
+        raise CorpusError(f"corpus glob {glob!r} matches no file")
+    files = [Path(p) for p in found]
+    options = {"source": glob, "encoding": encoding, "separator": separator, "errors": errors}
+    if cache:
+        return cached_corpus(files, identity={"glob": os.path.abspath(pattern)}, **options)
+    return encode_files(files, **options)
+
+
+@hookimpl
+def charrnn_corpus_loader(register):
+    register("files", load_files)

@@ -1,0 +1,152 @@
+"""The `url` corpus loader: a text file downloaded once over HTTP(S), then read from the cache.
+
+Downloads land in `downloads/` of the cache folder (see `charrnn_plugins.cache`), named after the
+URL, through a temporary file and a rename, so a partial download is never taken for the file.
+A cached copy is used without touching the network; it is downloaded again only when `sha256`
+names a different digest than the copy's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import charrnn
+from charrnn import Corpus, CorpusError, hookimpl
+from charrnn_plugins.cache import cache_dir, check_encoding, read_file
+
+BLOCK = 1 << 20  # bytes read and hashed at a time
+
+
+def load_url(
+    url: str,
+    sha256: str | None = None,
+    encoding: str = "utf-8",
+    timeout: float = 30.0,
+    cache: bool = False,
+) -> Corpus:
+    """Download `url` (http or https) once into the cache folder and encode it as `text` does.
+
+    `sha256`: the expected hex digest of the file; a download that does not match is discarded and
+    is an error naming both digests. `timeout`: seconds to wait for the server on each read.
+    `encoding` and `cache` (memory-map the encoded ids) are as for `text`.
+    """
+    encoding = check_encoding(encoding)
+    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise ValueError(f"url must start with http:// or https://, got {url!r}")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    if isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    path = fetch(url, sha256.lower() if sha256 else None, float(timeout))
+    return read_file(path, source=url, encoding=encoding, cache=cache)
+
+
+def fetch(url: str, sha256: str | None = None, timeout: float = 30.0) -> Path:
+    """The cached copy of `url`, downloaded first if there is none (or its digest is not `sha256`)."""
+    folder = cache_dir("downloads")
+    tail = Path(urllib.parse.urlsplit(url).path).name
+    name = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16] + "-" + re.sub(r"[^\w.-]+", "_", tail)[:60]
+    path = folder / name.rstrip("-")
+    have = None
+    if path.is_file():
+        if sha256 is None:
+            return path
+        have = digest_of(path)
+        if have == sha256:
+            return path
+    note = f" (the cached copy's sha256 is {have})" if have else ""
+    fd, tmp = _temp(folder, path.name)
+    try:
+        got = _download(url, fd, timeout, note)
+        if sha256 is not None and got != sha256:
+            raise CorpusError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; download discarded")
+        os.replace(tmp, path)
+        _record(path, got)
+    except OSError as exc:
+        raise CorpusError(f"cannot store the download of {url} in {folder}: {exc.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _temp(folder: Path, name: str) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    except OSError as exc:
+        raise CorpusError(f"cannot write to the cache folder {folder}: {exc.strerror}") from None
+
+
+def _download(url: str, fd: int, timeout: float, note: str) -> str:
+    """Stream `url` into the open file `fd`; its sha256. Network failures are one-line CorpusErrors."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"charrnn/{charrnn.__version__}"})
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(fd, "wb") as out:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                expected = response.headers.get("Content-Length")
+                while block := response.read(BLOCK):
+                    out.write(block)
+                    digest.update(block)
+                    size += len(block)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            reason = f"HTTP {exc.code} {exc.reason}"
+        except urllib.error.URLError as exc:
+            reason = _reason(exc.reason, timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            reason = _reason(exc, timeout)
+        else:
+            if expected is None or not expected.isdigit() or int(expected) == size:
+                return digest.hexdigest()
+            reason = f"the connection closed after {size} of {expected} bytes"
+    raise CorpusError(f"cannot download {url}: {reason}{note}")
+
+
+def _reason(exc: object, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s (option timeout)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def digest_of(path: Path) -> str:
+    """The sha256 of a cached download: recorded beside it at download time, else computed."""
+    record = path.with_name(path.name + ".json")
+    st = path.stat()
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved["size"] == st.st_size and saved["mtime_ns"] == st.st_mtime_ns:
+            return str(saved["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            digest.update(block)
+    _record(path, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _record(path: Path, sha256: str) -> None:
+    st = path.stat()
+    record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        path.with_name(path.name + ".json").write_text(json.dumps(record), encoding="utf-8")
+    except OSError:
+        pass  # only saves re-hashing next time
+
+
+@hookimpl
+def charrnn_corpus_loader(register):
+    register("url", load_url)

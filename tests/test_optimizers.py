@@ -1,0 +1,364 @@
+"""The sgd, rmsprop, adam and adamw optimizers, and the clipping they share with adagrad."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+import charrnn_plugins.optimizers
+from charrnn import ConfigError, run_pipeline
+from charrnn_plugins.adagrad import Adagrad
+from charrnn_plugins.optimizers import SGD, Adam, AdamW, RMSprop
+from conftest import TINY_TEXT
+
+ALL = [Adagrad, SGD, RMSprop, Adam, AdamW]
+
+
+def fresh(p):
+    return {k: v.copy() for k, v in p.items()}
+
+
+def test_sgd_plain_step():
+    p = {"w": np.array([1.0, -2.0, 0.5])}
+    SGD(lr=0.1, clip_norm=None).step(p, {"w": np.array([0.5, 10.0, -0.25])})
+    np.testing.assert_allclose(p["w"], [1.0 - 0.05, -2.0 - 1.0, 0.5 + 0.025], rtol=1e-15)
+
+
+def test_sgd_momentum_and_weight_decay_two_steps():
+    lr, mu, wd = 0.1, 0.9, 0.01
+    p0, g1, g2 = np.array([1.0, -2.0]), np.array([0.5, 0.25]), np.array([-1.0, 0.75])
+    p = {"w": p0.copy()}
+    opt = SGD(lr=lr, momentum=mu, weight_decay=wd, clip_norm=None)
+    opt.step(p, {"w": g1.copy()})
+    buf1 = g1 + wd * p0
+    p1 = p0 - lr * buf1
+    np.testing.assert_allclose(p["w"], p1, rtol=1e-14)
+    opt.step(p, {"w": g2.copy()})
+    buf2 = mu * buf1 + (g2 + wd * p1)
+    np.testing.assert_allclose(p["w"], p1 - lr * buf2, rtol=1e-14)
+    np.testing.assert_allclose(opt.state_dict()["buf.w"], buf2, rtol=1e-14)
+
+
+def test_sgd_nesterov_two_steps():
+    lr, mu = 0.1, 0.9
+    p0, g1, g2 = np.array([1.0, -2.0]), np.array([0.5, 0.25]), np.array([-1.0, 0.75])
+    p = {"w": p0.copy()}
+    opt = SGD(lr=lr, momentum=mu, nesterov=True, clip_norm=None)
+    opt.step(p, {"w": g1})
+    buf1 = g1
+    p1 = p0 - lr * (g1 + mu * buf1)
+    np.testing.assert_allclose(p["w"], p1, rtol=1e-14)
+    opt.step(p, {"w": g2})
+    buf2 = mu * buf1 + g2
+    np.testing.assert_allclose(p["w"], p1 - lr * (g2 + mu * buf2), rtol=1e-14)
+
+
+def test_rmsprop_two_steps():
+    lr, decay, eps = 2e-3, 0.95, 1e-8
+    p0, g1, g2 = np.array([1.0, -2.0, 0.5]), np.array([0.5, 3.0, -0.25]), np.array([-1.0, 0.0, 2.0])
+    p = {"w": p0.copy()}
+    opt = RMSprop()
+    opt.step(p, {"w": g1})
+    cache1 = (1 - decay) * g1**2
+    p1 = p0 - lr * g1 / (np.sqrt(cache1) + eps)
+    np.testing.assert_allclose(p["w"], p1, rtol=1e-14)
+    opt.step(p, {"w": g2})
+    cache2 = decay * cache1 + (1 - decay) * g2**2
+    np.testing.assert_allclose(p["w"], p1 - lr * g2 / (np.sqrt(cache2) + eps), rtol=1e-14)
+    np.testing.assert_allclose(opt.state_dict()["cache.w"], cache2, rtol=1e-14)
+
+
+def adam_reference(p0, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """Textbook Adam (with AdamW's decoupled decay when wd > 0): the params after each step."""
+    p, m, v, out = p0.copy(), np.zeros_like(p0), np.zeros_like(p0), []
+    for t, g in enumerate(grads, start=1):
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g**2
+        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        out.append(p)
+    return out
+
+
+def test_adam_two_steps():
+    p0, g1, g2 = np.array([1.0, -2.0, 0.5]), np.array([0.5, 3.0, -0.25]), np.array([-1.0, 0.0, 2.0])
+    p = {"w": p0.copy()}
+    opt = Adam(lr=0.01, clip_norm=None)
+    opt.step(p, {"w": g1})
+    # first step: m_hat = g, v_hat = g^2, so each entry moves by lr * sign(g) (up to eps)
+    np.testing.assert_allclose(p["w"], p0 - 0.01 * g1 / (np.abs(g1) + 1e-8), rtol=1e-14)
+    opt.step(p, {"w": g2})
+    m = 0.9 * 0.1 * g1 + 0.1 * g2
+    v = 0.999 * 0.001 * g1**2 + 0.001 * g2**2
+    m_hat, v_hat = m / (1 - 0.9**2), v / (1 - 0.999**2)
+    expected = p0 - 0.01 * g1 / (np.abs(g1) + 1e-8) - 0.01 * m_hat / (np.sqrt(v_hat) + 1e-8)
+    np.testing.assert_allclose(p["w"], expected, rtol=1e-12)
+    state = opt.state_dict()
+    assert int(state["t"]) == 2 and set(state) == {"m.w", "v.w", "t"}
+    np.testing.assert_allclose(state["m.w"], m, rtol=1e-14)
+    np.testing.assert_allclose(state["v.w"], v, rtol=1e-14)
+
+
+def test_adamw_decays_matrices_only():
+    lr, wd = 0.01, 0.5
+    W0, b0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.array([1.0, -1.0])
+    gW = [np.array([[0.5, -0.25], [1.0, 2.0]]), np.array([[-1.0, 0.5], [0.0, 1.0]])]
+    gb = [np.array([0.3, -0.7]), np.array([0.2, 0.1])]
+    p = {"W": W0.copy(), "b": b0.copy()}
+    opt = AdamW(lr=lr, weight_decay=wd, clip_norm=None)
+    for i in range(2):
+        opt.step(p, {"W": gW[i], "b": gb[i]})
+        np.testing.assert_allclose(p["W"], adam_reference(W0, gW, lr, wd=wd)[i], rtol=1e-12)
+        np.testing.assert_allclose(p["b"], adam_reference(b0, gb, lr)[i], rtol=1e-12)  # no decay
+
+
+def test_adamw_without_decay_is_adam():
+    g = {"W": np.array([[0.5, -0.25], [1.0, 2.0]])}
+    pa, pb = {"W": np.ones((2, 2))}, {"W": np.ones((2, 2))}
+    Adam().step(pa, g)
+    AdamW(weight_decay=0.0).step(pb, g)
+    assert np.array_equal(pa["W"], pb["W"])
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_elementwise_clip(cls):
+    p = {"w": np.zeros(4)}
+    g = {"w": np.array([-9.0, -0.5, 0.25, 7.0])}
+    a, b = cls(clip=1.0, clip_norm=None), cls(clip=None, clip_norm=None)
+    pb = {"w": np.zeros(4)}
+    a.step(p, g)
+    b.step(pb, {"w": np.array([-1.0, -0.5, 0.25, 1.0])})
+    assert np.array_equal(p["w"], pb["w"])
+    assert np.array_equal(g["w"], [-9.0, -0.5, 0.25, 7.0])  # the caller's gradients are untouched
+
+
+def test_elementwise_clip_values():
+    p = {"w": np.zeros(4)}
+    SGD(lr=1.0, clip=1.0, clip_norm=None).step(p, {"w": np.array([-9.0, -0.5, 0.25, 7.0])})
+    np.testing.assert_array_equal(p["w"], [1.0, 0.5, -0.25, -1.0])
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_clip_norm_scales_all_gradients_jointly(cls):
+    grads = {"a": np.array([3.0, 4.0]), "b": np.array([[12.0]])}  # global norm 13
+    before = copy.deepcopy(grads)
+    params = {"a": np.array([1.0, -1.0]), "b": np.array([[0.5]])}
+    clipped, reference = fresh(params), fresh(params)
+    opt = cls(clip=None, clip_norm=6.5)
+    ref = cls(clip=None, clip_norm=None)
+    for _ in range(2):
+        opt.step(clipped, grads)
+        ref.step(reference, {k: g * 0.5 for k, g in grads.items()})
+    for k in params:
+        np.testing.assert_allclose(clipped[k], reference[k], rtol=1e-14)
+        assert np.array_equal(grads[k], before[k])
+
+
+def test_clip_norm_leaves_small_gradients_alone():
+    grads = {"a": np.array([0.3, 0.4])}
+    p = {"a": np.zeros(2)}
+    SGD(lr=1.0, clip_norm=0.5).step(p, grads)
+    np.testing.assert_array_equal(p["a"], [-0.3, -0.4])
+
+
+def test_clip_then_clip_norm():
+    grads = {"a": np.array([30.0, 4.0]), "b": np.array([-12.0])}
+    p = {"a": np.zeros(2), "b": np.zeros(1)}
+    SGD(lr=1.0, clip=3.0, clip_norm=2.5).step(p, grads)  # clipped: [3, 3], [-3]; norm sqrt(27)
+    scale = 2.5 / np.sqrt(27.0)
+    np.testing.assert_allclose(p["a"], [-3 * scale, -3 * scale], rtol=1e-14)
+    np.testing.assert_allclose(p["b"], [3 * scale], rtol=1e-14)
+    assert grads["a"][0] == 30.0 and grads["b"][0] == -12.0
+
+
+def sequence_of_grads(rng, n):
+    return [{"W": rng.standard_normal((3, 2)), "b": rng.standard_normal(2) * 10} for _ in range(n)]
+
+
+OPTIONS = [
+    (Adagrad, {"clip_norm": 3.0}),
+    (SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    (SGD, {}),
+    (RMSprop, {"clip_norm": 3.0}),
+    (Adam, {}),
+    (AdamW, {"weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("cls", "options"), OPTIONS)
+def test_state_dict_resume_is_bit_exact(cls, options, rng):
+    grads = sequence_of_grads(rng, 6)
+    params = {"W": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+    a = cls(**options)
+    for g in grads[:3]:
+        a.step(params, g)
+    state = a.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    b = cls(**options)
+    b.load_state_dict({k: v.copy() for k, v in state.items()})
+    pa, pb = params, fresh(params)
+    for g in grads[3:]:
+        a.step(pa, g)
+        b.step(pb, g)
+    for k in pa:
+        assert np.array_equal(pa[k], pb[k]), k
+    for k, v in a.state_dict().items():
+        assert np.array_equal(v, b.state_dict()[k]), k
+
+
+def test_state_dict_of_plain_sgd_is_empty():
+    p = {"w": np.ones(2)}
+    opt = SGD()
+    opt.step(p, {"w": np.ones(2)})
+    assert opt.state_dict() == {}
+    opt.load_state_dict({})
+
+
+def test_load_state_dict_rejects_foreign_state():
+    with pytest.raises(ValueError, match="unexpected optimizer state 'mem.w'"):
+        Adam().load_state_dict({"mem.w": np.zeros(2), "t": np.array(1)})
+
+
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [
+        (Adagrad, {"lr": 0.5}),
+        (SGD, {"lr": 0.05}),
+        (SGD, {"lr": 0.02, "momentum": 0.9}),
+        (SGD, {"lr": 0.02, "momentum": 0.9, "nesterov": True}),
+        (RMSprop, {"lr": 0.05}),
+        (Adam, {"lr": 0.1}),
+        (AdamW, {"lr": 0.1}),
+    ],
+)
+def test_loss_decreases_on_toy_quadratic(cls, options):
+    curvature = np.array([[1.0, 4.0], [9.0, 0.5]])
+    target = np.array([[3.0, -1.0], [2.0, 0.5]])
+    p = {"W": np.zeros((2, 2))}
+    opt = cls(**options)
+    losses = []
+    for _ in range(300):
+        diff = p["W"] - target
+        losses.append(float((curvature * diff**2).sum()))
+        opt.step(p, {"W": 2 * curvature * diff})
+    assert losses[-1] < 1e-2 * losses[0]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_float32_stays_float32(cls):
+    p = {"W": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    g = {"W": np.full((3, 2), 0.5, np.float32), "b": np.full(2, -0.5, np.float32)}
+    opt = cls()
+    opt.step(p, g)
+    opt.step(p, g)
+    assert p["W"].dtype == np.float32 and p["b"].dtype == np.float32
+    assert all(v.dtype == np.float32 for k, v in opt.state_dict().items() if k != "t")
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_lr_is_a_public_float_the_loop_can_set(cls):
+    opt = cls(lr=1)
+    assert opt.lr == 1.0 and isinstance(opt.lr, float)
+    opt.lr = 0.5  # as a schedule does before each step
+    pa, pb = {"W": np.ones((2, 2))}, {"W": np.ones((2, 2))}
+    g = {"W": np.array([[0.5, -1.0], [2.0, 0.1]])}
+    opt.step(pa, g)
+    cls(lr=0.5).step(pb, g)
+    assert np.array_equal(pa["W"], pb["W"])
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "message"),
+    [
+        (SGD, {"lr": -1}, "lr must be > 0, got -1"),
+        (SGD, {"lr": 0}, "lr must be > 0, got 0"),
+        (SGD, {"lr": float("nan")}, "lr must be a number > 0, got nan"),
+        (SGD, {"momentum": -0.1}, r"momentum must be in \[0, 1\)"),
+        (SGD, {"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        (SGD, {"nesterov": True}, "nesterov needs momentum > 0"),
+        (SGD, {"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        (SGD, {"clip": 0}, "clip must be > 0 or null, got 0"),
+        (SGD, {"clip_norm": -5}, "clip_norm must be > 0 or null, got -5"),
+        (SGD, {"lr": "fast"}, "lr must be a number > 0, got .fast."),
+        (RMSprop, {"decay": 1.0}, r"decay must be in \[0, 1\)"),
+        (RMSprop, {"eps": 0}, "eps must be > 0"),
+        (Adam, {"beta1": 1.0}, r"beta1 must be in \[0, 1\)"),
+        (Adam, {"beta2": -0.1}, r"beta2 must be in \[0, 1\)"),
+        (Adam, {"eps": -1e-8}, "eps must be > 0"),
+        (AdamW, {"weight_decay": -0.01}, "weight_decay must be >= 0"),
+        (AdamW, {"lr": -1}, "lr must be > 0, got -1"),
+        (Adagrad, {"clip_norm": 0}, "clip_norm must be > 0 or null"),
+        (Adagrad, {"clip": -5}, "clip must be > 0 or null"),
+    ],
+)
+def test_bad_options_raise_value_error(cls, options, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**options)
+
+
+E2E = {
+    "sgd": {"type": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True},
+    "rmsprop": {"type": "rmsprop", "lr": 0.01},
+    "adam": {"type": "adam", "lr": 0.01},
+    "adamw": {"type": "adamw", "lr": 0.01},
+}
+
+
+@pytest.mark.parametrize("name", list(E2E))
+def test_pipeline_trains_with_each_optimizer(tiny_config, name):
+    tiny_config["optimizer"] = E2E[name]
+    tiny_config["train"]["steps"] = 200
+    result = run_pipeline(tiny_config, plugins=[charrnn_plugins.optimizers])
+    assert result.train.train_loss < 0.6 * np.log(len(set(TINY_TEXT)))  # smoothed loss; starts at ~ln V
+    assert len(result.text) == 4 + 50
+
+
+@pytest.mark.parametrize("name", list(E2E))
+def test_pipeline_default_options_learn(tiny_config, name):
+    tiny_config["optimizer"] = {"type": name}
+    tiny_config["stages"] = ["train"]
+    tiny_config["train"]["steps"] = 200
+    result = run_pipeline(tiny_config, plugins=[charrnn_plugins.optimizers])
+    assert result.train.train_loss < np.log(len(set(TINY_TEXT)))
+
+
+def test_pipeline_schedule_sets_lr_and_options_are_typed(tiny_config):
+    tiny_config["optimizer"] = {"type": "adamw", "clip_norm": None, "clip": 1}
+    tiny_config["schedule"] = {"type": "cosine", "warmup_steps": 5}
+    tiny_config["stages"] = ["train"]
+    assert np.isfinite(run_pipeline(tiny_config, plugins=[charrnn_plugins.optimizers]).train.train_loss)
+    tiny_config["optimizer"] = {"type": "adam", "beta1": "high"}
+    with pytest.raises(ConfigError, match="optimizer.beta1: expected float, got 'high'"):
+        run_pipeline(tiny_config, plugins=[charrnn_plugins.optimizers])
+    tiny_config["optimizer"] = {"type": "sgd", "momentun": 0.9}
+    with pytest.raises(ConfigError, match="did you mean 'momentum'"):
+        run_pipeline(tiny_config, plugins=[charrnn_plugins.optimizers])
+
+
+def params_of(path):
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files if k != "meta"}, json.loads(str(data["meta"]))
+
+
+def test_adam_resume_is_exact(tiny_config, tmp_path):
+    plugins = [charrnn_plugins.optimizers]
+    tiny_config["optimizer"] = {"type": "adam", "lr": 0.01}
+    tiny_config["train"].update(steps=30, sample_every=7)
+    run_pipeline(tiny_config, plugins=plugins)
+    full, full_meta = params_of(tiny_config["train"]["checkpoint"])
+    assert int(full["optim/t"]) == 30
+
+    tiny_config["train"].update(steps=13, checkpoint=str(tmp_path / "part.npz"))
+    run_pipeline(tiny_config, plugins=plugins)
+    tiny_config["train"].update(steps=30, resume=True)
+    run_pipeline(tiny_config, plugins=plugins)
+    resumed, meta = params_of(tiny_config["train"]["checkpoint"])
+    assert meta["step"] == 30
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert np.array_equal(full[key], resumed[key]), key
+    assert meta["smooth_loss"] == full_meta["smooth_loss"]
