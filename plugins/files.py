@@ -7,7 +7,7 @@ from glob import glob as expand
 from pathlib import Path
 
 from charrnn import Corpus, CorpusError, hookimpl
-from charrnn_plugins.cache import cached_corpus, check_encoding, encode_files
+from charrnn_plugins.cache import NotUTF8, cached_corpus, check_encoding, encode_files
 
 ERRORS = ("strict", "skip")
 
@@ -33,9 +33,12 @@ def load_files(
         raise CorpusError(f"corpus glob {glob!r} matches no file")
     files = [Path(p) for p in found]
     options = {"source": glob, "encoding": encoding, "separator": separator, "errors": errors}
-    if cache:
-        return cached_corpus(files, identity={"glob": os.path.abspath(pattern)}, **options)
-    return encode_files(files, **options)
+    try:
+        if cache:
+            return cached_corpus(files, identity={"glob": os.path.abspath(pattern)}, **options)
+        return encode_files(files, **options)
+    except NotUTF8 as exc:
+        raise CorpusError(f"{exc}; `errors: skip` leaves such files out, `encoding: bytes` reads them") from None
 
 
 @hookimpl
