@@ -29,6 +29,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.text",
     "charrnn_plugins.rnn",
     "charrnn_plugins.adagrad",
+    "charrnn_plugins.optimizers",
     "charrnn_plugins.samplers",
     "charrnn_plugins.beam",
     "charrnn_plugins.schedules",
