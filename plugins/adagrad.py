@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from charrnn import hookimpl
-from charrnn_plugins.optimizers import BaseOptimizer, check_option, load_arrays
+from charrnn.optim import BaseOptimizer, check_option, load_arrays
 
 
 class Adagrad(BaseOptimizer):

@@ -38,7 +38,9 @@ def load_files(
             return cached_corpus(files, identity={"glob": os.path.abspath(pattern)}, **options)
         return encode_files(files, **options)
     except NotUTF8 as exc:
-        raise CorpusError(f"{exc}; `errors: skip` leaves such files out, `encoding: bytes` reads them") from None
+        raise CorpusError(
+            f"{exc}; `errors: skip` leaves such files out, `encoding: bytes` reads them"
+        ) from None
 
 
 @hookimpl
