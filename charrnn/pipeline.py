@@ -36,7 +36,6 @@ class RunResult:
     evaluation: dict[str, Any] | None = None
     checkpoint: str | None = None
     train: TrainResult | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -52,7 +51,7 @@ class Pipeline:
     ) -> None:
         raw, self.lines, self.origin = cfg.load_config(source)
         overridden = cfg.apply_overrides(raw, overrides)
-        self.lines = {k: v for k, v in self.lines.items() if ".".join(k) not in overridden}
+        self.lines.update({tuple(key.split(".")): 0 for key in overridden})  # 0: "from --set"
         config = cfg.validate(raw, self.lines, self.origin)
         self.pm: pluggy.PluginManager = get_plugin_manager(
             load_entrypoints=load_entrypoints, extra=[*config["plugins"], *plugins]
@@ -89,10 +88,9 @@ class Pipeline:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{self.locate(kind)} ({section['type']}): {exc}") from None
 
-    def model(self, vocab_size: int, config: dict[str, Any] | None = None) -> Model:
-        config = config or self.config
-        rng = np.random.default_rng([config["seed"], 0])
-        return self.build("model", config["model"], vocab_size=vocab_size, rng=rng)
+    def model(self, vocab_size: int) -> Model:
+        rng = np.random.default_rng([self.config["seed"], 0])
+        return self.build("model", self.config["model"], vocab_size=vocab_size, rng=rng)
 
     def sampler(self, vocab: list[str], section: dict[str, Any] | None = None) -> Any:
         sampler = self.build("sampler", section or self.config["sampler"])

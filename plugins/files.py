@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from glob import escape
 from glob import glob as expand
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def load_files(
     encoding = check_encoding(encoding)
     if errors not in ERRORS:
         raise ValueError(f"unknown errors {errors!r}; choices: {', '.join(ERRORS)}")
-    pattern = os.path.join(glob, "**", "*") if os.path.isdir(glob) else glob
+    pattern = os.path.join(escape(glob), "**", "*") if os.path.isdir(glob) else glob
     found = sorted(p for p in expand(pattern, recursive=True) if os.path.isfile(p))
     if not found:
         raise CorpusError(f"corpus glob {glob!r} matches no file")
