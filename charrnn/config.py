@@ -68,7 +68,7 @@ INT, NONE = (int,), (type(None),)
 SCHEMA: dict[str, dict[str, Opt] | Opt] = {
     "seed": Opt(INT, 42, _non_negative, "must be >= 0"),
     "plugins": Opt((list,), []),
-    "stages": Opt((list,), ["train", "generate"]),
+    "stages": Opt((list, str), ["train", "generate"]),
     "train": {
         "steps": Opt(INT + NONE, 1000, _positive, "must be > 0 (or null to train until Ctrl+C)"),
         "batch_size": Opt(INT, 16, _positive, "must be >= 1"),
@@ -313,6 +313,8 @@ def validate(raw: dict[str, Any], lines: Lines | None = None, origin: str = "") 
             config[key] = check_value(spec, raw[key], where([key], lines, origin))
         else:
             config[key] = copy.deepcopy(spec.default)
+    if isinstance(config["stages"], str):
+        config["stages"] = [config["stages"]]  # `stages: train` is short for `stages: [train]`
     if isinstance(config["generate"]["stop"], str):
         config["generate"]["stop"] = [config["generate"]["stop"]]
     for i, plugin in enumerate(config["plugins"]):

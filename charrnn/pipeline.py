@@ -146,6 +146,11 @@ class Pipeline:
                     f"optimizer {self.config['optimizer']['type']!r} has none"
                 )
             schedule = None
+        try:
+            if schedule is not None:
+                schedule(0, t["steps"])  # a schedule that cannot work with these settings says so now
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{self.locate('schedule')} ({self.config['schedule']['type']}): {exc}") from None
         sampler = self.sampler(corpus.vocab)
         digest = _sha256(train_ids)
         corpus_meta = {
