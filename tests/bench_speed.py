@@ -65,11 +65,13 @@ CONFIGS = (
 TARGETS = (("big", 1.75), ("classic", 6.0), ("generation", 4.0))  # charrnn / torch, from the issue
 
 
-def pipeline_config(cfg: TrainConfig, steps: int, checkpoint: str) -> dict[str, Any]:
+def pipeline_config(
+    cfg: TrainConfig, steps: int, checkpoint: str, val_fraction: float = 0.1
+) -> dict[str, Any]:
     """A pipeline dict with the default reporting (sample_every, sample_length, eval, metrics)."""
     return {
         "seed": 0,
-        "corpus": {"type": "text", "path": str(SHAKESPEARE), "val_fraction": 0.1},
+        "corpus": {"type": "text", "path": str(SHAKESPEARE), "val_fraction": val_fraction},
         "model": {"type": "rnn", "hidden_size": cfg.hidden, "dtype": cfg.dtype},
         "optimizer": {"type": "adagrad", "lr": cfg.lr, "clip": CLIP},
         "sampler": {"type": "temperature", "temperature": 1.0},
@@ -138,33 +140,31 @@ class StepLoop:
 
 
 class CharrnnPipeline:
-    """`charrnn.Pipeline(config).train(stderr)`: the loop users run; chars / TrainResult.seconds."""
+    """`charrnn.Pipeline(config).train(stderr)`: the loop users run; chars / TrainResult.seconds.
 
-    label = "charrnn"
+    A run covers whole report cycles (`sample_every` steps, each ending with a sample and an
+    evaluation), at least one even when that takes longer than the window, so the share of the
+    reports is that of a long run. The first window runs one cycle and sets the count for the rest.
+    """
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, val_fraction: float = 0.1) -> None:
         import charrnn
 
-        self.charrnn, self.cfg, self.steps = charrnn, cfg, 0
-
-    def _train(self, steps: int) -> Any:
+        self.charrnn, self.cfg, self.val_fraction = charrnn, cfg, val_fraction
         with tempfile.TemporaryDirectory() as tmp:
-            pipeline = self.charrnn.Pipeline(pipeline_config(self.cfg, steps, str(Path(tmp) / "model.npz")))
-            self.cycle = pipeline.config["train"]["sample_every"] or 50
-            _, _, result = pipeline.train(io.StringIO())
-        return result
+            pipeline = charrnn.Pipeline(self.config(1, tmp))
+        self.cycle = pipeline.config["train"]["sample_every"] or 100
+        self.steps = 0
 
-    def calibrate(self, seconds: float) -> None:
-        """Pick a step count: whole report cycles (train, sample, evaluate) filling about `seconds`."""
-        self._train(1)  # learns the report cycle
-        result = self._train(self.cycle)
-        cycles = max(1, round(seconds / max(result.seconds, 1e-6)))
-        self.steps = cycles * self.cycle
+    def config(self, steps: int, folder: str) -> dict[str, Any]:
+        return pipeline_config(self.cfg, steps, str(Path(folder) / "model.npz"), self.val_fraction)
 
     def run(self, seconds: float) -> tuple[int, float, float]:
+        steps = self.steps or self.cycle
+        with tempfile.TemporaryDirectory() as tmp:
+            _, _, result = self.charrnn.Pipeline(self.config(steps, tmp)).train(io.StringIO())
         if not self.steps:
-            self.calibrate(seconds)
-        result = self._train(self.steps)
+            self.steps = self.cycle * max(1, round(seconds / max(result.seconds, 1e-6)))
         return result.chars, result.seconds, result.train_loss
 
 
@@ -442,6 +442,15 @@ def peak_rss_mib() -> float:
     return kb / 2**20 if sys.platform == "darwin" else kb / 1024  # bytes on macOS, KiB elsewhere
 
 
+def vm_hwm_mib() -> float | None:
+    """Peak RSS of this process's own address space (Linux); unlike ru_maxrss, not inherited."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def memory_child(steps: int) -> dict[str, Any]:
     """Train the big configuration for `steps` steps through the pipeline; runs in its own process."""
     import charrnn
@@ -449,9 +458,9 @@ def memory_child(steps: int) -> dict[str, Any]:
     cfg = next(c for c in CONFIGS if c.name == "big")
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = charrnn.Pipeline(pipeline_config(cfg, steps, str(Path(tmp) / "model.npz")))
-        base = peak_rss_mib()
+        base, base_hwm = peak_rss_mib(), vm_hwm_mib()
         model, corpus, result = pipeline.train(io.StringIO())
-    peak = peak_rss_mib()
+    peak, peak_hwm = peak_rss_mib(), vm_hwm_mib()
     V, H, B, T = len(corpus.vocab), cfg.hidden, cfg.batch, cfg.seq
     item = np.dtype(cfg.dtype).itemsize
     n_params = sum(p.size for p in model.params.values())
@@ -470,10 +479,17 @@ def memory_child(steps: int) -> dict[str, Any]:
         "estimate_mib": estimate,
         "estimate_parts_mib": {k: v / 2**20 for k, v in parts.items()},
         "ratio": (peak - base) / estimate,
+        "vm_hwm_mib": peak_hwm,
+        "vm_hwm_increase_mib": None if peak_hwm is None or base_hwm is None else peak_hwm - base_hwm,
     }
 
 
 def measure_memory(steps: int = 20) -> dict[str, Any]:
+    """Peak memory of `memory_child` in a fresh process.
+
+    Linux hands a process's ru_maxrss on across exec, so this runs while this process is still
+    small (before torch and the contenders are loaded).
+    """
     proc = subprocess.run(
         [sys.executable, __file__, "--memory-child", str(steps)], capture_output=True, text=True, check=False
     )
@@ -509,6 +525,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"target {t['name']}: charrnn >= {t['target']}x torch: {ratio(t['ratio'])} {status}{kernel}"
         )
+    for key, shares in report["share_of_kernel_speed"].items():
+        parts = ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if k != "charrnn kernel")
+        lines.append(f"speed as a share of the charrnn kernel loop, {key}: {parts}")
     m = report["memory"]
     if "error" in m:
         lines.append(f"memory: the subprocess failed: {m['error']}")
@@ -518,6 +537,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"memory (big, {m['steps']} steps, fresh process): peak RSS {m['peak_mib']:.1f} MiB, "
             f"{m['increase_mib']:.1f} MiB above the {m['baseline_mib']:.1f} MiB after start-up; estimate "
             f"{m['estimate_mib']:.1f} MiB ({parts}); ratio {m['ratio']:.2f}"
+            + ("" if m["vm_hwm_mib"] is None else f" (VmHWM {m['vm_hwm_mib']:.1f} MiB)")
         )
     blas = ", ".join(f"{k}={v}" for k, v in report["blas"].items())
     lines.append(f"blas: {blas}")
@@ -551,7 +571,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {SHAKESPEARE} not found; the benchmark trains on tiny-shakespeare", file=sys.stderr)
         return 2
 
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     started = time.perf_counter()
+    log("peak memory of the big configuration (subprocess)")
+    memory = measure_memory()
     blas = blas_info()  # before torch is imported
     import charrnn
 
@@ -563,9 +588,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         torch_version = None
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in CONFIGS:
@@ -574,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             corpus, train_ids, _ = pipeline.load_corpus()
             contenders: dict[str, Any] = {
                 "charrnn": CharrnnPipeline(cfg),
+                "charrnn, no val split": CharrnnPipeline(cfg, val_fraction=0.0),
                 "charrnn kernel": CharrnnKernel(cfg, pipeline, train_ids, len(corpus.vocab)),
                 "naive numpy": NaiveReference(cfg, train_ids, len(corpus.vocab)),
             }
@@ -600,9 +623,11 @@ def main(argv: list[str] | None = None) -> int:
         add_ratios(rows)
         results.append({"name": f"generation H{GEN_HIDDEN}", "key": "generation", "rows": rows})
 
-    log("peak memory of the big configuration (subprocess)")
-    memory = measure_memory()
-
+    overhead = {
+        s["key"]: {k: s["rows"][k]["median"] / s["rows"]["charrnn kernel"]["median"] for k in s["rows"]}
+        for s in results
+        if "charrnn kernel" in s["rows"]
+    }
     targets = []
     for key, target in TARGETS:
         rows = next(s["rows"] for s in results if s["key"] == key)
@@ -620,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "results": results,
         "targets": targets,
+        "share_of_kernel_speed": overhead,
         "memory": memory,
         "blas": blas,
         "openblas_env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},

@@ -105,6 +105,9 @@ def test_files_joins_matches_in_sorted_order(tree):
 def test_files_folder_means_every_file_under_it_but_hidden_ones(tree):
     corpus = load_files("src", separator="")
     assert corpus.decode(corpus.ids) == "ABNC"  # src/a.py, src/b.py, src/notes.txt, src/sub/c.py
+    Path("take[1]").mkdir()
+    Path("take[1]/x.txt").write_text("X", encoding="utf-8")
+    assert load_files("take[1]").vocab == ["X"]  # a folder name is not a pattern
 
 
 def test_files_bytes_encoding(tree):
