@@ -11,7 +11,7 @@ from charrnn.errors import (
     TrainingError,
 )
 from charrnn.hookspecs import hookimpl
-from charrnn.types import Corpus, Model, Optimizer, Sampler, StepResult
+from charrnn.types import Corpus, Model, Optimizer, Sampler, StepResult, ids_dtype
 
 __version__ = "0.1.0"
 
@@ -37,5 +37,6 @@ __all__ = [
     "generate_text",
     "get_plugin_manager",
     "hookimpl",
+    "ids_dtype",
     "run_pipeline",
 ]

@@ -150,7 +150,9 @@ class Pipeline:
             if schedule is not None:
                 schedule(0, t["steps"])  # a schedule that cannot work with these settings says so now
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{self.locate('schedule')} ({self.config['schedule']['type']}): {exc}") from None
+            raise ConfigError(
+                f"{self.locate('schedule')} ({self.config['schedule']['type']}): {exc}"
+            ) from None
         sampler = self.sampler(corpus.vocab)
         digest = _sha256(train_ids)
         corpus_meta = {

@@ -27,6 +27,8 @@ from charrnn.errors import PluginError
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.text",
+    "charrnn_plugins.files",
+    "charrnn_plugins.url",
     "charrnn_plugins.rnn",
     "charrnn_plugins.adagrad",
     "charrnn_plugins.optimizers",

@@ -30,8 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from charrnn import Corpus, CorpusError
-from charrnn.types import ids_dtype
+from charrnn import Corpus, CorpusError, ids_dtype
 
 ENCODINGS = ("utf-8", "bytes")
 CHUNK_SIZE = 1 << 20  # bytes read at a time while streaming

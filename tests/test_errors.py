@@ -98,7 +98,10 @@ def test_good_pipeline_runs(capsys, pipeline):
         ),
         (lambda t: "plugins: [no_such_module_xyz]\n" + t, r"plugin module 'no_such_module_xyz' not found"),
         (lambda t: "- just\n- a list\n", r"must be a YAML mapping"),
-        (lambda t: t.replace("steps: 3", "steps: null") + "schedule: {type: cosine}\n", r"schedule \(cosine\): .*needs train.steps"),
+        (
+            lambda t: t.replace("steps: 3", "steps: null") + "schedule: {type: cosine}\n",
+            r"schedule \(cosine\): .*needs train.steps",
+        ),
         (lambda t: t.replace("sample_every: null", "sample_every: null, stepz: 3"), r"did you mean 'steps'"),
     ],
 )
