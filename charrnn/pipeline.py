@@ -21,7 +21,7 @@ from charrnn import config as cfg
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import generate
 from charrnn.plugins import INJECTED, Registry, get_plugin_manager
-from charrnn.train import Progress, Trainer, TrainResult, TrainSettings
+from charrnn.train import EVAL_STREAMS, Progress, Trainer, TrainResult, TrainSettings
 from charrnn.train import evaluate as evaluate_loss
 from charrnn.types import Corpus, Model
 
@@ -139,13 +139,13 @@ class Pipeline:
         model = self.model(len(corpus.vocab))
         optimizer = self.build("optimizer", self.config["optimizer"])
         schedule = self.build("schedule", self.config["schedule"])
-        if not isinstance(getattr(optimizer, "lr", None), (int, float)):
-            if self.config["schedule"]["type"] != "constant":
-                raise ConfigError(
-                    f"schedule {self.config['schedule']['type']!r} needs an optimizer with an `lr` attribute; "
-                    f"optimizer {self.config['optimizer']['type']!r} has none"
-                )
-            schedule = None
+        if self.config["schedule"]["type"] == "constant":
+            schedule = None  # nothing to do per step
+        elif not isinstance(getattr(optimizer, "lr", None), (int, float)):
+            raise ConfigError(
+                f"schedule {self.config['schedule']['type']!r} needs an optimizer with an `lr` attribute; "
+                f"optimizer {self.config['optimizer']['type']!r} has none"
+            )
         try:
             if schedule is not None:
                 schedule(0, t["steps"])  # a schedule that cannot work with these settings says so now
@@ -386,7 +386,7 @@ class Pipeline:
             raise CorpusError(
                 f"evaluate: {source} has {len(ids)} characters; seq_length + 1 = {T + 1} are needed"
             )
-        loss = evaluate_loss(model, np.asarray(ids), self.config["train"]["batch_size"], T)
+        loss = evaluate_loss(model, np.asarray(ids), max(self.config["train"]["batch_size"], EVAL_STREAMS), T)
         unigram, bigram = ngram_baselines(train_ids, np.asarray(ids), len(vocab.vocab))
         return {"source": source, "chars": int(len(ids)), "loss": loss, "unigram": unigram, "bigram": bigram}
 

@@ -26,6 +26,7 @@ from charrnn.generate import sample
 from charrnn.types import Corpus, Model, Optimizer, Sampler, Schedule
 
 LN2 = math.log(2)
+EVAL_STREAMS = 32  # validation runs in at least this many parallel streams: forward-only, so wide is cheap
 
 
 class Aborted(BaseException):
@@ -168,8 +169,8 @@ class Trainer:
         # a model that uses randomness in training (dropout) takes the loop's generator
         step_kwargs = {"rng": rng} if "rng" in inspect.signature(self.model.train_step).parameters else {}
         self.saved_at: list[int] = []
-        self.window = [0.0, 0]  # training seconds and steps since the last report
-        started = last_post = time.perf_counter()
+        started = last_post = self.window_start = time.perf_counter()  # no clock read per step
+        self.window_steps = 0  # steps since window_start
         if self.stderr.isatty():
             self._bar = tqdm(total=s.steps, initial=p.step, unit="step", file=self.stderr, dynamic_ncols=True)
 
@@ -177,7 +178,9 @@ class Trainer:
             p.rng_state = rng.bit_generator.state
             if path == s.checkpoint:
                 self.saved_at.append(p.step)
-            self.save_fn(p, {"chars_per_sec": self.speed(), "val_loss": result.val_loss}, path)
+            speed, before = self.speed(), time.perf_counter()
+            self.save_fn(p, {"chars_per_sec": speed, "val_loss": result.val_loss}, path)
+            self.window_start += time.perf_counter() - before  # saving is not training time
 
         # overflow shows up as a non-finite loss, which stops training with a clear message
         with (
@@ -188,7 +191,6 @@ class Trainer:
                 while (s.steps is None or p.step < s.steps) and not interrupts.stop:
                     if p.position + T > self.stream_len:
                         p.position, p.state = 0, self.model.init_state(s.batch_size)  # new epoch
-                    t0 = time.perf_counter()
                     interrupts.critical = True
                     if schedule is not None:
                         self.lr = self.optimizer.lr = base_lr * schedule(p.step, s.steps)  # type: ignore[attr-defined]
@@ -203,14 +205,13 @@ class Trainer:
                     p.state, p.position, p.step = state, p.position + T, p.step + 1
                     p.smooth_loss = loss if p.smooth_loss is None else 0.99 * p.smooth_loss + 0.01 * loss
                     interrupts.critical = False
-                    self.window[0] += time.perf_counter() - t0
-                    self.window[1] += 1
+                    self.window_steps += 1
                     if interrupts.abort is not None:
                         break
                     if self._bar is not None:
                         self._bar.update(1)
-                        if t0 - last_post > 0.5:
-                            last_post = t0
+                        if (now := time.perf_counter()) - last_post > 0.5:
+                            last_post = now
                             postfix = f"loss {p.smooth_loss:.3f} | {self.speed():,.0f} chars/s"
                             self._bar.set_postfix_str(postfix, refresh=False)
                     sample_now = bool(s.sample_every) and p.step % s.sample_every == 0
@@ -223,7 +224,7 @@ class Trainer:
                             break
                     if s.save_every and p.step % s.save_every == 0:
                         checkpoint()
-                if interrupts.abort is None and p.step > start_step and not self.window[1] == 0:
+                if interrupts.abort is None and p.step > start_step and self.window_steps:
                     self._report(p, result, False, self.val_ids is not None, checkpoint)
                 if not self.saved_at or self.saved_at[-1] != p.step:
                     checkpoint()
@@ -245,9 +246,13 @@ class Trainer:
         return result
 
     def speed(self) -> float:
-        """Training chars/s over the steps since the last report (reports and evaluation excluded)."""
-        seconds, steps = self.window
-        return steps * self.settings.batch_size * self.settings.seq_length / seconds if seconds else 0.0
+        """Training chars/s since the last report or checkpoint (whose own time is excluded)."""
+        seconds = time.perf_counter() - self.window_start
+        return (
+            self.window_steps * self.settings.batch_size * self.settings.seq_length / seconds
+            if seconds
+            else 0.0
+        )
 
     def _diverged(self, loss: float, step: int) -> str:
         kept = (
@@ -272,7 +277,6 @@ class Trainer:
     ) -> None:
         s = self.settings
         speed = self.speed()
-        self.window = [0.0, 0]
         val = self.evaluate() if with_eval and self.val_ids is not None else None
         best = False
         if val is not None:
@@ -311,11 +315,14 @@ class Trainer:
             with open(s.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**record, "time": time.time()}) + "\n")
         self.report_fn(p.step, {**record, "sample": text})
+        self.window_start, self.window_steps = time.perf_counter(), 0
 
     def evaluate(self) -> float:
         """Mean loss over the whole validation split, in parallel streams with carried state."""
         assert self.val_ids is not None
-        return evaluate(self.model, self.val_ids, self.settings.batch_size, self.settings.seq_length)
+        return evaluate(
+            self.model, self.val_ids, max(self.settings.batch_size, EVAL_STREAMS), self.settings.seq_length
+        )
 
 
 def evaluate(model: Model, ids: np.ndarray, batch_size: int, seq_length: int) -> float:

@@ -209,8 +209,8 @@ class Recurrent:
             self._b_in = [np.empty(G, self.dtype) for _ in range(L - 1)]
 
     def _finish_init(self, params: Arrays) -> None:
-        """Adopt `params` (cast to the model's dtype) and allocate the gradient arrays."""
-        self.params: Arrays = {k: np.ascontiguousarray(p, self.dtype) for k, p in params.items()}
+        """Adopt copies of `params` in the model's dtype and allocate the gradient arrays."""
+        self.params: Arrays = {k: np.array(p, self.dtype, order="C") for k, p in params.items()}
         self._grads = {k: np.zeros_like(p) for k, p in self.params.items()}
 
     # -- protocol -------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 Run as `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tests/bench_speed.py [--seconds S]
 [--rounds R] [--json]` (not collected by pytest). Contenders alternate over R rounds of windows of
-about S seconds each; a window during which other processes used more than 10% of the CPUs is run
-again once, and kept but counted as noisy if it is noisy again. Medians, ranges and ratios follow.
+about S seconds each. Before a window the script waits while other processes keep the CPUs busy
+(up to `--wait` seconds in all); a window during which they used more than 10% of the CPUs is run
+again once, and kept but counted as noisy if it is noisy again. Medians (over the quiet windows
+when there are any), ranges and ratios follow.
 
 - training (chars/s): `charrnn` as users run it (`Pipeline(...).train`, with the default reports,
-  samples, validation on a 0.1 split and the final checkpoint; start-up excluded), the bare kernel
-  loop (`model.train_step` + `optimizer.step`), the naive float64 reference (`reference_rnn.py`, one
-  sequence at a time, Adagrad inline) and PyTorch (nn.RNN + nn.Linear + Adagrad, 2 threads). All
+  samples, validation on a 0.1 split and the final checkpoint; start-up excluded), the same without
+  a validation split, the bare kernel loop (`model.train_step` + `optimizer.step`), the naive
+  float64 reference (`reference_rnn.py`, batch 1 at both sizes, Adagrad inline) and PyTorch (nn.RNN + nn.Linear + Adagrad, 2 threads). All
   read the training split in the pipeline's order (B streams, chunks of T) and clip gradients
   elementwise at 5, as charrnn's Adagrad does by default.
 - generation (sampled chars/s, priming included): one stream at hidden 512, priming with 100
@@ -374,16 +376,40 @@ class TorchGenerate(GenLoop):
 # -- measurement -----------------------------------------------------------------------------
 
 
-def window(contender: Any, seconds: float, retries: int) -> dict[str, Any]:
+class Quiet:
+    """Waits before a window until other processes leave the CPUs, within a total time budget."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget, self.waited = budget, 0.0
+
+    @staticmethod
+    def others(
+        before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float
+    ) -> float | None:
+        """Share of all CPUs used by other processes between two `cpu_times()` readings."""
+        if before is None or after is None or wall <= 0:
+            return None
+        return ((after[0] - before[0]) - (after[1] - before[1])) / (wall * (os.cpu_count() or 1))
+
+    def wait(self) -> None:
+        """Sleep 0.3 s (the previous contender's worker threads stop spinning), longer while busy."""
+        while True:
+            before, t0 = cpu_times(), time.perf_counter()
+            time.sleep(0.3)
+            wall = time.perf_counter() - t0
+            share = self.others(before, cpu_times(), wall)
+            if share is None or share <= NOISE_LIMIT or self.waited >= self.budget:
+                return
+            self.waited += wall
+
+
+def window(contender: Any, seconds: float, retries: int, quiet: Quiet) -> dict[str, Any]:
     """chars/s over one window; run again (up to `retries` times) if other processes were busy."""
     for attempt in range(retries + 1):
-        time.sleep(0.3)  # let the previous contender's worker threads stop spinning
+        quiet.wait()
         before, t0 = cpu_times(), time.perf_counter()
         chars, elapsed, loss = contender.run(seconds)
-        wall, after = time.perf_counter() - t0, cpu_times()
-        others = None
-        if before is not None and after is not None:
-            others = ((after[0] - before[0]) - (after[1] - before[1])) / (wall * (os.cpu_count() or 1))
+        others = quiet.others(before, cpu_times(), time.perf_counter() - t0)
         noisy = others is not None and others > NOISE_LIMIT
         if not noisy or attempt == retries:
             return {
@@ -398,8 +424,8 @@ def window(contender: Any, seconds: float, retries: int) -> dict[str, Any]:
 
 def summarise(windows: list[dict[str, Any]]) -> dict[str, Any]:
     """Median and range over the quiet windows (over all of them if none was quiet)."""
-    quiet = [w["cps"] for w in windows if not w["noisy"]]
-    values = quiet or [w["cps"] for w in windows]
+    calm = [w["cps"] for w in windows if not w["noisy"]]
+    values = calm or [w["cps"] for w in windows]
     losses = [w["loss"] for w in windows if not math.isnan(w["loss"])]
     return {
         "median": statistics.median(values),
@@ -413,12 +439,12 @@ def summarise(windows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def interleave(
-    contenders: dict[str, Any], rounds: int, seconds: float, retries: int, log: Any
+    contenders: dict[str, Any], rounds: int, seconds: float, retries: int, quiet: Quiet, log: Any
 ) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in contenders}
     for r in range(rounds):
         for key, contender in contenders.items():
-            w = window(contender, seconds, retries)
+            w = window(contender, seconds, retries, quiet)
             results[key].append(w)
             log(
                 f"  round {r + 1}/{rounds} {key}: {w['cps']:,.0f} chars/s"
@@ -548,7 +574,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"torch: {report['torch'] or 'not installed (torch rows skipped)'}; numpy {report['numpy']}; "
         f"python {report['python']}; {report['cpus']} CPUs; {report['rounds']} rounds of "
         f"{report['seconds']} s windows; {report['noisy_windows']} noisy window(s) kept "
-        f"(other processes > {NOISE_LIMIT:.0%} of the CPUs); total {report['total_seconds']:.0f} s"
+        f"(other processes > {NOISE_LIMIT:.0%} of the CPUs); waited {report['waited_seconds']:.0f} s for quiet; "
+        f"total {report['total_seconds']:.0f} s"
     )
     return "\n".join(lines)
 
@@ -559,14 +586,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="windows per contender (default 3)")
     parser.add_argument("--gen-chars", type=int, default=2000, help="characters sampled per generation")
     parser.add_argument("--retries", type=int, default=1, help="reruns of a noisy window (default 1)")
+    parser.add_argument(
+        "--wait", type=float, default=30.0, help="seconds in all to wait for a quiet machine (default 30)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
         print(json.dumps(memory_child(args.memory_child)))
         return 0
-    if args.seconds <= 0 or args.rounds < 1 or args.gen_chars < 1 or args.retries < 0:
-        parser.error("--seconds must be > 0, --rounds and --gen-chars >= 1, --retries >= 0")
+    if args.seconds <= 0 or args.rounds < 1 or args.gen_chars < 1 or args.retries < 0 or args.wait < 0:
+        parser.error("--seconds must be > 0, --rounds and --gen-chars >= 1, --retries and --wait >= 0")
     if not SHAKESPEARE.is_file():
         print(f"error: {SHAKESPEARE} not found; the benchmark trains on tiny-shakespeare", file=sys.stderr)
         return 2
@@ -588,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         torch_version = None
 
+    quiet = Quiet(args.wait)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in CONFIGS:
@@ -595,14 +626,14 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = charrnn.Pipeline(pipeline_config(cfg, 1, str(Path(tmp) / "unused.npz")))
             corpus, train_ids, _ = pipeline.load_corpus()
             contenders: dict[str, Any] = {
-                "charrnn": CharrnnPipeline(cfg),
-                "charrnn, no val split": CharrnnPipeline(cfg, val_fraction=0.0),
+                "charrnn": CharrnnPipeline(cfg, val_fraction=0.0),  # the defaults: no validation split
+                "charrnn, val 0.1": CharrnnPipeline(cfg),  # plus a whole-split evaluation at each report
                 "charrnn kernel": CharrnnKernel(cfg, pipeline, train_ids, len(corpus.vocab)),
                 "naive numpy": NaiveReference(cfg, train_ids, len(corpus.vocab)),
             }
             if torch_version:
                 contenders["torch"] = TorchTrain(cfg, train_ids, len(corpus.vocab))
-            rows = interleave(contenders, args.rounds, args.seconds, args.retries, log)
+            rows = interleave(contenders, args.rounds, args.seconds, args.retries, quiet, log)
             add_ratios(rows)
             results.append({"name": cfg.describe(), "key": cfg.name, "rows": rows})
 
@@ -619,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if torch_version:
             contenders["torch"] = TorchGenerate(seed_ids, V, args.gen_chars)
-        rows = interleave(contenders, args.rounds, args.seconds, args.retries, log)
+        rows = interleave(contenders, args.rounds, args.seconds, args.retries, quiet, log)
         add_ratios(rows)
         results.append({"name": f"generation H{GEN_HIDDEN}", "key": "generation", "rows": rows})
 
@@ -656,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "seconds": args.seconds,
         "gen_chars": args.gen_chars,
+        "waited_seconds": quiet.waited,
         "noisy_windows": sum(r["noisy"] for s in results for r in s["rows"].values()),
         "total_seconds": time.perf_counter() - started,
     }

@@ -295,12 +295,12 @@ def test_best_checkpoint_metrics_and_eval_every(tiny_config, tmp_path):
     assert result.train.best_val_loss == best["val_loss"]
     # the best checkpoint holds the model as it was at that step: its val loss evaluates to the same
     from charrnn.pipeline import Pipeline
-    from charrnn.train import evaluate
+    from charrnn.train import EVAL_STREAMS, evaluate
 
     pipe = Pipeline(tiny_config)
     model, _ = pipe.load_model(str(tmp_path / "model.best.npz"))
     _, _, val_ids = pipe.load_corpus()
-    assert evaluate(model, val_ids, 4, 8) == pytest.approx(best["val_loss"], rel=1e-6)
+    assert evaluate(model, val_ids, EVAL_STREAMS, 8) == pytest.approx(best["val_loss"], rel=1e-6)
     # a second run appends to the metrics file
     run_pipeline(tiny_config)
     assert len((tmp_path / "model.metrics.jsonl").read_text().splitlines()) == 12
