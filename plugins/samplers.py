@@ -22,6 +22,8 @@ import numpy as np
 
 from charrnn import hookimpl
 
+NOISE_ROWS = 256  # rows of Gumbel noise drawn at once
+
 
 def _number(name: str, value: object, ok: Callable[[float], bool], requirement: str) -> float:
     """`value` as a float if it is a real number (not a bool, not NaN) for which `ok` holds."""
@@ -97,6 +99,10 @@ class Temperature(RepetitionPenalty):
     ) -> None:
         super().__init__(repetition_penalty, repetition_window)
         self.temperature = _number("temperature", temperature, lambda v: 0 < v < math.inf, "> 0 and finite")
+        self._block: np.ndarray | None = None  # Gumbel noise drawn ahead, rows used up to _used
+        self._block_rng: np.random.Generator | None = None
+        self._block_scale, self._used = 1.0, 0
+        self._plain = not self._on and type(self).filter is Temperature.filter  # temperature alone
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         """Fresh logits (k, V) divided by the temperature, with the repetition penalty applied."""
@@ -109,10 +115,31 @@ class Temperature(RepetitionPenalty):
         return z
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self._plain:  # argmax(z / T + g) = argmax(z + T * g): no division, no copy of the logits
+            g = self.noise(rng, logits.shape, self.temperature)
+            g += logits
+            return g.argmax(axis=-1)  # (k,)
         z = self.filter(self.adjust(logits))  # (k, V)
-        g = rng.gumbel(size=z.shape)
+        g = self.noise(rng, z.shape)
         g += z
         return g.argmax(axis=-1)  # (k,)
+
+    def noise(self, rng: np.random.Generator, shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+        """Fresh Gumbel noise (k, V), cut from a block drawn at once: one draw per ~256 characters.
+
+        Generation calls the sampler once per character, where a separate draw of 65 numbers
+        costs about as much as the rest of the sampler. The block belongs to one generator.
+        """
+        k, V = shape
+        block = self._block
+        stale = (
+            block is None or self._block_rng is not rng or self._block_scale != scale or block.shape[1] != V
+        )
+        if stale or self._used + k > len(block):
+            block = self._block = rng.gumbel(scale=scale, size=(max(NOISE_ROWS, k), V))
+            self._block_rng, self._block_scale, self._used = rng, scale, 0
+        self._used += k
+        return block[self._used - k : self._used]
 
 
 class TopK(Temperature):
