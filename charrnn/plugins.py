@@ -30,6 +30,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.files",
     "charrnn_plugins.url",
     "charrnn_plugins.rnn",
+    "charrnn_plugins.lstm",
+    "charrnn_plugins.gru",
     "charrnn_plugins.adagrad",
     "charrnn_plugins.optimizers",
     "charrnn_plugins.samplers",

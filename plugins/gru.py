@@ -1,15 +1,16 @@
 """The `gru` model: a gated recurrent unit network over characters, batched, in NumPy.
 
-    [ur, uz, un] = h_{t-1} @ Whh + [0, 0, bhn]         three (B, H) blocks of one matmul
+    [ur, uz, un] = h_{t-1} @ Whh + [0, 0, bhn]         three blocks of one matmul
     [r, z] = σ(Wxh[x_t]_rz + bh_rz + [ur, uz])         reset and update gates
     n = tanh(Wxh[x_t]_n + bh_n + r * un)                candidate
     h_t = (1 - z) * n + z * h_{t-1}                     logits_t = h_t @ Why + by
 
 `Wxh` (V, 3H), `Whh` (H, 3H) and `bh` (3H,) hold the gates side by side as [r, z, n]; `bhn` (H,)
 is the candidate's recurrent bias, inside the reset gate. The reset gate multiplies h_{t-1} @ Whh_n
-rather than h_{t-1} (as in cuDNN and torch's `nn.GRU`), so one fused (B, H) @ (H, 3H) matmul per
-step serves all three blocks. Stacked layers and dropout follow `charrnn_plugins.recurrent`
-(layer l > 0 has `Wxh{l}` (H, 3H), `Whh{l}`, `bh{l}`, `bhn{l}` and state `h{l}`). As in `lstm`,
+rather than h_{t-1} (as in cuDNN and torch's `nn.GRU`), so one fused matmul per step serves all
+three blocks. Stacked layers and dropout follow `charrnn_plugins.recurrent` (layer l > 0 has
+`Wxh{l}` (H, 3H), `Whh{l}`, `bh{l}`, `bhn{l}` and state `h{l}`). The speed levers and the
+feature-major layout are those of `lstm` (the step's matmul is (3H, H) @ (H, B)), and as there
 the sigmoid gates' pre-activations are computed halved so one `tanh` serves both:
 σ(a) = (1 + tanh(a / 2)) / 2.
 """
@@ -19,31 +20,68 @@ from __future__ import annotations
 import numpy as np
 
 from charrnn import hookimpl
-from charrnn_plugins.recurrent import Arrays, Buffers, LayerBuffers, Recurrent, layer_name, orthogonal
+from charrnn_plugins.recurrent import (
+    Arrays,
+    Buffers,
+    LayerBuffers,
+    Recurrent,
+    layer_name,
+    orthogonal,
+    transpose_into,
+)
+
+
+def _features_first(a: np.ndarray) -> np.ndarray:
+    """(F, T, B) -> the (F, N) view, N = T * B."""
+    return a.reshape(a.shape[0], -1)
 
 
 class _Layer(LayerBuffers):
-    """One GRU layer's work arrays for a (B, T) shape; per-step views prebuilt."""
+    """One GRU layer's work arrays for a (B, T) shape, feature-major as in `lstm`; per-step views prebuilt."""
 
-    def __init__(self, B: int, T: int, H: int, dtype: np.dtype, dropout: bool) -> None:
-        super().__init__(B, T, H, 3 * H, dtype, dropout)  # xs: input projection, then [r, z, n]
-        self.un = np.empty((T, B, H), dtype)  # h_{t-1} @ Whh_n + bhn
-        self.dh_above = np.empty((T, B, H), dtype)
-        self.dx = np.empty((T, B, 3 * H), dtype)  # dL/d(input projection)
-        self.du = np.empty((T, B, 3 * H), dtype)  # dL/d(h_{t-1} @ Whh + [0, 0, bhn])
-        self.ones_n = np.ones(B * T, dtype)
-        self.pre = np.empty((B, 3 * H), dtype)  # h_{t-1} @ Whh
-        self.tmp = np.empty((B, H), dtype)
-        self.dh = np.empty((B, H), dtype)  # dL/dh_t
-        self.dh_prev = np.empty((B, H), dtype)
-        gates = [(x[:, :H], x[:, H : 2 * H], x[:, 2 * H :]) for x in self.xs]  # r z n
-        rz = [x[:, : 2 * H] for x in self.xs]
-        self.forward_steps = list(zip(rz, gates, self.un, self.hs[:-1], self.hs[1:], strict=True))
-        dgates = [(d[:, :H], d[:, H : 2 * H], d[:, 2 * H :], d[:, : 2 * H]) for d in self.dx]
-        dus = [(u[:, : 2 * H], u[:, 2 * H :]) for u in self.du]
-        self.backward_steps = list(
-            zip(self.du, dus, dgates, gates, self.un, self.hs[:-1], self.dh_above, strict=True)
-        )[::-1]
+    def __init__(self, B: int, T: int, H: int, dtype: np.dtype, dropout: bool, first: bool) -> None:
+        G = 3 * H
+        # input projection, r and z rows halved: gathered per step in the first layer, else a matmul
+        self.xs = np.empty((T, G, B) if first else (G, T, B), dtype)
+        self.hs = np.empty((H, T + 1, B), dtype)  # hs[:, 0] incoming state, hs[:, t + 1] = h_t
+        self.dh_above = np.empty((H, T, B), dtype)
+        self.dx = np.empty((G, T, B), dtype)  # dL/d(input projection)
+        self.du = np.empty((G, T, B), dtype)  # dL/d(h_{t-1} @ Whh + [0, 0, bhn])
+        super().__init__(
+            None if first else _features_first(self.xs),
+            _features_first(self.dx),
+            self.hs[:, 1:],
+            self.dh_above,
+            _features_first,
+            dropout,
+        )
+        self.h_prevT = _features_first(self.hs[:, :-1])  # (H, N)
+        self.duT = _features_first(self.du)  # (3H, N)
+        self.acts = np.empty((T, G, B), dtype)  # gate values [r, z, n]
+        self.un = np.empty((T, H, B), dtype)  # h_{t-1} @ Whh_n + bhn
+        self.u = np.empty((G, B), dtype)  # h_{t-1} @ Whh, r and z rows halved
+        self.d = np.empty((G, B), dtype)  # dL/d(input projection) of step t
+        self.dus = np.empty((2, G, B), dtype)  # dL/du of steps t and t + 1
+        self.tmp, self.dh, self.dh_prev = (np.empty((H, B), dtype) for _ in range(3))
+        acts = [(a[: 2 * H], a[:H], a[H : 2 * H], a[2 * H :]) for a in self.acts]  # rz, r, z, n
+        xs = [(x[: 2 * H], x[2 * H :]) for x in (self.xs if first else self.xs.transpose(1, 0, 2))]
+        self.forward_steps = [
+            (*acts[t], *xs[t], self.un[t], self.hs[:, t], self.hs[:, t + 1]) for t in range(T)
+        ]
+        d = self.d
+        self.backward_steps = [
+            (
+                self.dus[t % 2],
+                *acts[t][1:],
+                self.un[t],
+                self.hs[:, t],
+                self.dh_above[:, t],
+                self.dx[:, t],
+                self.du[:, t],
+            )
+            for t in range(T - 1, -1, -1)
+        ]
+        self.d_blocks = (d[:H], d[H : 2 * H], d[2 * H :], d[: 2 * H])  # dr, dz, dn, drz
 
 
 class GRU(Recurrent):
@@ -52,7 +90,8 @@ class GRU(Recurrent):
     Init: `Whh` is three independent random orthogonal (H, H) blocks, so at the start the
     recurrence neither shrinks nor grows the state or its gradient through time; `Wxh` and `Why`
     are normal with std 1/sqrt(H); biases are zero (z = 1/2: h_t starts as an even mix of the old
-    state and the candidate). With Adam, lr 2e-3 is a good start; with Adagrad, 0.01 to 0.05.
+    state and the candidate). Learning rate (tinyshakespeare, H 256-512, B 32): Adam 2e-3 to 5e-3
+    (1e-2 is unstable at H 512), Adagrad 0.01 to 0.05.
     `dtype` is "float32" (fast) or "float64" (gradient checks). `dropout` drops the inputs of
     layers 2..L and of the output layer in `train_step`, which then needs its `rng`.
 
@@ -62,6 +101,7 @@ class GRU(Recurrent):
 
     gates = 3
     sigmoid_gates = 2
+    feature_major = True
 
     def __init__(
         self,
@@ -76,53 +116,54 @@ class GRU(Recurrent):
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers
         std = 1 / np.sqrt(H)
         params: Arrays = {}
-        for l in range(L):
-            params[layer_name("Wxh", l)] = rng.standard_normal((V if l == 0 else H, 3 * H)) * std
-            params[layer_name("Whh", l)] = np.concatenate([orthogonal(rng, H) for _ in range(3)], axis=1)
-            params[layer_name("bh", l)] = np.zeros(3 * H)
-            params[layer_name("bhn", l)] = np.zeros(H)
+        for layer in range(L):
+            params[layer_name("Wxh", layer)] = rng.standard_normal((V if layer == 0 else H, 3 * H)) * std
+            params[layer_name("Whh", layer)] = np.concatenate([orthogonal(rng, H) for _ in range(3)], axis=1)
+            params[layer_name("bh", layer)] = np.zeros(3 * H)
+            params[layer_name("bhn", layer)] = np.zeros(H)
         params["Why"], params["by"] = rng.standard_normal((H, V)) * std, np.zeros(V)
         order = ["Wxh", "Whh", "Why", "bh", "bhn", "by"]  # the one-layer names first, as in `rnn`
         self._finish_init({k: params[k] for k in order + [k for k in params if k not in order]})
-        self._Whh_half = [np.empty((H, 3 * H), self.dtype) for _ in range(L)]  # r, z columns halved
-        self._WhhT = [np.empty((3 * H, H), self.dtype) for _ in range(L)]  # contiguous Whh.T
+        self._WhhT_half = [np.empty((3 * H, H), self.dtype) for _ in range(L)]  # r, z rows halved
 
-    def _layer_buffers(self, B: int, T: int) -> _Layer:
-        return _Layer(B, T, self.hidden_size, self.dtype, self.dropout > 0)
+    def _layer_buffers(self, B: int, T: int, layer: int) -> _Layer:
+        return _Layer(B, T, self.hidden_size, self.dtype, self.dropout > 0, layer == 0)
 
-    def _forward_layer(self, l: int, lb: _Layer, state: Arrays) -> None:
+    def _forward_layer(self, layer: int, lb: _Layer, state: Arrays) -> None:
         H = self.hidden_size
-        np.copyto(lb.hs[0], state[layer_name("h", l)])
-        W = np.multiply(self.params[layer_name("Whh", l)], self._gate_scale, out=self._Whh_half[l])
-        bhn = self.params[layer_name("bhn", l)]
-        pre, tmp = lb.pre, lb.tmp
-        pre_rz, pre_n = pre[:, : 2 * H], pre[:, 2 * H :]
-        for rz, (r, z, n), un, h_prev, h in lb.forward_steps:
-            np.dot(h_prev, W, out=pre)  # (B, 3H), r and z blocks halved
-            np.add(pre_n, bhn, out=un)
-            np.add(rz, pre_rz, out=rz)
+        np.copyto(lb.hs[:, 0], state[layer_name("h", layer)].T)
+        WT = self._WhhT_half[layer]  # (3H, H)
+        transpose_into(self.params[layer_name("Whh", layer)], WT)
+        WT *= self._gate_scale[:, None]
+        bhn = self.params[layer_name("bhn", layer)][:, None]  # (H, 1)
+        u, tmp = lb.u, lb.tmp
+        u_rz, u_n = u[: 2 * H], u[2 * H :]
+        for rz, r, z, n, x_rz, x_n, un, h_prev, h in lb.forward_steps:
+            np.matmul(WT, h_prev, out=u)  # (3H, B)
+            np.add(u_n, bhn, out=un)
+            np.add(u_rz, x_rz, out=rz)  # pre-activations, halved
             np.tanh(rz, out=rz)
             np.multiply(rz, 0.5, out=rz)
             np.add(rz, 0.5, out=rz)  # [r, z] = σ
-            np.multiply(r, un, out=tmp)
-            np.add(n, tmp, out=n)
+            np.multiply(r, un, out=n)
+            np.add(n, x_n, out=n)
             np.tanh(n, out=n)  # candidate
-            np.subtract(h_prev, n, out=h)
-            np.multiply(h, z, out=h)
-            np.add(h, n, out=h)  # h_t = n + z * (h_{t-1} - n)
+            np.subtract(h_prev, n, out=tmp)
+            np.multiply(tmp, z, out=tmp)
+            np.add(tmp, n, out=h)  # h_t = n + z * (h_{t-1} - n)
 
-    def _backward_layer(self, l: int, lb: _Layer) -> None:
-        Whh, bh, bhn = (layer_name(s, l) for s in ("Whh", "bh", "bhn"))
-        g_ = self._grads
-        WhhT = self._WhhT[l]
-        np.copyto(WhhT, self.params[Whh].T)
-        dh, dh_prev, tmp = lb.dh, lb.dh_prev, lb.tmp
+    def _backward_layer(self, layer: int, lb: _Layer) -> None:
+        H = self.hidden_size
+        Whh, bh, bhn = (layer_name(s, layer) for s in ("Whh", "bh", "bhn"))
+        W, g_ = self.params[Whh], self._grads
+        dh, dh_prev, tmp, d = lb.dh, lb.dh_prev, lb.tmp, lb.d
+        dr, dz, dn, drz = lb.d_blocks
         du_next = None
-        for du, (du_rz, du_n), (dr, dz, dn, drz), (r, z, n), un, h_prev, dh_above in lb.backward_steps:
+        for du, r, z, n, un, h_prev, dh_above, dx, du_seq in lb.backward_steps:
             if du_next is None:
                 np.copyto(dh, dh_above)
             else:
-                np.dot(du_next, WhhT, out=dh)  # (B, H) through the gates of t + 1
+                np.matmul(W, du_next, out=dh)  # (H, B) through the gates of t + 1
                 np.add(dh, dh_prev, out=dh)  # ... and through z * h_t
                 np.add(dh, dh_above, out=dh)
             np.multiply(dh, z, out=dh_prev)  # dL/dh_{t-1} directly through z * h_{t-1}
@@ -139,21 +180,22 @@ class GRU(Recurrent):
             np.multiply(r, tmp, out=dr)  # σ'(r)
             np.multiply(dn, un, out=tmp)
             np.multiply(dr, tmp, out=dr)  # dL/d(r pre-activation)
-            np.copyto(du_rz, drz)
-            np.multiply(dn, r, out=du_n)  # dL/d(un)
+            np.copyto(du[: 2 * H], drz)
+            np.multiply(dn, r, out=du[2 * H :])  # dL/d(un)
+            np.copyto(dx, d)
+            np.copyto(du_seq, du)
             du_next = du
-        du_flat = lb.flat(lb.du)  # (N, 3H)
-        np.dot(lb.h_prev_flat.T, du_flat, out=g_[Whh])  # (H, 3H) summed over all steps at once
-        np.dot(lb.ones_n, du_flat[:, 2 * self.hidden_size :], out=g_[bhn])  # (H,)
-        np.dot(lb.ones_n, lb.flat(lb.dx), out=g_[bh])  # (3H,)
+        np.dot(lb.h_prevT, lb.duT.T, out=g_[Whh])  # (H, 3H) summed over all steps at once
+        np.dot(lb.duT[2 * H :], lb.ones_n, out=g_[bhn])  # (H,)
+        np.dot(lb.dxT, lb.ones_n, out=g_[bh])  # (3H,)
 
-    def _step_layer(self, l: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
+    def _step_layer(self, layer: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
         H = self.hidden_size
-        name = layer_name("h", l)
+        name = layer_name("h", layer)
         h_prev = state[name]
-        u = np.dot(h_prev, self.params[layer_name("Whh", l)])  # (k, 3H)
+        u = np.dot(h_prev, self.params[layer_name("Whh", layer)])  # (k, 3H)
         un = u[:, 2 * H :]
-        un += self.params[layer_name("bhn", l)]
+        un += self.params[layer_name("bhn", layer)]
         rz = x[:, : 2 * H] + u[:, : 2 * H]
         rz *= 0.5
         np.tanh(rz, out=rz)
@@ -170,7 +212,9 @@ class GRU(Recurrent):
         return h
 
     def _state_out(self, b: Buffers) -> Arrays:
-        return {layer_name("h", l): lb.hs[-1].copy() for l, lb in enumerate(b.layers)}
+        return {
+            layer_name("h", layer): np.ascontiguousarray(lb.hs[:, -1].T) for layer, lb in enumerate(b.layers)
+        }
 
 
 @hookimpl

@@ -10,13 +10,15 @@ Parameters and state of layer l > 0 carry the suffix l (`Whh1`, `h1`), so a one-
 exactly the names of the original `rnn`. `Recurrent` runs everything that does not depend on the
 recurrence outside the time loop, as one gather or matmul over all B*T positions (input
 projections, output layer, input-weight gradients); a cell class supplies the time loops
-(`_forward_layer`, `_backward_layer`, `_step_layer`). Work arrays are time-major (T, B, ...), so
-every per-step slice is contiguous, and are kept per (B, T) shape.
+(`_forward_layer`, `_backward_layer`, `_step_layer`) and lays out its work arrays for them (`rnn`
+time-major (T, B, H); `lstm` and `gru` feature-major, see `charrnn_plugins.lstm`), handing
+`Recurrent` (F, N) matrix views of them. Work arrays are kept per (B, T) shape.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,6 +47,23 @@ def orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+def dot_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b for a C- or F-contiguous `out` (np.dot writes only C-contiguous arrays)."""
+    if out.flags.c_contiguous:
+        np.dot(a, b, out=out)
+    else:
+        np.dot(b.T, a.T, out=out.T)  # out.T = b.T @ a.T
+
+
+def transpose_into(a: np.ndarray, out: np.ndarray) -> None:
+    """out = a.T for a 2-D `a`; a large one in strips of 16 rows, 3-5x faster than one np.copyto."""
+    if a.size < 1 << 16:
+        np.copyto(out, a.T)
+        return
+    for i in range(0, a.shape[0], 16):
+        np.copyto(out[:, i : i + 16], a[i : i + 16].T)
+
+
 class OutputBuffers:
     """Work arrays of the output layer for N = B*T positions; position t * B + b is column/row n."""
 
@@ -62,10 +81,10 @@ class OutputBuffers:
 
 
 def output_forward(
-    o: OutputBuffers, x_flat: np.ndarray, Why: np.ndarray, by: np.ndarray, targets: np.ndarray
+    o: OutputBuffers, xT: np.ndarray, Why: np.ndarray, by: np.ndarray, targets: np.ndarray
 ) -> None:
-    """Logits of all positions at once, and the flat index of each target logit."""
-    np.dot(Why.T, x_flat.T, out=o.logits)  # (V, N)
+    """Logits of all positions at once from the inputs xT (H, N), and the flat index of each target."""
+    np.dot(Why.T, xT, out=o.logits)  # (V, N)
     o.logits += by[:, None]
     np.multiply(targets.T, o.n, out=o.target_idx)  # (T, B)
     o.target_idx += o.columns
@@ -89,23 +108,16 @@ def cross_entropy(o: OutputBuffers, backward: bool) -> float:
 
 
 def output_backward(
-    o: OutputBuffers,
-    x_flat: np.ndarray,
-    Why: np.ndarray,
-    dWhy: np.ndarray,
-    dby: np.ndarray,
-    dx_flat: np.ndarray,
+    o: OutputBuffers, xT: np.ndarray, Why: np.ndarray, dWhy: np.ndarray, dby: np.ndarray, dxT: np.ndarray
 ) -> None:
-    """Gradients of the output layer from dL/dlogits in `o.logits`, and dL/d(its input) (N, H)."""
+    """Output-layer gradients from dL/dlogits in `o.logits`, and dL/d(its inputs) into dxT (H, N)."""
     dlogits = o.logits  # (V, N)
-    np.dot(x_flat.T, dlogits.T, out=dWhy)  # (H, V)
+    np.dot(xT, dlogits.T, out=dWhy)  # (H, V)
     np.dot(dlogits, o.ones_n, out=dby)  # (V,) sum over positions
-    np.dot(dlogits.T, Why.T, out=dx_flat)  # (N, H)
+    dot_into(Why, dlogits, dxT)  # (H, N)
 
 
-def scatter_rows(
-    dense: bool, inputs: np.ndarray, o: OutputBuffers, dx_flat: np.ndarray, dW: np.ndarray
-) -> None:
+def scatter_rows(dense: bool, inputs: np.ndarray, o: OutputBuffers, dx: np.ndarray, dW: np.ndarray) -> None:
     """dW[v] = sum of dx over positions whose input is v (a row scatter-add), dx (N, G), dW (V, G).
 
     `np.add.at` is an order of magnitude slower than either way used here: for small V a
@@ -113,53 +125,59 @@ def scatter_rows(
     """
     if dense:
         if o.onehot is None:
-            o.onehot = np.zeros(o.logits.shape, dx_flat.dtype)
+            o.onehot = np.zeros(o.logits.shape, dx.dtype)
         onehot = o.onehot
         onehot.fill(0)
         onehot[inputs.T, o.columns] = 1  # (V, N)
-        np.dot(onehot, dx_flat, out=dW)
+        np.dot(onehot, dx, out=dW)
         return
     ids = inputs.T.reshape(-1)  # (N,) in row order t * B + b
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
     dW.fill(0)
-    dW[sorted_ids[starts]] = np.add.reduceat(dx_flat[order], starts, axis=0)
+    dW[sorted_ids[starts]] = np.add.reduceat(dx[order], starts, axis=0)
 
 
 class LayerBuffers:
-    """The work arrays of one layer that `Recurrent` itself uses; cells add their own.
+    """What `Recurrent` sees of one layer's work arrays: (F, N) matrices over all positions.
 
-    `xs` (T, B, G) receives the input projection; `hs` (T + 1, B, H) the hidden states (hs[0]
-    the incoming one); `dh_above` (T, B, H) dL/dh from the layer above or the output layer;
-    `dx` (T, B, G) is dL/d(input projection) once the cell's backward pass has run. With dropout,
-    `ds` holds the dropped-out outputs and `mask` the scaled keep-mask.
+    The suffix T marks these (F, N) views: transposed relative to one row per position.
+
+    A cell allocates its arrays in the memory layout its time loop wants and hands over views:
+    `xT` (G, N) receives the input projection (layers above the first; the first gets its
+    projection in `xs`, gathered), `dxT` (G, N) holds dL/d(input projection) after
+    the cell's backward pass, `h_seq` and `dh_above_seq` are h_t and dL/dh_t (from the layer above
+    or the output layer) for all t in the cell's layout, and `as_matrix` views such an array as
+    (H, N). With dropout, `ds` = dropout(h) and `mask` (scaled keep-mask) share that layout, and
+    `outT` (H, N) is what the layer above sees: h, or dropout(h).
     """
 
-    def __init__(self, B: int, T: int, H: int, G: int, dtype: np.dtype, dropout: bool) -> None:
-        N = B * T
-        self.xs = np.empty((T, B, G), dtype)
-        self.hs = np.empty((T + 1, B, H), dtype)
-        self.xs_flat = self.xs.reshape(N, G)
-        self.h_flat = self.hs[1:].reshape(N, H)  # row t * B + b is h_t of stream b
-        self.h_prev_flat = self.hs[:-1].reshape(N, H)
-        self.out_flat = self.h_flat  # what the layer above sees: h, or dropout(h)
-        self.mask = self.ds = self.keep = None
+    def __init__(
+        self,
+        xT: np.ndarray | None,
+        dxT: np.ndarray,
+        h_seq: np.ndarray,
+        dh_above_seq: np.ndarray,
+        as_matrix: Callable[[np.ndarray], np.ndarray],
+        dropout: bool,
+    ) -> None:
+        self.xT, self.dxT, self.h_seq, self.dh_above_seq = xT, dxT, h_seq, dh_above_seq
+        self.hT, self.dh_aboveT = as_matrix(h_seq), as_matrix(dh_above_seq)
+        self.outT = self.hT
+        self.ones_n = np.ones(dxT.shape[1], dxT.dtype)  # sums over positions as BLAS products
+        self.mask = self.keep = self.ds = self.dsT = None
         if dropout:
-            self.mask = np.empty((T, B, H), dtype)  # uniform draws, then keep / (1 - p)
-            self.keep = np.empty((T, B, H), bool)
-            self.ds = np.empty((T, B, H), dtype)  # dropout(h)
-        self.dh_above: np.ndarray  # (T, B, H), set by the cell (it may alias dx)
-        self.dx: np.ndarray  # (T, B, G)
-
-    def flat(self, a: np.ndarray) -> np.ndarray:
-        return a.reshape(-1, a.shape[-1])
+            self.mask = np.empty(h_seq.shape, h_seq.dtype)  # uniform draws, then keep / (1 - p)
+            self.keep = np.empty(h_seq.shape, bool)
+            self.ds = np.empty(h_seq.shape, h_seq.dtype)
+            self.dsT = as_matrix(self.ds)
 
 
 class Buffers:
     """All work arrays for one (B, T) shape: one `LayerBuffers` per layer, then the output layer."""
 
-    def __init__(self, layers: list[LayerBuffers], out: OutputBuffers) -> None:
+    def __init__(self, layers: list, out: OutputBuffers) -> None:
         self.layers, self.out = layers, out
 
 
@@ -168,13 +186,15 @@ class Recurrent:
 
     Class attributes: `gates` (G = gates * H columns in `Wxh`, `Whh`, `bh`), `state_names` (per
     layer), `sigmoid_gates` (the leading gate blocks that are sigmoids: their pre-activations are
-    computed halved, so one `tanh` over all G columns serves every gate, as
-    sigmoid(a) = (1 + tanh(a / 2)) / 2; halving is exact in floating point).
+    computed halved, so one `tanh` serves every gate, as sigmoid(a) = (1 + tanh(a / 2)) / 2;
+    halving is exact in floating point), `feature_major` (the cell's time loop works on (F, B)
+    slabs, so layer 0's gathered input projection `xs` is (T, G, B) rather than (T, B, G)).
     """
 
     gates = 1
     state_names: tuple[str, ...] = ("h",)
     sigmoid_gates = 0
+    feature_major = False
 
     def __init__(
         self,
@@ -199,14 +219,14 @@ class Recurrent:
         self._buffers: dict[tuple[int, int], Buffers] = {}
         self._dense_scatter = V <= DENSE_SCATTER_MAX_VOCAB
         G = self.gates * H
-        self._x_table = np.empty((V, G), self.dtype)  # (Wxh + bh) * gate_scale, gathered by input id
+        # (Wxh + bh) * gate_scale, gathered by input id: (G, V) if feature-major, else (V, G)
+        self._x_table = np.empty((G, V) if self.feature_major else (V, G), self.dtype)
         self._gate_scale: np.ndarray | None = None  # (G,): 1/2 on sigmoid gates, else 1
-        self._w_in: list[np.ndarray] = []  # scaled copies of Wxh{l}, bh{l} for l > 0
         if self.sigmoid_gates:
             self._gate_scale = np.ones(G, self.dtype)
             self._gate_scale[: self.sigmoid_gates * H] = 0.5
-            self._w_in = [np.empty((H, G), self.dtype) for _ in range(L - 1)]
-            self._b_in = [np.empty(G, self.dtype) for _ in range(L - 1)]
+            self._w_in = [np.empty((H, G), self.dtype) for _ in range(L - 1)]  # scaled Wxh{l}
+            self._b_in = [np.empty(G, self.dtype) for _ in range(L - 1)]  # scaled bh{l}
 
     def _finish_init(self, params: Arrays) -> None:
         """Adopt copies of `params` in the model's dtype and allocate the gradient arrays."""
@@ -219,8 +239,8 @@ class Recurrent:
         """Zero state: `h` (and `c` for the LSTM) of shape (B, H) per layer; layer l > 0 adds l."""
         B = positive_int("batch_size", batch_size)
         return {
-            layer_name(s, l): np.zeros((B, self.hidden_size), self.dtype)
-            for l in range(self.num_layers)
+            layer_name(s, layer): np.zeros((B, self.hidden_size), self.dtype)
+            for layer in range(self.num_layers)
             for s in self.state_names
         }
 
@@ -243,20 +263,18 @@ class Recurrent:
         loss = cross_entropy(b.out, backward=True)  # b.out.logits is now dL/dlogits
         p, g = self.params, self._grads
         top = b.layers[-1]
-        output_backward(b.out, top.out_flat, p["Why"], g["Why"], g["by"], top.flat(top.dh_above))
-        for l in range(self.num_layers - 1, -1, -1):
-            lb = b.layers[l]
-            if lb.out_flat is not lb.h_flat:
-                lb.dh_above *= lb.mask  # back through the dropout
-            self._backward_layer(l, lb)  # lb.dx = dL/d(input projection); Whh, bh grads
-            dx_flat = lb.flat(lb.dx)  # (N, G)
-            if l == 0:
-                scatter_rows(self._dense_scatter, inputs, b.out, dx_flat, g["Wxh"])  # (V, G)
+        output_backward(b.out, top.outT, p["Why"], g["Why"], g["by"], top.dh_aboveT)
+        for layer in range(self.num_layers - 1, -1, -1):
+            lb = b.layers[layer]
+            if lb.outT is not lb.hT:
+                lb.dh_above_seq *= lb.mask  # back through the dropout
+            self._backward_layer(layer, lb)  # lb.dxT = dL/d(input projection); Whh, bh grads
+            if layer == 0:
+                scatter_rows(self._dense_scatter, inputs, b.out, lb.dxT.T, g["Wxh"])  # (V, G)
             else:
-                below = b.layers[l - 1]
-                Wxh = layer_name("Wxh", l)
-                np.dot(below.out_flat.T, dx_flat, out=g[Wxh])  # (H, G)
-                np.dot(dx_flat, p[Wxh].T, out=below.flat(below.dh_above))  # (N, H)
+                below, Wxh = b.layers[layer - 1], layer_name("Wxh", layer)
+                np.dot(below.outT, lb.dxT.T, out=g[Wxh])  # (H, G)
+                dot_into(p[Wxh], lb.dxT, below.dh_aboveT)  # (H, N)
         return StepResult(loss, dict(g), self._state_out(b))
 
     def loss(self, inputs: np.ndarray, targets: np.ndarray, state: Arrays) -> tuple[float, Arrays]:
@@ -272,11 +290,11 @@ class Recurrent:
         p, new = self.params, {}
         x = p["Wxh"].take(ids, axis=0)  # (k, G) row gather
         x += p["bh"]
-        for l in range(self.num_layers):
-            if l:
-                x = np.dot(h, p[layer_name("Wxh", l)])  # (k, G)
-                x += p[layer_name("bh", l)]
-            h = self._step_layer(l, x, state, new)
+        for layer in range(self.num_layers):
+            if layer:
+                x = np.dot(h, p[layer_name("Wxh", layer)])  # (k, G)
+                x += p[layer_name("bh", layer)]
+            h = self._step_layer(layer, x, state, new)
         logits = np.dot(h, p["Why"])  # (k, V)
         logits += p["by"]
         return logits, new
@@ -290,9 +308,9 @@ class Recurrent:
                 f"got {inputs.shape} and {targets.shape}"
             )
         shape = (inputs.shape[0], self.hidden_size)
-        for l in range(self.num_layers):
+        for layer in range(self.num_layers):
             for s in self.state_names:
-                name = layer_name(s, l)
+                name = layer_name(s, layer)
                 if name not in state:
                     raise ValueError(f"state lacks {name!r} (it has {sorted(state)})")
                 if state[name].shape != shape:
@@ -307,7 +325,7 @@ class Recurrent:
         if b is None:
             if len(self._buffers) >= MAX_CACHED_SHAPES:
                 del self._buffers[next(iter(self._buffers))]  # drop the oldest shape
-            layers = [self._layer_buffers(B, T) for _ in range(self.num_layers)]
+            layers = [self._layer_buffers(B, T, layer) for layer in range(self.num_layers)]
             b = self._buffers[B, T] = Buffers(layers, OutputBuffers(B, T, self.vocab_size, self.dtype))
         return b
 
@@ -318,45 +336,60 @@ class Recurrent:
         self._check(inputs, targets, state)
         b = self._buffers_for(*inputs.shape)
         p, scale = self.params, self._gate_scale
-        for l, lb in enumerate(b.layers):
-            if l == 0:
-                table = np.add(p["Wxh"], p["bh"], out=self._x_table)  # (V, G): Wxh[x] + bh == table[x]
-                if scale is not None:
-                    table *= scale
-                np.take(table, inputs.T, axis=0, out=lb.xs, mode="clip")  # (T, B, G); ids checked
+        for layer, lb in enumerate(b.layers):
+            if layer == 0:
+                self._gather_inputs(inputs, lb)
             else:
-                W, bias = p[layer_name("Wxh", l)], p[layer_name("bh", l)]
+                W, bias = p[layer_name("Wxh", layer)], p[layer_name("bh", layer)]
                 if scale is not None:
-                    W = np.multiply(W, scale, out=self._w_in[l - 1])
-                    bias = np.multiply(bias, scale, out=self._b_in[l - 1])
-                np.dot(b.layers[l - 1].out_flat, W, out=lb.xs_flat)  # (N, G) all steps at once
-                lb.xs += bias
-            self._forward_layer(l, lb, state)
-            lb.out_flat = lb.h_flat
+                    W = np.multiply(W, scale, out=self._w_in[layer - 1])
+                    bias = np.multiply(bias, scale, out=self._b_in[layer - 1])
+                dot_into(W.T, b.layers[layer - 1].outT, lb.xT)  # (G, N) all steps at once
+                lb.xT += bias[:, None]
+            self._forward_layer(layer, lb, state)
+            lb.outT = lb.hT
             if rng is not None:
-                rng.random(dtype=self.dtype, out=lb.mask)  # (T, B, H) uniform on [0, 1)
+                rng.random(dtype=self.dtype, out=lb.mask)  # uniform on [0, 1)
                 np.greater_equal(lb.mask, self.dropout, out=lb.keep)
                 np.multiply(lb.keep, self.dtype.type(1 / (1 - self.dropout)), out=lb.mask)
-                np.multiply(lb.hs[1:], lb.mask, out=lb.ds)  # inverted dropout: E[ds] = h
-                lb.out_flat = lb.flat(lb.ds)
-        top = b.layers[-1]
-        output_forward(b.out, top.out_flat, p["Why"], p["by"], targets)
+                np.multiply(lb.h_seq, lb.mask, out=lb.ds)  # inverted dropout: E[ds] = h
+                lb.outT = lb.dsT
+        output_forward(b.out, b.layers[-1].outT, p["Why"], p["by"], targets)
         return b
+
+    def _gather_inputs(self, inputs: np.ndarray, lb: LayerBuffers) -> None:
+        """Layer 0's input projection Wxh[x] + bh (gates scaled) for all positions, by gathering rows.
+
+        Feature-major cells get it as (T, G, B), one gather per step, so that their time loop
+        reads a contiguous slab per step (the gather costs the same as one for all steps).
+        """
+        Wxh, bh, scale = self.params["Wxh"], self.params["bh"], self._gate_scale
+        if self.feature_major:
+            table = np.add(Wxh.T, bh[:, None], out=self._x_table)  # (G, V)
+            if scale is not None:
+                table *= scale[:, None]
+            for t, x in enumerate(lb.xs):
+                np.take(table, inputs[:, t], axis=1, out=x, mode="clip")  # (G, B); ids checked
+        else:
+            table = np.add(Wxh, bh, out=self._x_table)  # (V, G): Wxh[x] + bh == table[x]
+            if scale is not None:
+                table *= scale
+            np.take(table, inputs.T, axis=0, out=lb.xs, mode="clip")  # (T, B, G); ids checked
 
     # -- what a cell supplies ---------------------------------------------------------------
 
-    def _layer_buffers(self, B: int, T: int) -> LayerBuffers:
+    def _layer_buffers(self, B: int, T: int, layer: int) -> LayerBuffers:
         raise NotImplementedError
 
-    def _forward_layer(self, l: int, lb: LayerBuffers, state: Arrays) -> None:
+    def _forward_layer(self, layer: int, lb: LayerBuffers, state: Arrays) -> None:
         """Copy layer l's incoming state into the buffers and run its time loop over `lb.xs`."""
         raise NotImplementedError
 
-    def _backward_layer(self, l: int, lb: LayerBuffers) -> None:
-        """From `lb.dh_above`, fill `lb.dx` and the gradients of layer l's recurrent parameters."""
+    def _backward_layer(self, layer: int, lb: LayerBuffers) -> None:
+        """From `lb.dh_above_seq`, fill `lb.dxT` and the gradients of layer l's recurrent parameters."""
         raise NotImplementedError
 
-    def _step_layer(self, l: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
+    def _step_layer(self, layer: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
         """One time step of layer l given its input projection x (k, G); writes `new`, returns h."""
         raise NotImplementedError
 

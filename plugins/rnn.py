@@ -7,9 +7,10 @@ from doing everything that does not depend on the recurrence outside the time lo
 projection for all steps is one gather, the output layer and its gradients are one matmul each
 over all B*T positions, and `dWhh` is one matmul after the loop. What is left per time step is
 three NumPy calls forward and three backward, writing into preallocated time-major (T, B, H)
-buffers so every per-step slice is contiguous. With `num_layers` > 1 the layers stack as
-described in `charrnn_plugins.recurrent` (layer l > 0 has `Wxh{l}` (H, H), `Whh{l}`, `bh{l}`
-and state `h{l}`).
+buffers so every per-step slice is contiguous. (`lstm` and `gru` run their loops feature-major,
+which makes the per-step matmul faster; `rnn` keeps this layout so that its numbers stay exactly
+those of earlier versions.) With `num_layers` > 1 the layers stack as described in
+`charrnn_plugins.recurrent` (layer l > 0 has `Wxh{l}` (H, H), `Whh{l}`, `bh{l}` and state `h{l}`).
 """
 
 from __future__ import annotations
@@ -27,21 +28,29 @@ from charrnn_plugins.recurrent import (
     LayerBuffers,
     Recurrent,
     layer_name,
+    transpose_into,
 )
 
-_MAX_CACHED_SHAPES = MAX_CACHED_SHAPES
+_MAX_CACHED_SHAPES = MAX_CACHED_SHAPES  # the names this module had before the shared code moved
 _DENSE_SCATTER_MAX_VOCAB = DENSE_SCATTER_MAX_VOCAB
 
 
+def _rows_t(a: np.ndarray) -> np.ndarray:
+    """(T, B, F) -> the (F, N) view, N = T * B: a transposed view of the (N, F) rows."""
+    return a.reshape(-1, a.shape[-1]).T
+
+
 class _Layer(LayerBuffers):
-    """One layer's work arrays; `dhr` is dL/dh_t from above, turned in place into dL/d(pre-activation)."""
+    """One layer's work arrays, time-major (T, B, H); `dhr` is dL/dh_t, then dL/d(pre-activation)."""
 
     def __init__(self, B: int, T: int, H: int, dtype: np.dtype, dropout: bool) -> None:
-        super().__init__(B, T, H, H, dtype, dropout)  # xs: Wxh[x_t] + bh; in backward, tanh' = 1 - h_t^2
+        self.xs = np.empty((T, B, H), dtype)  # Wxh[x_t] + bh; in backward, tanh' = 1 - h_t^2
+        self.hs = np.empty((T + 1, B, H), dtype)  # hs[0] incoming state, hs[t + 1] = h_t
         self.dhr = np.empty((T, B, H), dtype)
-        self.dh_above = self.dx = self.dhr
+        super().__init__(_rows_t(self.xs), _rows_t(self.dhr), self.hs[1:], self.dhr, _rows_t, dropout)
         self.dh = np.empty((B, H), dtype)  # gradient flowing from step t + 1 into h_t
-        self.ones_n = np.ones(B * T, dtype)
+        self.h_prev_flat = self.hs[:-1].reshape(B * T, H)
+        self.dhr_flat = self.dhr.reshape(B * T, H)
         # Per-step views, prebuilt: indexing costs as much as a tiny ufunc call.
         self.forward_steps = list(zip(self.xs, self.hs[:-1], self.hs[1:], strict=True))
         self.backward_steps = list(zip(self.dhr[:0:-1], self.dhr[-2::-1], self.xs[-2::-1], strict=True))
@@ -84,51 +93,79 @@ class RNN(Recurrent):
 
         params = {"Wxh": normal(V, H), "Whh": normal(H, H), "Why": normal(H, V)}
         params.update(bh=np.zeros(H), by=np.zeros(V))
-        for l in range(1, L):
-            params[layer_name("Wxh", l)] = normal(H, H)
-            params[layer_name("Whh", l)] = normal(H, H)
-            params[layer_name("bh", l)] = np.zeros(H)
+        for layer in range(1, L):
+            params[layer_name("Wxh", layer)] = normal(H, H)
+            params[layer_name("Whh", layer)] = normal(H, H)
+            params[layer_name("bh", layer)] = np.zeros(H)
         self._finish_init(params)
         self._WhhT = [np.empty((H, H), self.dtype) for _ in range(L)]  # contiguous Whh.T: faster BLAS
 
-    def _layer_buffers(self, B: int, T: int) -> _Layer:
+    def _layer_buffers(self, B: int, T: int, layer: int) -> _Layer:
         return _Layer(B, T, self.hidden_size, self.dtype, self.dropout > 0)
 
-    def _forward_layer(self, l: int, lb: _Layer, state: Arrays) -> None:
-        np.copyto(lb.hs[0], state[layer_name("h", l)])
-        Whh = self.params[layer_name("Whh", l)]
+    def _forward_layer(self, layer: int, lb: _Layer, state: Arrays) -> None:
+        np.copyto(lb.hs[0], state[layer_name("h", layer)])
+        Whh = self.params[layer_name("Whh", layer)]
         for x_t, h_prev, h_t in lb.forward_steps:
             np.dot(h_prev, Whh, out=h_t)  # (B, H)
             np.add(h_t, x_t, out=h_t)
             np.tanh(h_t, out=h_t)
 
-    def _backward_layer(self, l: int, lb: _Layer) -> None:
-        Whh, bh = layer_name("Whh", l), layer_name("bh", l)
+    def _backward_layer(self, layer: int, lb: _Layer) -> None:
+        Whh, bh = layer_name("Whh", layer), layer_name("bh", layer)
         g = self._grads
         dtanh = np.multiply(lb.hs[1:], lb.hs[1:], out=lb.xs)  # (T, B, H), xs no longer needed
         np.subtract(1, dtanh, out=dtanh)  # tanh' = 1 - h^2
-        WhhT = self._WhhT[l]
-        np.copyto(WhhT, self.params[Whh].T)
+        WhhT = self._WhhT[layer]
+        transpose_into(self.params[Whh], WhhT)
         np.multiply(lb.dhr[-1], dtanh[-1], out=lb.dhr[-1])  # last step: nothing flows in from t + 1
         dh = lb.dh
         for dhr_next, dhr_t, dtanh_t in lb.backward_steps:  # t = T-2 .. 0
             np.dot(dhr_next, WhhT, out=dh)  # (B, H) dL/dh_t through h_{t+1}
             np.add(dhr_t, dh, out=dhr_t)
             np.multiply(dhr_t, dtanh_t, out=dhr_t)  # (B, H) dL/d(pre-activation)
-        dhr_flat = lb.flat(lb.dhr)
-        np.dot(lb.h_prev_flat.T, dhr_flat, out=g[Whh])  # (H, H) summed over all steps at once
-        np.dot(lb.ones_n, dhr_flat, out=g[bh])  # (H,) sum over positions
+        np.dot(lb.h_prev_flat.T, lb.dhr_flat, out=g[Whh])  # (H, H) summed over all steps at once
+        np.dot(lb.ones_n, lb.dhr_flat, out=g[bh])  # (H,) sum over positions
 
-    def _step_layer(self, l: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
-        name = layer_name("h", l)
-        h = np.dot(state[name], self.params[layer_name("Whh", l)])  # (k, H)
+    def step(self, ids: np.ndarray, state: Arrays) -> tuple[np.ndarray, Arrays]:
+        """One time step for k streams: ids (k,) -> logits (k, V) and the new state (fresh arrays).
+
+        The generation hot path, so one layer gets its own few NumPy calls; a single stream
+        (k = 1) runs on 1-D vectors, whose matrix-vector products NumPy dispatches faster.
+        """
+        if self.num_layers > 1:
+            return super().step(ids, state)
+        h = state["h"]  # (k, H)
+        if np.ndim(ids) != 1 or len(ids) != h.shape[0]:
+            raise ValueError(f"ids must have shape ({h.shape[0]},) to match state['h'], got {np.shape(ids)}")
+        p = self.params
+        if len(ids) == 1:
+            x = p["Wxh"][ids[0]] + p["bh"]  # (H,)
+            h = np.dot(h[0], p["Whh"])
+            h += x
+            np.tanh(h, out=h)
+            logits = np.dot(h, p["Why"])  # (V,)
+            logits += p["by"]
+            return logits[None], {"h": h[None]}
+        x = p["Wxh"].take(ids, axis=0)  # (k, H) row gather
+        x += p["bh"]
+        h = np.dot(h, p["Whh"])  # (k, H)
+        h += x
+        np.tanh(h, out=h)
+        logits = np.dot(h, p["Why"])  # (k, V)
+        logits += p["by"]
+        return logits, {"h": h}
+
+    def _step_layer(self, layer: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
+        name = layer_name("h", layer)
+        h = np.dot(state[name], self.params[layer_name("Whh", layer)])  # (k, H)
         h += x
         np.tanh(h, out=h)
         new[name] = h
         return h
 
     def _state_out(self, b: Buffers) -> Arrays:
-        return {layer_name("h", l): lb.hs[-1].copy() for l, lb in enumerate(b.layers)}
+        return {layer_name("h", layer): lb.hs[-1].copy() for layer, lb in enumerate(b.layers)}
 
 
 @hookimpl

@@ -6,7 +6,8 @@ import pytest
 from charrnn import Model
 from charrnn_plugins import rnn as rnn_plugin
 from charrnn_plugins.rnn import RNN
-from reference_rnn import reference_loss_and_grads
+from reference_rnn import gradient_mismatches, random_batch, randomize, reference_loss_and_grads
+from reference_rnn import random_state as stacked_state
 
 KEYS = ("Wxh", "Whh", "Why", "bh", "by")
 
@@ -251,3 +252,160 @@ def test_sgd_reduces_loss_on_repetitive_text(tiny_text):
         pos += T
     assert losses[0] == pytest.approx(np.log(len(vocab)), rel=0.05)
     assert np.mean(losses[-10:]) < 0.5 * losses[0]
+
+
+# -- stacked layers and dropout ----------------------------------------------------------------
+
+
+def make_stacked(V=5, H=4, seed=0, **options):
+    return randomize(RNN(V, np.random.default_rng(seed), hidden_size=H, dtype="float64", **options))
+
+
+def test_stacked_parameters_and_state_names_and_the_first_layer_unchanged():
+    one = RNN(5, np.random.default_rng(0), hidden_size=4)
+    three = RNN(5, np.random.default_rng(0), hidden_size=4, num_layers=3)
+    assert list(three.params) == [*KEYS, "Wxh1", "Whh1", "bh1", "Wxh2", "Whh2", "bh2"]
+    assert three.params["Wxh2"].shape == three.params["Whh2"].shape == (4, 4)
+    for key in KEYS:  # the same draws as one layer, then the layers above
+        np.testing.assert_array_equal(three.params[key], one.params[key])
+    assert set(three.init_state(2)) == {"h", "h1", "h2"}
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_stacked_gradient_check_every_parameter_entry(num_layers):
+    model = make_stacked(num_layers=num_layers)
+    inputs, targets = random_batch(5, B=2, T=3)
+    assert gradient_mismatches(model, inputs, targets, stacked_state(model, 2)) == []
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_gradient_check_with_dropout_under_a_fixed_mask(num_layers):
+    model = make_stacked(num_layers=num_layers, dropout=0.4)
+    inputs, targets = random_batch(5, B=2, T=3)
+    state = stacked_state(model, 2)
+    assert gradient_mismatches(model, inputs, targets, state, dropout_seed=7) == []
+
+
+def test_dropout_is_reproducible_from_the_rng_and_absent_from_loss_and_step():
+    model, plain = make_stacked(num_layers=2, dropout=0.5), make_stacked(num_layers=2)
+    inputs, targets = random_batch(5, B=3, T=4)
+    state = stacked_state(model, 3)
+    first = model.train_step(inputs, targets, state, rng=np.random.default_rng(1)).loss
+    assert model.train_step(inputs, targets, state, rng=np.random.default_rng(1)).loss == first
+    assert model.train_step(inputs, targets, state, rng=np.random.default_rng(2)).loss != first
+    assert plain.train_step(inputs, targets, state).loss != first
+    assert model.loss(inputs, targets, state)[0] == plain.loss(inputs, targets, state)[0]
+    np.testing.assert_array_equal(model.step(inputs[:, 0], state)[0], plain.step(inputs[:, 0], state)[0])
+    with pytest.raises(ValueError, match="dropout > 0 needs"):
+        model.train_step(inputs, targets, state)
+
+
+def test_without_dropout_train_step_draws_nothing_from_the_rng():
+    model = make_model()
+    inputs, targets = random_batch(5, B=2, T=3)
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    expected = model.train_step(inputs, targets, random_state(model, 2)).loss
+    assert model.train_step(inputs, targets, random_state(model, 2), rng=rng).loss == expected
+    assert rng.bit_generator.state == before
+
+
+def test_stacked_step_loss_and_chunks_agree():
+    model = make_stacked(V=6, H=5, num_layers=2)
+    inputs, targets = random_batch(6, B=3, T=8)
+    state = stacked_state(model, 3)
+    whole, whole_state = model.loss(inputs, targets, state)
+    result = model.train_step(inputs, targets, state)
+    assert result.loss == pytest.approx(whole, rel=1e-12)
+    first, mid = model.loss(inputs[:, :3], targets[:, :3], state)
+    second, end = model.loss(inputs[:, 3:], targets[:, 3:], mid)
+    assert (3 * first + 5 * second) / 8 == pytest.approx(whole, rel=1e-12)
+    s, losses = state, []
+    for t in range(8):
+        logits, s = model.step(inputs[:, t], s)  # (B, V)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        losses.append(-logp[np.arange(3), targets[:, t]])
+    assert np.mean(losses) == pytest.approx(whole, rel=1e-12)
+    for key in whole_state:
+        np.testing.assert_allclose(result.state[key], whole_state[key], rtol=1e-12)
+        np.testing.assert_allclose(end[key], whole_state[key], rtol=1e-12)
+        np.testing.assert_allclose(s[key], whole_state[key], rtol=1e-12)
+
+
+def test_stacked_incoming_state_is_not_modified():
+    model = make_stacked(num_layers=2, dropout=0.3)
+    inputs, targets = random_batch(5, B=2, T=3)
+    state = stacked_state(model, 2)
+    before = {k: v.copy() for k, v in state.items()}
+    result = model.train_step(inputs, targets, state, rng=np.random.default_rng(0))
+    model.loss(inputs, targets, state)
+    model.step(inputs[:, 0], state)
+    model.train_step(inputs, targets, result.state, rng=np.random.default_rng(0))
+    for key in before:
+        np.testing.assert_array_equal(state[key], before[key])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_layers": 0}, "num_layers must be a positive integer, got 0"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
+        ({"dropout": -0.5}, r"dropout must be a number in \[0, 1\)"),
+        ({"dropout": "0.2"}, r"dropout must be a number in \[0, 1\)"),
+    ],
+)
+def test_bad_stacking_options_raise_value_error(rng, options, message):
+    with pytest.raises(ValueError, match=message):
+        RNN(5, rng, **options)
+
+
+@pytest.mark.bench
+def test_bench_generation_against_a_torch_loop():
+    """One stream at H 512: `generate` (sampler `temperature`) vs a per-character torch loop.
+
+    The loop calls nn.RNN (one-hot input) + Linear, softmax, torch.multinomial and `.item()`; the
+    contenders alternate in one process. Run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest -m bench -s tests/test_rnn.py`.
+    The floor is the (H, H) matrix-vector product, ~10 us at H=512: 1 MB read per character.
+    """
+    import time
+
+    torch = pytest.importorskip("torch")
+    from charrnn import Corpus
+    from charrnn.generate import generate
+    from charrnn_plugins.samplers import Temperature
+
+    torch.set_num_threads(2)
+    V, H, n = 65, 512, 2000
+    vocab = Corpus(np.zeros(0, np.uint8), [chr(32 + i) for i in range(V)])
+    model, sampler = RNN(V, np.random.default_rng(0), hidden_size=H, init_scale=0.05), Temperature()
+    rnn, linear = torch.nn.RNN(V, H, batch_first=True), torch.nn.Linear(H, V)
+
+    def torch_loop():
+        with torch.no_grad():
+            h, x = torch.zeros(1, 1, H), 0
+            for _ in range(n):
+                out, h = rnn(torch.nn.functional.one_hot(torch.tensor([[x]]), V).float(), h)
+                x = torch.multinomial(torch.softmax(linear(out[0, -1]), dim=-1), 1).item()
+
+    def step_loop():
+        state, ids = model.init_state(1), np.array([0])
+        for _ in range(n):
+            _, state = model.step(ids, state)
+
+    def charrnn_generate():
+        generate(model, sampler, vocab, np.random.default_rng(0), "A", n)
+
+    times = {torch_loop: [], step_loop: [], charrnn_generate: []}
+    for run in times:
+        run()
+    for _ in range(7):
+        for run, spent in times.items():
+            start = time.perf_counter()
+            run()
+            spent.append((time.perf_counter() - start) / n)
+    torch_s, step_s, gen_s = (float(np.median(spent)) for spent in times.values())
+    print(
+        f"\nper character: torch loop {torch_s * 1e6:.1f} us, rnn.step {step_s * 1e6:.1f} us, "
+        f"generate {gen_s * 1e6:.1f} us ({1 / gen_s:,.0f} chars/s, {torch_s / gen_s:.2f}x torch)"
+    )
+    assert torch_s / gen_s >= 3.0
