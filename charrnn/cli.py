@@ -26,21 +26,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="charrnn", description="Character-level text generation in pure NumPy.")
-    parser.add_argument("--version", action="version", version=f"charrnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    run = sub.add_parser("run", help="run a YAML pipeline (train, generate)")
-    run.add_argument("pipeline", help="the pipeline YAML file")
-    run.add_argument(
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY.PATH=VALUE",
-        help="override a key; the value is parsed as YAML (repeatable)",
+        help="override a key of the pipeline; the value is parsed as YAML (repeatable)",
     )
+
+
+def _add_plugin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="load a plugin module or .py file (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="charrnn", description="Character-level text generation in pure NumPy.")
+    parser.add_argument("--version", action="version", version=f"charrnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a YAML pipeline (train, evaluate, generate)")
+    run.add_argument("pipeline", help="the pipeline YAML file")
+    _add_set(run)
     run.add_argument("--print-config", action="store_true", help="print the resolved pipeline and exit")
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -69,49 +84,21 @@ def _parser() -> argparse.ArgumentParser:
         help="stop a sample just before this text appears (repeatable)",
     )
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    gen.add_argument(
-        "--plugin",
-        dest="plugins",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="load a plugin module or .py file (repeatable)",
-    )
+    _add_plugin(gen)
 
     bench = sub.add_parser("bench", help="measure a pipeline's training and generation speed")
     bench.add_argument("pipeline", help="the pipeline YAML file")
     bench.add_argument("--seconds", type=float, default=10.0, help="time budget (default 10)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    bench.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a key, as with run",
-    )
+    _add_set(bench)
 
     grad = sub.add_parser("gradcheck", help="check a model's gradients against finite differences")
     grad.add_argument("pipeline", help="the pipeline YAML file (its model section is checked)")
     grad.add_argument("--entries", type=int, default=30, help="entries checked per parameter (0: all)")
-    grad.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a key, e.g. --set model.hidden_size=8 for a quicker, complete check",
-    )
+    _add_set(grad)
 
     plugins = sub.add_parser("plugins", help="list plugins and their components as JSON")
-    plugins.add_argument(
-        "--plugin",
-        dest="plugins",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="also load this plugin module or .py file",
-    )
+    _add_plugin(plugins)
     return parser
 
 

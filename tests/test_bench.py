@@ -12,7 +12,8 @@ def test_bench_reports_speeds_and_memory(tiny_config, tmp_path, capsys, monkeypa
     monkeypatch.setenv("CHARRNN_LOAD_PLUGINS", "")
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(tiny_config))
-    assert main(["bench", str(path), "--seconds", "0.5", "--json"]) == 0
+    quick = ["bench", str(path), "--seconds", "0.5"]
+    assert main([*quick, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["train_chars_per_sec"] > 0 and report["generate_chars_per_sec"] > 0
     assert report["train_steps"] >= 10 and report["batch_size"] == 4
@@ -21,7 +22,7 @@ def test_bench_reports_speeds_and_memory(tiny_config, tmp_path, capsys, monkeypa
     assert report["peak_memory_mb"] > 0
     assert not (tmp_path / "model.npz").exists()  # bench never touches the pipeline's checkpoint
 
-    assert main(["bench", str(path), "--seconds", "0.5"]) == 0
+    assert main(quick) == 0
     table = capsys.readouterr().out
     assert "chars/s" in table and "peak memory" in table
 
