@@ -92,8 +92,8 @@ class Pipeline:
         rng = np.random.default_rng([self.config["seed"], 0])
         return self.build("model", self.config["model"], vocab_size=vocab_size, rng=rng)
 
-    def sampler(self, vocab: list[str], section: dict[str, Any] | None = None) -> Any:
-        sampler = self.build("sampler", section or self.config["sampler"])
+    def sampler(self, vocab: list[str]) -> Any:
+        sampler = self.build("sampler", self.config["sampler"])
         if hasattr(sampler, "bind"):
             sampler.bind(vocab)
         return sampler
