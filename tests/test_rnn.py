@@ -3,10 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from charrnn import Model
 from charrnn_plugins import rnn as rnn_plugin
 from charrnn_plugins.rnn import RNN
-from reference_rnn import gradient_mismatches, random_batch, randomize, reference_loss_and_grads
+from reference_rnn import random_batch, randomize, reference_loss_and_grads
 from reference_rnn import random_state as stacked_state
 
 KEYS = ("Wxh", "Whh", "Why", "bh", "by")
@@ -29,10 +28,6 @@ def make_batch(V, B, T, seed=1):
 
 def random_state(model, B, seed=2):
     return {"h": np.random.default_rng(seed).uniform(-0.9, 0.9, (B, model.hidden_size))}
-
-
-def test_rnn_fulfils_model_protocol(rng):
-    assert isinstance(RNN(5, rng), Model)
 
 
 def test_registered_as_rnn(pm):
@@ -88,41 +83,6 @@ def test_batch_equals_mean_of_reference_runs(dense_scatter):
         expected = np.mean([r[1][key] for r in runs], axis=0)
         np.testing.assert_allclose(grads[key], expected, rtol=1e-10, atol=1e-15, err_msg=key)
     np.testing.assert_allclose(new_state["h"], np.stack([r[2] for r in runs]), rtol=1e-10)
-
-
-def test_loss_equals_train_step_loss():
-    model = make_model(V=6, H=5)
-    inputs, targets = make_batch(6, B=3, T=5)
-    state = random_state(model, 3)
-    loss, new_state = model.loss(inputs, targets, state)
-    result = model.train_step(inputs, targets, state)
-    assert loss == pytest.approx(result.loss, rel=1e-12)
-    np.testing.assert_allclose(new_state["h"], result.state["h"], rtol=1e-12)
-
-
-def test_step_by_step_logits_give_the_same_loss():
-    model = make_model(V=6, H=5)
-    inputs, targets = make_batch(6, B=3, T=5)
-    state = random_state(model, 3)
-    loss, final = model.loss(inputs, targets, state)
-    h, losses = state, []
-    for t in range(inputs.shape[1]):
-        logits, h = model.step(inputs[:, t], h)  # (B, V)
-        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        losses.append(-logp[np.arange(3), targets[:, t]])
-    assert np.mean(losses) == pytest.approx(loss, rel=1e-12)
-    np.testing.assert_allclose(h["h"], final["h"], rtol=1e-12)
-
-
-def test_state_carried_across_chunks_equals_one_long_chunk():
-    model = make_model(V=6, H=5)
-    inputs, targets = make_batch(6, B=2, T=8)
-    state = random_state(model, 2)
-    whole, whole_state = model.loss(inputs, targets, state)
-    first, mid = model.loss(inputs[:, :3], targets[:, :3], state)
-    second, end = model.loss(inputs[:, 3:], targets[:, 3:], mid)
-    assert (3 * first + 5 * second) / 8 == pytest.approx(whole, rel=1e-12)
-    np.testing.assert_allclose(end["h"], whole_state["h"], rtol=1e-12)
 
 
 def test_incoming_state_is_not_modified():
@@ -271,35 +231,6 @@ def test_stacked_parameters_and_state_names_and_the_first_layer_unchanged():
     assert set(three.init_state(2)) == {"h", "h1", "h2"}
 
 
-@pytest.mark.parametrize("num_layers", [2, 3])
-def test_stacked_gradient_check_every_parameter_entry(num_layers):
-    model = make_stacked(num_layers=num_layers)
-    inputs, targets = random_batch(5, B=2, T=3)
-    assert gradient_mismatches(model, inputs, targets, stacked_state(model, 2)) == []
-
-
-@pytest.mark.parametrize("num_layers", [1, 2])
-def test_gradient_check_with_dropout_under_a_fixed_mask(num_layers):
-    model = make_stacked(num_layers=num_layers, dropout=0.4)
-    inputs, targets = random_batch(5, B=2, T=3)
-    state = stacked_state(model, 2)
-    assert gradient_mismatches(model, inputs, targets, state, dropout_seed=7) == []
-
-
-def test_dropout_is_reproducible_from_the_rng_and_absent_from_loss_and_step():
-    model, plain = make_stacked(num_layers=2, dropout=0.5), make_stacked(num_layers=2)
-    inputs, targets = random_batch(5, B=3, T=4)
-    state = stacked_state(model, 3)
-    first = model.train_step(inputs, targets, state, rng=np.random.default_rng(1)).loss
-    assert model.train_step(inputs, targets, state, rng=np.random.default_rng(1)).loss == first
-    assert model.train_step(inputs, targets, state, rng=np.random.default_rng(2)).loss != first
-    assert plain.train_step(inputs, targets, state).loss != first
-    assert model.loss(inputs, targets, state)[0] == plain.loss(inputs, targets, state)[0]
-    np.testing.assert_array_equal(model.step(inputs[:, 0], state)[0], plain.step(inputs[:, 0], state)[0])
-    with pytest.raises(ValueError, match="dropout > 0 needs"):
-        model.train_step(inputs, targets, state)
-
-
 def test_without_dropout_train_step_draws_nothing_from_the_rng():
     model = make_model()
     inputs, targets = random_batch(5, B=2, T=3)
@@ -330,33 +261,6 @@ def test_stacked_step_loss_and_chunks_agree():
         np.testing.assert_allclose(result.state[key], whole_state[key], rtol=1e-12)
         np.testing.assert_allclose(end[key], whole_state[key], rtol=1e-12)
         np.testing.assert_allclose(s[key], whole_state[key], rtol=1e-12)
-
-
-def test_stacked_incoming_state_is_not_modified():
-    model = make_stacked(num_layers=2, dropout=0.3)
-    inputs, targets = random_batch(5, B=2, T=3)
-    state = stacked_state(model, 2)
-    before = {k: v.copy() for k, v in state.items()}
-    result = model.train_step(inputs, targets, state, rng=np.random.default_rng(0))
-    model.loss(inputs, targets, state)
-    model.step(inputs[:, 0], state)
-    model.train_step(inputs, targets, result.state, rng=np.random.default_rng(0))
-    for key in before:
-        np.testing.assert_array_equal(state[key], before[key])
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        ({"num_layers": 0}, "num_layers must be a positive integer, got 0"),
-        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
-        ({"dropout": -0.5}, r"dropout must be a number in \[0, 1\)"),
-        ({"dropout": "0.2"}, r"dropout must be a number in \[0, 1\)"),
-    ],
-)
-def test_bad_stacking_options_raise_value_error(rng, options, message):
-    with pytest.raises(ValueError, match=message):
-        RNN(5, rng, **options)
 
 
 @pytest.mark.bench
