@@ -42,18 +42,6 @@ def prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray],
     return state, np.repeat(ids[-1:], k)
 
 
-def sample(
-    model: Model,
-    sampler: Sampler | Callable[[np.ndarray, np.random.Generator], np.ndarray],
-    vocab: Corpus,
-    rng: np.random.Generator,
-    seed_text: str,
-    num_chars: int,
-) -> str:
-    """`seed_text` followed by exactly `num_chars` generated characters (one stream)."""
-    return generate(model, sampler, vocab, rng, seed_text, num_chars)[0]
-
-
 def generate(
     model: Model,
     sampler: Sampler | Callable[[np.ndarray, np.random.Generator], np.ndarray],

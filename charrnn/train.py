@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from charrnn.errors import TrainingError
-from charrnn.generate import sample
+from charrnn.generate import generate
 from charrnn.types import Corpus, Model, Optimizer, Sampler, Schedule
 
 LN2 = math.log(2)
@@ -290,7 +290,7 @@ class Trainer:
         text = None
         if with_sample and s.sample_length:
             rng = np.random.default_rng([s.seed, 3, p.step])
-            text = sample(self.model, self.sampler, self.vocab, rng, "", s.sample_length)
+            text = generate(self.model, self.sampler, self.vocab, rng, "", s.sample_length)[0]
         smooth = p.smooth_loss
         parts = [f"step {p.step}" + (f"/{s.steps}" if s.steps else "")]
         if smooth is not None:

@@ -25,15 +25,11 @@ from charrnn_plugins.recurrent import (
     Buffers,
     LayerBuffers,
     Recurrent,
+    features_first,
     layer_name,
     orthogonal,
     transpose_into,
 )
-
-
-def _features_first(a: np.ndarray) -> np.ndarray:
-    """(F, T, B) -> the (F, N) view, N = T * B."""
-    return a.reshape(a.shape[0], -1)
 
 
 class _Layer(LayerBuffers):
@@ -48,15 +44,15 @@ class _Layer(LayerBuffers):
         self.dx = np.empty((G, T, B), dtype)  # dL/d(input projection)
         self.du = np.empty((G, T, B), dtype)  # dL/d(h_{t-1} @ Whh + [0, 0, bhn])
         super().__init__(
-            None if first else _features_first(self.xs),
-            _features_first(self.dx),
+            None if first else features_first(self.xs),
+            features_first(self.dx),
             self.hs[:, 1:],
             self.dh_above,
-            _features_first,
+            features_first,
             dropout,
         )
-        self.h_prevT = _features_first(self.hs[:, :-1])  # (H, N)
-        self.duT = _features_first(self.du)  # (3H, N)
+        self.h_prevT = features_first(self.hs[:, :-1])  # (H, N)
+        self.duT = features_first(self.du)  # (3H, N)
         self.acts = np.empty((T, G, B), dtype)  # gate values [r, z, n]
         self.un = np.empty((T, H, B), dtype)  # h_{t-1} @ Whh_n + bhn
         self.u = np.empty((G, B), dtype)  # h_{t-1} @ Whh, r and z rows halved

@@ -29,15 +29,11 @@ from charrnn_plugins.recurrent import (
     Buffers,
     LayerBuffers,
     Recurrent,
+    features_first,
     layer_name,
     orthogonal,
     transpose_into,
 )
-
-
-def _features_first(a: np.ndarray) -> np.ndarray:
-    """(F, T, B) -> the (F, N) view, N = T * B."""
-    return a.reshape(a.shape[0], -1)
 
 
 class _Layer(LayerBuffers):
@@ -58,14 +54,14 @@ class _Layer(LayerBuffers):
         self.dh_above = np.empty((H, T, B), dtype)
         self.dx = np.empty((G, T, B), dtype)  # dL/d(gate pre-activations)
         super().__init__(
-            None if first else _features_first(self.xs),
-            _features_first(self.dx),
+            None if first else features_first(self.xs),
+            features_first(self.dx),
             self.hs[:, 1:],
             self.dh_above,
-            _features_first,
+            features_first,
             dropout,
         )
-        self.h_prevT = _features_first(self.hs[:, :-1])  # (H, N)
+        self.h_prevT = features_first(self.hs[:, :-1])  # (H, N)
         self.acts = np.empty((T, G, B), dtype)  # gate values [o, i, f, g]
         self.cs = np.empty((T + 1, H, B), dtype)  # cs[0] incoming cell state, cs[t + 1] = c_t
         self.tcs = np.empty((T, H, B), dtype)  # tanh(c_t)

@@ -55,6 +55,11 @@ def dot_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         np.dot(b.T, a.T, out=out.T)  # out.T = b.T @ a.T
 
 
+def features_first(a: np.ndarray) -> np.ndarray:
+    """(F, T, B) -> the (F, N) view, N = T * B: the feature-major layout of `lstm` and `gru`."""
+    return a.reshape(a.shape[0], -1)
+
+
 def transpose_into(a: np.ndarray, out: np.ndarray) -> None:
     """out = a.T for a 2-D `a`; a large one in strips of 16 rows, 3-5x faster than one np.copyto."""
     if a.size < 1 << 16:

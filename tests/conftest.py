@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import charrnn
 from charrnn.plugins import get_plugin_manager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,3 +74,30 @@ def cli_env(monkeypatch):
 
 def charrnn_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "charrnn", *args]
+
+
+def params_of(path):
+    """The arrays (without `meta`) and the metadata of a checkpoint."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files if k != "meta"}, json.loads(str(data["meta"]))
+
+
+class FrozenOptimizer:
+    """An optimizer that never changes the parameters (and has no `lr`)."""
+
+    def step(self, params, grads):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class FrozenPlugin:
+    """Registers `FrozenOptimizer` as optimizer `frozen`."""
+
+    @charrnn.hookimpl
+    def charrnn_optimizer(self, register):
+        register("frozen", FrozenOptimizer)

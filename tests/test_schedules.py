@@ -6,6 +6,7 @@ import pytest
 
 from charrnn import ConfigError, run_pipeline
 from charrnn_plugins.schedules import Constant, Cosine, StepDecay
+from conftest import FrozenPlugin
 
 
 def test_constant():
@@ -42,24 +43,7 @@ def test_schedule_from_yaml_sets_the_optimizer_rate(tiny_config):
 
 
 def test_schedule_needs_an_optimizer_with_lr(tiny_config):
-    class NoLr:
-        def step(self, params, grads):
-            pass
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
-    import charrnn
-
-    class Plugin:
-        @charrnn.hookimpl
-        def charrnn_optimizer(self, register):
-            register("nolr", NoLr)
-
-    tiny_config["optimizer"] = {"type": "nolr"}
+    tiny_config["optimizer"] = {"type": "frozen"}  # has no lr
     tiny_config["schedule"] = {"type": "step"}
     with pytest.raises(ConfigError, match="schedule 'step' needs an optimizer with an `lr` attribute"):
-        run_pipeline(tiny_config, plugins=[Plugin()])
+        run_pipeline(tiny_config, plugins=[FrozenPlugin()])

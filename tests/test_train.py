@@ -16,12 +16,7 @@ import charrnn
 from charrnn import CheckpointError, ConfigError, generate_text, run_pipeline
 from charrnn.cli import main
 from charrnn.train import Aborted
-from conftest import ROOT, TINY_TEXT, charrnn_cmd
-
-
-def params_of(path):
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files if k != "meta"}, json.loads(str(data["meta"]))
+from conftest import ROOT, TINY_TEXT, FrozenPlugin, charrnn_cmd, params_of
 
 
 def test_same_seed_same_output(tiny_config, tmp_path):
@@ -67,10 +62,18 @@ def test_generate_stage_alone_loads_checkpoint(tiny_config, capsys):
     assert run_pipeline(tiny_config).text == text
 
 
-def test_resume_is_exact(tiny_config, tmp_path):
+@pytest.mark.parametrize(
+    ("optimizer", "state_key"),
+    [({"type": "adagrad"}, "optim/mem.Whh"), ({"type": "adam", "lr": 0.01}, "optim/t")],
+)
+def test_resume_is_exact(tiny_config, tmp_path, optimizer, state_key):
+    tiny_config["optimizer"] = optimizer
     tiny_config["train"].update(steps=30, sample_every=7)
     run_pipeline(tiny_config)
     full, full_meta = params_of(tiny_config["train"]["checkpoint"])
+    assert state_key in full
+    if state_key == "optim/t":
+        assert int(full["optim/t"]) == 30
 
     tiny_config["train"].update(steps=13, checkpoint=str(tmp_path / "part.npz"))
     run_pipeline(tiny_config)
@@ -320,24 +323,9 @@ def test_evaluation_does_not_disturb_training(tiny_config, tmp_path):
 
 
 def test_early_stopping(tiny_config):
-    class Frozen:  # never changes the parameters: the validation loss cannot improve
-        def step(self, params, grads):
-            pass
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
-    class Plugin:
-        @charrnn.hookimpl
-        def charrnn_optimizer(self, register):
-            register("frozen", Frozen)
-
     tiny_config["optimizer"] = {"type": "frozen"}
     tiny_config["train"].update(steps=500, sample_every=None, eval_every=2, patience=3)
-    result = run_pipeline(tiny_config, plugins=[Plugin()])
+    result = run_pipeline(tiny_config, plugins=[FrozenPlugin()])  # the val loss cannot improve
     # evaluations at steps 2 (best), 4, 6, 8: three without improvement, so it stops at step 8
     assert result.train.stopped_early and result.train.steps == 8
     assert len(result.text) == 4 + 50  # the later stages still run
