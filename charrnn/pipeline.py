@@ -60,6 +60,7 @@ class Pipeline:
         for kind in cfg.COMPONENTS:
             config[kind] = self.resolve(kind, config[kind])
         self.config = config
+        self._corpus: tuple[str, Any] | None = None  # (corpus section, what its loader returned)
 
     def locate(self, *path: str) -> str:
         return cfg.where(path, self.lines, self.origin)
@@ -101,8 +102,14 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------
 
     def load_corpus(self) -> tuple[Corpus, np.ndarray, np.ndarray | None]:
-        """The corpus, its training ids and validation ids (None without a split)."""
-        corpus = self.build("corpus", self.config["corpus"])
+        """The corpus, its training ids and validation ids (None without a split).
+
+        The loader runs once per corpus section: `train` then `evaluate` read the text once.
+        """
+        key = repr(sorted(self.config["corpus"].items()))
+        if self._corpus is None or self._corpus[0] != key:
+            self._corpus = (key, self.build("corpus", self.config["corpus"]))
+        corpus = self._corpus[1]
         if not isinstance(corpus, Corpus):
             raise CorpusError(
                 f"corpus loader {self.config['corpus']['type']!r} did not return a charrnn.Corpus"

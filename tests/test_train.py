@@ -393,3 +393,21 @@ def test_ngram_baselines_by_hand():
     assert uni == pytest.approx(-(np.log(4 / 7) + np.log(3 / 7)) / 2)
     # pairs 0->1 twice, 1->0 twice; add-one: P(1|0) = 3/4
     assert bi == pytest.approx(-np.log(3 / 4))
+
+
+def test_train_then_evaluate_loads_the_corpus_once(tiny_config):
+    calls = []
+
+    class Counted:
+        @charrnn.hookimpl
+        def charrnn_corpus_loader(self, register):
+            def load(repeat: int = 8):
+                calls.append(repeat)
+                return charrnn.Corpus.from_text(TINY_TEXT)
+
+            register("counted", load)
+
+    tiny_config["corpus"] = {"type": "counted", "val_fraction": 0.1}
+    tiny_config["stages"] = ["train", "evaluate"]
+    result = run_pipeline(tiny_config, plugins=[Counted()])
+    assert calls == [8] and result.evaluation["loss"] > 0
