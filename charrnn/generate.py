@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from charrnn.types import Corpus, Model, Sampler
+from charrnn.types import Corpus, Model, Sampler, State
 
 OnText = Callable[[str], None]
 
@@ -25,6 +25,26 @@ def start_ids(vocab: Corpus, seed_text: str) -> np.ndarray:
     return np.array([vocab.index.get("\n", 0) if vocab.encoding != "bytes" else 10], dtype=np.int64)
 
 
+class StepAdapter:
+    """A stepper (see `charrnn.types.Model.step`) for a model that has none: calls `model.step`."""
+
+    def __init__(self, model: Model, state: State) -> None:
+        self.model, self._state = model, state
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        logits, self._state = self.model.step(ids, self._state)
+        return logits
+
+    def state(self) -> State:
+        return self._state
+
+
+def stepper(model: Model, state: State) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's own stepper if it has one, else `StepAdapter`."""
+    make = getattr(model, "stepper", None)
+    return make(state) if make is not None else StepAdapter(model, state)
+
+
 def prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray], None] | None = None):
     """Feed all ids but the last to one stream, then copy its state to k streams.
 
@@ -32,8 +52,11 @@ def prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray],
     sees every seed id.
     """
     state = model.init_state(1)
-    for i in ids[:-1]:
-        _, state = model.step(np.array([i]), state)
+    if len(ids) > 1:
+        step = stepper(model, state)
+        for row in np.asarray(ids[:-1]).reshape(-1, 1):  # (1,) views, no array built per id
+            step(row)
+        state = step.state()
     if observe is not None:
         for i in ids:
             observe(np.full(k, i))
@@ -76,26 +99,29 @@ def generate(
         for stream, row in zip(streams, out, strict=True):
             stream.add(row)
     else:
-        done = 0
+        done, step = 0, stepper(model, state)
         while done < num_chars and not all(st.stopped for st in streams):
             n = min(chunk_chars, num_chars - done)
-            chunk, state, x = _steps(model, sampler, rng, state, x, n, observe)
+            chunk, x = _steps(step, sampler, rng, x, n, observe)
             for stream, row in zip(streams, chunk, strict=True):
                 stream.add(row)
             done += n
     return [seed_text + stream.finish() for stream in streams]
 
 
-def _steps(model, sampler, rng, state, x, n, observe):
+def _steps(step, sampler, rng, x, n, observe):
     """n sampling steps for k streams: the hot loop, with nothing in it but the model and sampler."""
-    out = np.empty((len(x), n), dtype=np.int64)
-    for i in range(n):
-        logits, state = model.step(x, state)  # (k, V)
-        x = sampler(logits, rng)  # (k,)
-        out[:, i] = x
-        if observe is not None:
+    out = []
+    if observe is None:
+        for _ in range(n):
+            x = sampler(step(x), rng)  # (k,)
+            out.append(x)
+    else:
+        for _ in range(n):
+            x = sampler(step(x), rng)
+            out.append(x)
             observe(x)
-    return out, state, x
+    return np.stack(out, axis=1).astype(np.int64, copy=False), x
 
 
 class _Stream:

@@ -187,7 +187,15 @@ class Model(Protocol):
         ...
 
     def step(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """One time step for k streams: ids (k,) -> logits (k, V) and the new state."""
+        """One time step for k streams: ids (k,) -> logits (k, V) and the new state.
+
+        Generation uses the optional `stepper(state)` instead when a model has it: an object
+        whose call `stepper(ids)` does what `step` does, keeping the state inside and returning
+        logits in a buffer the next call overwrites, and whose `state()` returns the state
+        (fresh arrays). It may cache arrays derived from `params` (transposed weights), so the
+        parameters must not change while it is in use. Without it, generation wraps `step`
+        (`charrnn.generate.StepAdapter`).
+        """
         ...
 
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from charrnn import hookimpl
-from charrnn.optim import BaseOptimizer, Params, check_option, load_arrays
+from charrnn.optim import BaseOptimizer, Params, check_option
 
 
 class SGD(BaseOptimizer):
@@ -39,20 +39,20 @@ class SGD(BaseOptimizer):
         if nesterov and momentum == 0:
             raise ValueError("nesterov needs momentum > 0, got momentum 0")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
-        self.buf: Params = {}
+
+    @property
+    def state_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("buf",) if self.momentum else ()  # plain SGD keeps no state
 
     def step(self, params: Params, grads: Params) -> None:
-        grads = self.clipped(grads)
-        for key, p in params.items():
-            g, upd = grads[key], self.buffer(f"upd.{key}", p)
+        for s in self.slots(params, grads):
+            p, g, upd = s.param, s.grad, self.buffer(f"upd.{s.key}", s.param)
             if self.weight_decay:
-                g = np.multiply(p, self.weight_decay, out=self.buffer(f"wd.{key}", p))
-                g += grads[key]  # g + weight_decay * p
+                g = np.multiply(p, self.weight_decay, out=self.buffer(f"wd.{s.key}", p))
+                g += s.grad  # g + weight_decay * p
             d = g
             if self.momentum:
-                if key not in self.buf:
-                    self.buf[key] = np.zeros_like(p)
-                buf = self.buf[key]
+                buf = s.state["buf"]
                 buf *= self.momentum
                 buf += g
                 d = buf
@@ -62,18 +62,14 @@ class SGD(BaseOptimizer):
             np.multiply(d, self.lr, out=upd)
             p -= upd
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {f"buf.{k}": v for k, v in self.buf.items()}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.buf = load_arrays(state, ("buf",))["buf"]
-
 
 class RMSprop(BaseOptimizer):
     """RMSprop as in char-rnn (torch `optim.rmsprop`), whose defaults these are.
 
     cache = decay * cache + (1 - decay) * g^2; p -= lr * g / (sqrt(cache) + eps).
     """
+
+    state_names = ("cache",)
 
     def __init__(
         self,
@@ -87,14 +83,10 @@ class RMSprop(BaseOptimizer):
         check_option("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
         check_option("eps", eps, lambda v: v > 0, "> 0")
         self.decay, self.eps = decay, eps
-        self.cache: Params = {}
 
     def step(self, params: Params, grads: Params) -> None:
-        grads = self.clipped(grads)
-        for key, p in params.items():
-            if key not in self.cache:
-                self.cache[key] = np.zeros_like(p)
-            g, cache, tmp = grads[key], self.cache[key], self.buffer(f"tmp.{key}", p)
+        for s in self.slots(params, grads):
+            g, cache, tmp = s.grad, s.state["cache"], self.buffer(f"tmp.{s.key}", s.param)
             np.multiply(g, g, out=tmp)
             tmp *= 1 - self.decay
             cache *= self.decay
@@ -103,13 +95,7 @@ class RMSprop(BaseOptimizer):
             tmp += self.eps
             np.divide(g, tmp, out=tmp)
             tmp *= self.lr
-            p -= tmp
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {f"cache.{k}": v for k, v in self.cache.items()}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.cache = load_arrays(state, ("cache",))["cache"]
+            s.param -= tmp
 
 
 class Adam(BaseOptimizer):
@@ -118,6 +104,8 @@ class Adam(BaseOptimizer):
     m = beta1 * m + (1 - beta1) * g; v = beta2 * v + (1 - beta2) * g^2; t += 1;
     p -= lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t).
     """
+
+    state_names = ("m", "v")
 
     def __init__(
         self,
@@ -134,8 +122,6 @@ class Adam(BaseOptimizer):
         check_option("eps", eps, lambda v: v > 0, "> 0")
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.weight_decay = 0.0  # AdamW's decoupled decay; plain Adam has none
-        self.m: Params = {}
-        self.v: Params = {}
         self.t = 0
 
     def step(self, params: Params, grads: Params) -> None:
@@ -144,13 +130,13 @@ class Adam(BaseOptimizer):
         b1, b2 = self.beta1, self.beta2
         step_size = self.lr / (1 - b1**self.t)  # bias corrections folded into scalars, as in torch
         v_correction = math.sqrt(1 - b2**self.t)
-        shrink = 1 - self.lr * self.weight_decay
-        for key, p in params.items():
-            if key not in self.m:
-                self.m[key], self.v[key] = np.zeros_like(p), np.zeros_like(p)
-            g, m, v, tmp = grads[key], self.m[key], self.v[key], self.buffer(f"tmp.{key}", p)
-            if self.weight_decay and p.ndim >= 2:
-                p *= shrink  # decoupled weight decay (AdamW), matrices only
+        if self.weight_decay:
+            shrink = 1 - self.lr * self.weight_decay
+            for p in params.values():
+                if p.ndim >= 2:
+                    p *= shrink  # decoupled weight decay (AdamW), matrices only
+        for s in self.slots(params, grads):
+            g, m, v, tmp = s.grad, s.state["m"], s.state["v"], self.buffer(f"tmp.{s.key}", s.param)
             np.multiply(g, 1 - b1, out=tmp)
             m *= b1
             m += tmp
@@ -163,18 +149,15 @@ class Adam(BaseOptimizer):
             tmp += self.eps
             np.divide(m, tmp, out=tmp)
             tmp *= step_size
-            p -= tmp
+            s.param -= tmp
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        state = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
-        state["t"] = np.array(self.t, dtype=np.int64)
-        return state
+        return super().state_dict() | {"t": np.array(self.t, dtype=np.int64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         state = dict(state)
         self.t = int(state.pop("t", 0))
-        groups = load_arrays(state, ("m", "v"))
-        self.m, self.v = groups["m"], groups["v"]
+        super().load_state_dict(state)
 
 
 class AdamW(Adam):

@@ -118,28 +118,46 @@ class Temperature(RepetitionPenalty):
         if self._plain:  # argmax(z / T + g) = argmax(z + T * g): no division, no copy of the logits
             g = self.noise(rng, logits.shape, self.temperature)
             g += logits
-            return g.argmax(axis=-1)  # (k,)
+            return g.argmax(1)  # (k,); a positional axis parses faster than axis=-1
         z = self.filter(self.adjust(logits))  # (k, V)
         g = self.noise(rng, z.shape)
         g += z
-        return g.argmax(axis=-1)  # (k,)
+        return g.argmax(1)
 
     def noise(self, rng: np.random.Generator, shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
-        """Fresh Gumbel noise (k, V), cut from a block drawn at once: one draw per ~256 characters.
+        """Fresh Gumbel noise (k, V) times `scale`, cut from a block drawn at once.
 
         Generation calls the sampler once per character, where a separate draw of 65 numbers
         costs about as much as the rest of the sampler. The block belongs to one generator.
         """
         k, V = shape
+        used = self._used + k
         block = self._block
-        stale = (
-            block is None or self._block_rng is not rng or self._block_scale != scale or block.shape[1] != V
-        )
-        if stale or self._used + k > len(block):
-            block = self._block = rng.gumbel(scale=scale, size=(max(NOISE_ROWS, k), V))
-            self._block_rng, self._block_scale, self._used = rng, scale, 0
-        self._used += k
-        return block[self._used - k : self._used]
+        if (
+            block is None
+            or used > len(block)
+            or self._block_rng is not rng
+            or self._block_scale != scale
+            or block.shape[1] != V
+        ):
+            block = self._block = gumbel(rng, (max(NOISE_ROWS, k), V), scale)
+            self._block_rng, self._block_scale, used = rng, scale, k
+        self._used = used
+        return block[used - k : used]
+
+
+def gumbel(rng: np.random.Generator, shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+    """Gumbel(0, scale) noise in float32, as -scale * log(E) with E ~ Exp(1).
+
+    4x faster than `rng.gumbel` (float32 ziggurat draws and one vectorised log). E is kept
+    above the smallest normal float32, so the noise is finite (at most 87.3 * scale) and a
+    -inf logit never wins.
+    """
+    e = rng.standard_exponential(shape, dtype=np.float32)
+    np.maximum(e, np.finfo(np.float32).tiny, out=e)
+    np.log(e, out=e)
+    e *= np.float32(-scale)
+    return e
 
 
 class TopK(Temperature):

@@ -9,6 +9,7 @@ import pytest
 
 import charrnn_plugins.optimizers
 from charrnn import ConfigError, run_pipeline
+from charrnn.optim import pack, packed_buffer
 from charrnn_plugins.adagrad import Adagrad
 from charrnn_plugins.optimizers import SGD, Adam, AdamW, RMSprop
 from conftest import TINY_TEXT
@@ -336,3 +337,81 @@ def test_pipeline_schedule_sets_lr_and_options_are_typed(tiny_config):
     tiny_config["optimizer"] = {"type": "sgd", "momentun": 0.9}
     with pytest.raises(ConfigError, match="did you mean 'momentum'"):
         run_pipeline(tiny_config, plugins=[charrnn_plugins.optimizers])
+
+
+# -- packed parameters: one flat buffer, a few calls per step ------------------------------
+
+
+def packed_pair(rng, dtype=np.float64):
+    """Parameters and gradient sequence, as plain dicts and as packed views of flat buffers."""
+    params = {"W": rng.standard_normal((4, 3)), "U": rng.standard_normal((3, 3)), "b": rng.standard_normal(3)}
+    grads = [{k: rng.standard_normal(v.shape) * 4 for k, v in params.items()} for _ in range(5)]
+    return {k: v.astype(dtype) for k, v in params.items()}, [
+        {k: v.astype(dtype) for k, v in g.items()} for g in grads
+    ]
+
+
+@pytest.mark.parametrize(("cls", "options"), [*OPTIONS, (Adagrad, {}), (RMSprop, {}), (Adam, {"clip": 0.5})])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_packed_updates_are_bit_identical_to_per_parameter_ones(cls, options, dtype, rng):
+    params, grads = packed_pair(rng, dtype)
+    plain, packed = fresh(params), pack(params)
+    packed_grads = pack(grads[0])
+    a, b = cls(**options), cls(**options)
+    for g in grads:
+        for k, v in g.items():
+            packed_grads[k][...] = v
+        a.step(plain, g)
+        b.step(packed, packed_grads)
+        for k in plain:
+            assert np.array_equal(plain[k], packed[k]), k
+    assert [s.key for s in b.slots(packed, packed_grads)] == ["*"]  # one update over the flat buffers
+    assert [s.key for s in a.slots(plain, grads[0])] == list(plain)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert np.array_equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize(("cls", "options"), OPTIONS)
+def test_state_moves_between_packed_and_per_parameter_runs(cls, options, rng):
+    """A checkpoint's per-parameter state loads into a packed run (and back) bit-exactly."""
+    params, grads = packed_pair(rng)
+    a = cls(**options)
+    plain = fresh(params)
+    for g in grads[:2]:
+        a.step(plain, g)
+    b = cls(**options)
+    b.load_state_dict({k: v.copy() for k, v in a.state_dict().items()})
+    packed, packed_grads = pack(plain), pack(grads[2])
+    b.step(packed, packed_grads)
+    a.step(plain, grads[2])
+    c = cls(**options)
+    c.load_state_dict({k: v.copy() for k, v in b.state_dict().items()})
+    for g in grads[3:]:
+        a.step(plain, g)
+        c.step(packed, pack(g))  # fresh gradient buffers each step: the layout is found again
+    for k in plain:
+        assert np.array_equal(plain[k], packed[k]), k
+
+
+def test_packed_buffer_only_accepts_consecutive_views_without_gaps():
+    flat = np.arange(10.0)
+    a, b = flat[:4].reshape(2, 2), flat[4:10]
+    assert packed_buffer([a, b]) is flat
+    assert packed_buffer([b, a]) is None  # out of order
+    assert packed_buffer([a, flat[5:10]]) is None  # a gap
+    assert packed_buffer([a, flat[4:9]]) is None  # does not cover the buffer
+    assert packed_buffer([a, np.zeros(6)]) is None  # another buffer
+    assert packed_buffer([np.zeros(3)]) is None  # owns its memory
+    assert packed_buffer([flat[::2]]) is None  # not contiguous
+    assert packed_buffer([]) is None
+
+
+def test_weights_replaced_by_other_arrays_fall_back_to_per_parameter_updates(rng):
+    params, grads = packed_pair(rng)
+    packed = pack(params)
+    opt = Adagrad()
+    opt.step(packed, pack(grads[0]))
+    packed["W"] = packed["W"].copy()  # no longer a view of the flat buffer
+    assert [s.key for s in opt.slots(packed, pack(grads[1]))] == list(packed)

@@ -14,6 +14,7 @@ import charrnn_plugins.gru as gru_plugin
 import charrnn_plugins.lstm as lstm_plugin
 import charrnn_plugins.rnn as rnn_plugin
 from charrnn import Model
+from charrnn.optim import packed_buffer
 from charrnn_plugins.gru import GRU
 from charrnn_plugins.lstm import LSTM
 from charrnn_plugins.optimizers import Adam
@@ -283,3 +284,18 @@ def test_bench_trains_at_least_0_9x_as_fast_as_torch(cls):
         f"\n{name} H512 B32 T64: charrnn {ours * 1e3:.1f} ms/step, torch {theirs * 1e3:.1f} ms/step, {ratio:.2f}x"
     )
     assert ratio >= 0.9
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_parameters_and_gradients_are_packed_alike(tiny_config, tmp_path, cls):
+    """Packed, the optimizer takes one slot over all parameters; a checkpoint reload keeps the packing."""
+    model = make_model(cls, num_layers=2)
+    _, grads, _ = model.train_step(*random_batch(5, 3, 4), model.init_state(3))
+    assert packed_buffer(list(model.params.values())) is not None
+    assert packed_buffer(list(grads.values())) is not None
+    assert [s.key for s in Adam().slots(model.params, grads)] == ["*"]
+    tiny_config["model"] = {"type": NAMES[cls], "hidden_size": 8}
+    tiny_config["train"]["checkpoint"] = str(tmp_path / "m.npz")
+    charrnn.run_pipeline(tiny_config)
+    loaded = charrnn.Pipeline(tiny_config).load_model(str(tmp_path / "m.npz"))[0]
+    assert packed_buffer(list(loaded.params.values())) is not None

@@ -3,8 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from charrnn.generate import StepAdapter, generate
+from charrnn.types import Corpus
 from charrnn_plugins import rnn as rnn_plugin
 from charrnn_plugins.rnn import RNN
+from charrnn_plugins.samplers import Temperature
 from reference_rnn import random_batch, randomize, reference_loss_and_grads
 from reference_rnn import random_state as stacked_state
 
@@ -313,3 +316,50 @@ def test_bench_generation_against_a_torch_loop():
         f"generate {gen_s * 1e6:.1f} us ({1 / gen_s:,.0f} chars/s, {torch_s / gen_s:.2f}x torch)"
     )
     assert torch_s / gen_s >= 3.0
+
+
+# -- the generation stepper ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize(("dtype", "rtol"), [("float64", 1e-12), ("float32", 2e-5)])
+def test_stepper_gives_the_logits_and_state_of_step(k, dtype, rtol):
+    V, H = 11, 16
+    model = RNN(V, np.random.default_rng(0), hidden_size=H, dtype=dtype, init_scale=0.3)
+    model.params["bh"][:] = np.random.default_rng(1).standard_normal(H) * 0.3
+    model.params["by"][:] = np.random.default_rng(2).standard_normal(V) * 0.3
+    state = {"h": np.random.default_rng(3).uniform(-0.9, 0.9, (k, H)).astype(dtype)}
+    before = state["h"].copy()
+    step = model.stepper(state)
+    reference = state
+    for ids in np.random.default_rng(4).integers(0, V, size=(30, k)):
+        logits = step(ids)
+        expected, reference = model.step(ids, reference)
+        assert logits.shape == (k, V)
+        np.testing.assert_allclose(logits, expected, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(step.state()["h"], reference["h"], rtol=rtol, atol=rtol)
+    assert step.state()["h"].shape == (k, H) and step.state()["h"] is not step.state()["h"]
+    assert np.array_equal(state["h"], before)  # the incoming state is not modified
+
+
+def test_stepper_of_a_stacked_rnn_wraps_step():
+    model = RNN(5, np.random.default_rng(0), hidden_size=4, num_layers=2)
+    assert isinstance(model.stepper(model.init_state(2)), StepAdapter)
+
+
+def test_generation_with_the_stepper_equals_generation_with_step(tiny_text):
+    """Same model, same seed: the fast path and the plain `step` loop pick the same characters."""
+    corpus = Corpus.from_text(tiny_text)
+    model = RNN(len(corpus.vocab), np.random.default_rng(0), hidden_size=32, dtype="float64", init_scale=0.3)
+
+    class StepOnly:  # the model without its stepper
+        def __init__(self, m):
+            self.init_state, self.step = m.init_state, m.step
+
+    sampler = Temperature()
+    for k in (1, 3):
+        fast = generate(model, sampler, corpus, np.random.default_rng(5), "the ", 300, num_samples=k)
+        slow = generate(
+            StepOnly(model), sampler, corpus, np.random.default_rng(5), "the ", 300, num_samples=k
+        )
+        assert fast == slow

@@ -12,7 +12,7 @@ import charrnn_plugins.beam
 from charrnn.plugins import Registry, get_plugin_manager
 from charrnn_plugins.beam import Beam
 from charrnn_plugins.rnn import RNN
-from charrnn_plugins.samplers import Greedy, MinP, Temperature, TopK, TopP
+from charrnn_plugins.samplers import NOISE_ROWS, Greedy, MinP, Temperature, TopK, TopP, gumbel
 
 NAMES = ["temperature", "greedy", "top_k", "top_p", "min_p", "beam"]
 STOCHASTIC = [Temperature, TopK, TopP, MinP]
@@ -78,8 +78,32 @@ def test_seeded_samplers_reproduce_and_stay_in_vocabulary(name, dtype):
 
 def test_temperature_is_gumbel_max_over_scaled_logits():
     logits = random_logits(20, 9)
-    expected = np.argmax(logits / 0.7 + np.random.default_rng(3).gumbel(size=logits.shape), axis=-1)
+    noise = gumbel(np.random.default_rng(3), (NOISE_ROWS, 9))[:20]  # the first rows of one block
+    expected = np.argmax(logits / 0.7 + noise, axis=-1)
     assert np.array_equal(Temperature(0.7)(logits, np.random.default_rng(3)), expected)
+
+
+def test_gumbel_noise_has_the_gumbel_distribution():
+    g32 = gumbel(np.random.default_rng(0), (1000, 1000))
+    assert g32.dtype == np.float32 and np.isfinite(g32).all()
+    g = g32.astype(np.float64).ravel()
+    assert abs(g.mean() - np.euler_gamma) < 0.005  # mean of Gumbel(0, 1)
+    assert abs(g.var() - np.pi**2 / 6) < 0.01
+    for x in (-1.0, 0.0, 1.0, 3.0):
+        assert abs((g <= x).mean() - np.exp(-np.exp(-x))) < 0.002  # the CDF
+    scaled = gumbel(np.random.default_rng(0), (1000, 1000), 2.5).astype(np.float64).ravel()
+    np.testing.assert_allclose(scaled, 2.5 * g, rtol=1e-6)
+
+
+def test_gumbel_noise_stays_finite_when_an_exponential_draw_is_zero():
+    class ZeroDraws:
+        def standard_exponential(self, shape, dtype):
+            return np.zeros(shape, dtype)
+
+    g = gumbel(ZeroDraws(), (2, 3))
+    assert np.isfinite(g).all() and g.max() < 90
+    logits = np.array([[0.0, -np.inf, 1.0]])
+    assert Temperature()(logits, ZeroDraws())[0] != 1  # a -inf logit never wins
 
 
 @pytest.mark.parametrize("sampler", [Greedy(), Beam()])
