@@ -363,3 +363,28 @@ def test_generation_with_the_stepper_equals_generation_with_step(tiny_text):
             StepOnly(model), sampler, corpus, np.random.default_rng(5), "the ", 300, num_samples=k
         )
         assert fast == slow
+
+
+@pytest.mark.parametrize("several_cpus", [True, False])
+def test_padded_rows_only_just_below_the_openblas_threading_threshold(monkeypatch, several_cpus):
+    monkeypatch.setattr(rnn_plugin, "_openblas_on_several_cpus", lambda: several_cpus)
+    threshold = rnn_plugin.OPENBLAS_THREADED_GEMV
+    assert rnn_plugin.padded_rows(577, 512) == (900 if several_cpus else 577)  # hidden 512, V 65
+    assert (rnn_plugin.padded_rows(577, 512) * 512 >= threshold) == several_cpus
+    assert rnn_plugin.padded_rows(165, 100) == 165  # far below: padding would cost more than it gives
+    assert rnn_plugin.padded_rows(1000, 512) == 1000  # threaded already
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_stepper_with_a_padded_matrix_gives_the_logits_of_step(monkeypatch, padded):
+    monkeypatch.setattr(rnn_plugin, "_openblas_on_several_cpus", lambda: padded)
+    V, H = 65, 512
+    model = RNN(V, np.random.default_rng(0), hidden_size=H, init_scale=0.05)
+    model.params["by"][:] = np.random.default_rng(2).standard_normal(V)
+    state = {"h": np.random.default_rng(3).uniform(-0.9, 0.9, (1, H)).astype(np.float32)}
+    step, reference = model.stepper(state), state
+    assert step.W.shape[0] == (900 if padded else H + V)
+    for ids in np.random.default_rng(4).integers(0, V, size=(20, 1)):
+        expected, reference = model.step(ids, reference)
+        np.testing.assert_allclose(step(ids), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(step.state()["h"], reference["h"], rtol=1e-4, atol=1e-5)

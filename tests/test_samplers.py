@@ -386,3 +386,11 @@ def test_pipeline_hands_generation_to_beam_search(tiny_config, monkeypatch):
     result = charrnn.run_pipeline(tiny_config, plugins=[charrnn_plugins.beam])
     assert calls == [(1, 20), (1, 20), (2, 50)]  # two training-time samples, then the generate stage
     assert len(result.texts) == 2 and result.texts[0] == result.texts[1]  # deterministic
+
+
+def test_changing_the_temperature_of_a_sampler_in_use_takes_effect():
+    logits = random_logits(50, 12, seed=4)
+    sampler, rng = Temperature(), np.random.default_rng(0)
+    sampler(logits, rng)  # draws a block of noise at temperature 1
+    sampler.temperature = 1e-4
+    assert np.array_equal(sampler(logits, rng), logits.argmax(-1))
