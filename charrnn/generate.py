@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from charrnn.errors import PluginError
 from charrnn.types import Corpus, Model, Sampler, State
 
 OnText = Callable[[str], None]
@@ -51,18 +52,23 @@ def prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray],
     Returns the state and the (k,) last ids, the first input of the sampling loop. `observe`
     sees every seed id.
     """
-    state = model.init_state(1)
-    if len(ids) > 1:
-        step = stepper(model, state)
-        for row in np.asarray(ids[:-1]).reshape(-1, 1):  # (1,) views, no array built per id
-            step(row)
-        state = step.state()
+    step, x = _prime(model, ids, k, observe)
+    return _copies(step.state(), k), x
+
+
+def _prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray], None] | None):
+    """`prime`, returning the one-stream stepper itself (generation of one stream goes on with it)."""
+    step = stepper(model, model.init_state(1))
+    for row in np.asarray(ids[:-1]).reshape(-1, 1):  # (1,) views, no array built per id
+        step(row)
     if observe is not None:
         for i in ids:
             observe(np.full(k, i))
-    if k > 1:
-        state = {name: np.repeat(a, k, axis=0) for name, a in state.items()}
-    return state, np.repeat(ids[-1:], k)
+    return step, np.repeat(ids[-1:], k)
+
+
+def _copies(state: State, k: int) -> State:
+    return {name: np.repeat(a, k, axis=0) for name, a in state.items()} if k > 1 else state
 
 
 def generate(
@@ -88,40 +94,55 @@ def generate(
     observe = getattr(sampler, "observe", None)
     if hasattr(sampler, "reset"):
         sampler.reset(k)  # type: ignore[union-attr]
-    state, x = prime(model, start_ids(vocab, seed_text), k, observe)
+    step, x = _prime(model, start_ids(vocab, seed_text), k, observe)
     streams = [_Stream(stop, vocab) for _ in range(k)]
     if on_text is not None:
         on_text(seed_text)
         streams[0].emit = on_text
     search = getattr(sampler, "search", None)
     if search is not None:
+        state = _copies(step.state(), k)
         out = np.asarray(search(model, state, x, num_chars, rng), dtype=np.int64).reshape(k, num_chars)
         for stream, row in zip(streams, out, strict=True):
             stream.add(row)
     else:
-        done, step = 0, stepper(model, state)
+        done = 0
+        if k > 1:
+            step = stepper(model, _copies(step.state(), k))
         while done < num_chars and not all(st.stopped for st in streams):
             n = min(chunk_chars, num_chars - done)
-            chunk, x = _steps(step, sampler, rng, x, n, observe)
+            chunk, x = _steps(step, sampler, rng, x, n, observe, len(vocab.vocab))
             for stream, row in zip(streams, chunk, strict=True):
                 stream.add(row)
             done += n
     return [seed_text + stream.finish() for stream in streams]
 
 
-def _steps(step, sampler, rng, x, n, observe):
-    """n sampling steps for k streams: the hot loop, with nothing in it but the model and sampler."""
-    out = []
-    if observe is None:
-        for _ in range(n):
-            x = sampler(step(x), rng)  # (k,)
-            out.append(x)
-    else:
-        for _ in range(n):
-            x = sampler(step(x), rng)
-            out.append(x)
-            observe(x)
-    return np.stack(out, axis=1).astype(np.int64, copy=False), x
+def _steps(step, sampler, rng, x, n, observe, V):
+    """n sampling steps for k streams: the hot loop, with nothing in it but the model and sampler.
+
+    A sampler's bad return value shows up as an exception in the model; it is named then, at
+    no cost to the loop.
+    """
+    out, k = [], len(x)
+    try:
+        if observe is None:
+            for _ in range(n):
+                x = sampler(step(x), rng)  # (k,)
+                out.append(x)
+        else:
+            for _ in range(n):
+                x = sampler(step(x), rng)
+                out.append(x)
+                observe(x)
+        return np.concatenate(out).reshape(n, -1).T.astype(np.int64), x  # (k, n)
+    except (IndexError, ValueError, TypeError):
+        ids = np.asarray(x)
+        if ids.shape != (k,) or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= V:
+            raise PluginError(
+                f"sampler {type(sampler).__name__} returned {x!r}: expected {k} integer ids in [0, {V}), shape ({k},)"
+            ) from None
+        raise
 
 
 class _Stream:

@@ -201,3 +201,16 @@ def test_pipeline_generate_options(tiny_config, capsys, tmp_path):
     out = capsys.readouterr().out
     first, second = out[:-1].split("\n===\n")
     assert first.startswith("the ") and len(first) == 54 and len(second) == 54
+
+
+@pytest.mark.parametrize("returned", [np.int64(1), [[1]], np.array([0.5]), "a", np.array([10**6])])
+def test_a_sampler_returning_no_id_array_is_a_plugin_error(loaded, returned):
+    model, vocab = loaded
+
+    def bad(logits, rng):
+        return returned
+
+    with pytest.raises(
+        charrnn.PluginError, match=r"sampler function returned .*expected 1 integer ids in \[0, \d+\)"
+    ):
+        generate(model, bad, vocab, np.random.default_rng(0), "the ", 5)
