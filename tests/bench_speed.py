@@ -7,12 +7,13 @@ about S seconds each. Before a window the script waits while other processes kee
 again once, and kept but counted as noisy if it is noisy again. Medians (over the quiet windows
 when there are any), ranges and ratios follow.
 
-- training (chars/s): `charrnn` as users run it (`Pipeline(...).train`, with the default reports,
-  samples, validation on a 0.1 split and the final checkpoint; start-up excluded), the same without
-  a validation split, the bare kernel loop (`model.train_step` + `optimizer.step`), the naive
-  float64 reference (`reference_rnn.py`, batch 1 at both sizes, Adagrad inline) and PyTorch (nn.RNN + nn.Linear + Adagrad, 2 threads). All
-  read the training split in the pipeline's order (B streams, chunks of T) and clip gradients
-  elementwise at 5, as charrnn's Adagrad does by default.
+- training (chars/s): `charrnn` as users run it at a terminal (`Pipeline(...).train`, with the
+  progress bar, the default reports and samples and the final checkpoint, no validation split as
+  in the defaults; start-up excluded), the same with a 0.1 validation split evaluated at each
+  report, the bare kernel loop (`model.train_step` + `optimizer.step`), the naive float64
+  reference (`reference_rnn.py`, batch 1 at both sizes, Adagrad inline) and PyTorch (nn.RNN +
+  nn.Linear + Adagrad, 2 threads). All read the training split in the pipeline's order (B streams,
+  chunks of T) and clip gradients elementwise at 5, as charrnn's Adagrad does by default.
 - generation (sampled chars/s, priming included): one stream at hidden 512, priming with 100
   characters, then sampling `--gen-chars`.
 - peak memory of a short training run of the big configuration in a fresh subprocess, against an
@@ -141,8 +142,17 @@ class StepLoop:
                 return n * self.chars_per_step, elapsed, float(np.mean(losses))
 
 
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the training loop draws its progress bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 class CharrnnPipeline:
     """`charrnn.Pipeline(config).train(stderr)`: the loop users run; chars / TrainResult.seconds.
+
+    stderr is a `Terminal`, so the run pays for the progress bar as it does at a user's terminal.
 
     A run covers whole report cycles (`sample_every` steps, each ending with a sample and an
     evaluation), at least one even when that takes longer than the window, so the share of the
@@ -164,7 +174,7 @@ class CharrnnPipeline:
     def run(self, seconds: float) -> tuple[int, float, float]:
         steps = self.steps or self.cycle
         with tempfile.TemporaryDirectory() as tmp:
-            _, _, result = self.charrnn.Pipeline(self.config(steps, tmp)).train(io.StringIO())
+            _, _, result = self.charrnn.Pipeline(self.config(steps, tmp)).train(Terminal())
         if not self.steps:
             self.steps = self.cycle * max(1, round(seconds / max(result.seconds, 1e-6)))
         return result.chars, result.seconds, result.train_loss
