@@ -45,7 +45,10 @@ def charrnn_model(register: Register) -> None:
         section minus ``type``. The result fulfils :class:`charrnn.Model`: ``params``,
         ``init_state``, ``train_step`` (forward, loss and backward on a (B, T) minibatch with the
         hidden state carried in and out), ``loss`` (forward only) and ``step`` (one time step for
-        k streams, used to prime and to sample). Raise ``ValueError`` for bad options.
+        k streams, used to prime and to sample). Optional: ``stepper(state)``, a faster ``step``
+        for generation loops (see :meth:`charrnn.Model.step`). Packing ``params`` and the
+        gradients with :func:`charrnn.optim.pack` lets the builtin optimizers update them in a
+        few NumPy calls. Raise ``ValueError`` for bad options.
     """
 
 
@@ -67,7 +70,8 @@ def charrnn_sampler(register: Register) -> None:
     :param register: call ``register(name, factory)``; ``factory(**options)`` receives the YAML
         ``sampler`` section minus ``type`` and returns a callable
         ``sampler(logits, rng) -> ids`` taking logits of shape (k, V) for k parallel streams and a
-        ``numpy.random.Generator``, returning k ids. Optional methods, called when present:
+        ``numpy.random.Generator``, returning k ids (a new array each call: the loop keeps
+        them; the logits are a buffer the model reuses). Optional methods, called when present:
         ``bind(vocab)`` once with the vocabulary; ``reset(k)`` at the start of each generation;
         ``observe(ids)`` with every (k,) ids of the text, seed and generated (for repetition
         penalties); ``search(model, state, last_ids, num_chars, rng) -> (k, num_chars) ids``

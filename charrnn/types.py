@@ -218,7 +218,9 @@ class Optimizer(Protocol):
 class Sampler(Protocol):
     """Picks the next symbol of k parallel streams.
 
-    Called with logits of shape (k, V) and a `numpy.random.Generator`; returns k ids, shape (k,).
+    Called with logits of shape (k, V) and a `numpy.random.Generator`; returns k ids, shape (k,),
+    as a new array each call (the generation loop keeps them). The logits may be a buffer that
+    the model overwrites at its next step: copy them to keep them.
     Optional methods (see `charrnn.hookspecs.charrnn_sampler`): `bind(vocab)`, `reset(k)`,
     `observe(ids)` and `search(model, state, last_ids, num_chars, rng)`.
     """

@@ -272,7 +272,8 @@ def test_bench_generation_against_a_torch_loop():
 
     The loop calls nn.RNN (one-hot input) + Linear, softmax, torch.multinomial and `.item()`; the
     contenders alternate in one process. Run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest -m bench -s tests/test_rnn.py`.
-    The floor is the (H, H) matrix-vector product, ~10 us at H=512: 1 MB read per character.
+    The floor is reading the weights once per character (`Whh` alone is 1 MB at H=512): ~9 us
+    with the generation stepper's one stacked product on both cores.
     """
     import time
 
@@ -315,7 +316,7 @@ def test_bench_generation_against_a_torch_loop():
         f"\nper character: torch loop {torch_s * 1e6:.1f} us, rnn.step {step_s * 1e6:.1f} us, "
         f"generate {gen_s * 1e6:.1f} us ({1 / gen_s:,.0f} chars/s, {torch_s / gen_s:.2f}x torch)"
     )
-    assert torch_s / gen_s >= 3.0
+    assert torch_s / gen_s >= 4.0  # the issue's target
 
 
 # -- the generation stepper ----------------------------------------------------------------
