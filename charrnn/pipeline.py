@@ -146,8 +146,8 @@ class Pipeline:
         model = self.model(len(corpus.vocab))
         optimizer = self.build("optimizer", self.config["optimizer"])
         schedule = self.build("schedule", self.config["schedule"])
-        if self.config["schedule"]["type"] == "constant":
-            schedule = None  # nothing to do per step
+        if getattr(schedule, "constant", False):
+            schedule = None  # a factor of 1 throughout: nothing to do per step
         elif not isinstance(getattr(optimizer, "lr", None), (int, float)):
             raise ConfigError(
                 f"schedule {self.config['schedule']['type']!r} needs an optimizer with an `lr` attribute; "

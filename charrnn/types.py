@@ -229,7 +229,11 @@ class Sampler(Protocol):
 
 
 class Schedule(Protocol):
-    """A learning-rate schedule: the factor for the base `lr` at `step` (0-based)."""
+    """A learning-rate schedule: the factor for the base `lr` at `step` (0-based).
+
+    A schedule whose factor is always 1 may say so with a true `constant` attribute: the
+    training loop then never calls it (and leaves the optimizer's `lr` alone).
+    """
 
     def __call__(self, step: int, total_steps: int | None) -> float: ...
 

@@ -8,7 +8,9 @@ from charrnn import hookimpl
 
 
 class Constant:
-    """The base learning rate throughout."""
+    """The base learning rate throughout (`constant = True`: the loop need not call it)."""
+
+    constant = True
 
     def __call__(self, step: int, total_steps: int | None) -> float:
         return 1.0

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from charrnn import ConfigError, run_pipeline
+from charrnn import ConfigError, hookimpl, run_pipeline
 from charrnn_plugins.schedules import Constant, Cosine, StepDecay
 from conftest import FrozenPlugin
 
@@ -47,3 +47,29 @@ def test_schedule_needs_an_optimizer_with_lr(tiny_config):
     tiny_config["schedule"] = {"type": "step"}
     with pytest.raises(ConfigError, match="schedule 'step' needs an optimizer with an `lr` attribute"):
         run_pipeline(tiny_config, plugins=[FrozenPlugin()])
+
+
+class CountingSchedule:
+    def __init__(self, constant):
+        self.constant, self.calls = constant, 0
+
+    def __call__(self, step, total_steps):
+        self.calls += 1
+        return 1.0
+
+
+@pytest.mark.parametrize("constant", [True, False])
+def test_a_schedule_that_says_it_is_constant_is_not_called_per_step(tiny_config, constant):
+    """`constant = True` (as the builtin `constant` has) lets the loop skip the call; others are called."""
+    made = []
+
+    class Plugin:
+        @hookimpl
+        def charrnn_schedule(self, register):
+            register("counting", lambda: made.append(CountingSchedule(constant)) or made[-1])
+
+    tiny_config["schedule"] = {"type": "counting"}
+    tiny_config["train"]["steps"] = 5
+    run_pipeline(tiny_config, plugins=[Plugin()])
+    assert made[-1].calls == (0 if constant else 1 + 5)  # one check before training, then each step
+    assert Constant.constant is True
