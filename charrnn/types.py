@@ -13,18 +13,11 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from charrnn.encoding import ids_dtype, lookup, mark, utf8_codes
 from charrnn.errors import CorpusError
 
 Params = dict[str, np.ndarray]
 State = dict[str, np.ndarray]
-
-
-def ids_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest unsigned dtype that holds ids below `vocab_size`."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if vocab_size <= np.iinfo(dt).max + 1:
-            return np.dtype(dt)
-    raise CorpusError(f"vocabulary of {vocab_size} symbols is too large")
 
 
 @dataclass
@@ -56,61 +49,30 @@ class Corpus:
 
     @classmethod
     def from_utf8(cls, raw: bytes, source: str = "", chunk_size: int = 1 << 22) -> Corpus:
-        """Decode and encode UTF-8 bytes in linear time and about 2x their size in memory.
+        """Decode and encode UTF-8 bytes in linear time, in two streaming passes (`charrnn.encoding`).
 
-        ASCII text (the common case) is mapped byte for byte; other text is decoded in chunks,
-        twice: once to find the vocabulary, once to write the ids. A leading byte-order mark is
+        ASCII chunks are mapped byte for byte; others are decoded. A leading byte-order mark is
         dropped. Invalid UTF-8 raises CorpusError naming the byte offset.
         """
-        start = 3 if raw[:3] == b"\xef\xbb\xbf" else 0
-        data = np.frombuffer(raw, dtype=np.uint8)[start:]
-        if len(data) == 0:
-            return cls(np.zeros(0, np.uint8), [], source)
-        if int(data.max()) < 0x80:  # ASCII: one byte per character
-            step = 1 << 20  # bincount and take cast indices to intp: 8 bytes each, so work in slices
-            seen = np.zeros(0x80, dtype=bool)
-            for i in range(0, len(data), step):
-                seen |= np.bincount(data[i : i + step], minlength=0x80) > 0
-            present = np.flatnonzero(seen)
-            lut = np.zeros(0x80, dtype=np.uint8)
-            lut[present] = np.arange(len(present))
-            ids = np.empty(len(data), dtype=np.uint8)
-            for i in range(0, len(data), step):
-                np.take(lut, data[i : i + step], out=ids[i : i + step])
-            return cls(ids, [chr(c) for c in present], source)
+        start = 3 if raw[:3] == codecs.BOM_UTF8 else 0
+        view = memoryview(raw)
 
-        def chunks() -> Iterator[np.ndarray]:
-            decoder = codecs.getincrementaldecoder("utf-8")()
+        def chunks() -> Iterator[tuple[int, bytes]]:
             for offset in range(start, len(raw), chunk_size):
-                pending = len(decoder.getstate()[0])  # bytes of a character split by the last chunk
-                try:
-                    text = decoder.decode(
-                        raw[offset : offset + chunk_size], final=offset + chunk_size >= len(raw)
-                    )
-                except UnicodeDecodeError as exc:
-                    at = offset - pending + exc.start
-                    raise CorpusError(
-                        f"{source or 'corpus'} is not valid UTF-8 (byte {at}: {exc.reason})"
-                    ) from None
-                yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+                yield offset, view[offset : offset + chunk_size]
+            yield len(raw), b""
 
-        seen = np.zeros(0x80, dtype=bool)
-        count = 0
-        for codes in chunks():
-            top = int(codes.max()) + 1 if len(codes) else 0
-            if top > len(seen):
-                seen = np.concatenate([seen, np.zeros(top - len(seen), dtype=bool)])
-            seen[codes] = True
+        name = source or "corpus"
+        seen, count = np.zeros(0x80, dtype=bool), 0
+        for codes in utf8_codes(chunks(), name):
+            seen = mark(seen, codes)
             count += len(codes)
-        present = np.flatnonzero(seen)
-        lut = np.zeros(len(seen), dtype=ids_dtype(len(present)))
-        lut[present] = np.arange(len(present))
-        ids = np.empty(count, dtype=lut.dtype)
-        pos = 0
-        for codes in chunks():
-            ids[pos : pos + len(codes)] = lut[codes]
+        vocab, lut = lookup(seen)
+        ids, pos = np.empty(count, dtype=lut.dtype), 0
+        for codes in utf8_codes(chunks(), name):
+            np.take(lut, codes, out=ids[pos : pos + len(codes)])
             pos += len(codes)
-        return cls(ids, [chr(c) for c in present], source)
+        return cls(ids, vocab, source)
 
     @property
     def index(self) -> dict[str, int]:

@@ -30,20 +30,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from charrnn import Corpus, CorpusError, ids_dtype
+from charrnn import Corpus, CorpusError
+from charrnn.encoding import NotUTF8, ids_dtype, lookup, mark
+from charrnn.encoding import utf8_codes as decode_utf8
 
 ENCODINGS = ("utf-8", "bytes")
 CHUNK_SIZE = 1 << 20  # bytes read at a time while streaming
 FORMAT = "charrnn-ids-1"  # change when the cache layout or the encoding rules change
 BYTE_VOCAB = tuple(chr(i) for i in range(256))
-
-
-class NotUTF8(CorpusError):
-    """A corpus file is not valid UTF-8; `detail` gives the byte offset and the reason."""
-
-    def __init__(self, name: str, detail: str) -> None:
-        super().__init__(f"{name} is not valid UTF-8 ({detail})")
-        self.detail = detail
 
 
 def check_encoding(encoding: str) -> str:
@@ -105,25 +99,8 @@ def _chunks(path: Path, chunk_size: int, skip_bom: bool = False) -> Iterator[tup
 
 
 def utf8_codes(path: Path, chunk_size: int = CHUNK_SIZE) -> Iterator[np.ndarray]:
-    """Code points of a UTF-8 file, chunk by chunk: (n,) uint8 for ASCII chunks, else uint32.
-
-    As in `Corpus.from_utf8`, a leading byte-order mark is dropped; characters split across chunks
-    are joined by an incremental decoder, and invalid UTF-8 is a CorpusError naming the byte offset.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    for offset, chunk in _chunks(path, chunk_size, skip_bom=True):
-        pending = len(decoder.getstate()[0])  # bytes of a character split by the last chunk
-        data = np.frombuffer(chunk, dtype=np.uint8)
-        if not pending and len(data) and int(data.max()) < 0x80:
-            yield data  # ASCII: one byte per character, no decoding
-            continue
-        try:
-            text = decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as exc:
-            at = offset - pending + exc.start
-            raise NotUTF8(str(path), f"byte {at}: {exc.reason}") from None
-        if text:
-            yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    """Code points of a UTF-8 file, chunk by chunk (see `charrnn.encoding.utf8_codes`), BOM dropped."""
+    return decode_utf8(_chunks(path, chunk_size, skip_bom=True), str(path))
 
 
 def byte_codes(path: Path, chunk_size: int = CHUNK_SIZE) -> Iterator[np.ndarray]:
@@ -174,14 +151,14 @@ def scan(
         mine, n = np.zeros(0x80, dtype=bool), 0
         try:
             for codes in utf8_codes(path, chunk_size):
-                mine = _mark(mine, codes)
+                mine = mark(mine, codes)
                 n += len(codes)
         except NotUTF8:
             if errors != "skip":
                 raise
             skipped.append(path)
             continue
-        seen = _mark(seen, np.flatnonzero(mine))
+        seen = mark(seen, np.flatnonzero(mine))
         kept.append(path)
         count += n
     if files and not kept:
@@ -190,23 +167,10 @@ def scan(
             "encoding: bytes reads any file"
         )
     if len(kept) > 1:
-        seen = _mark(seen, sep)
+        seen = mark(seen, sep)
         count += len(sep) * (len(kept) - 1)
-    present = np.flatnonzero(seen)
-    lut = np.zeros(len(seen), dtype=ids_dtype(len(present)))
-    lut[present] = np.arange(len(present))
-    return Plan(kept, sep, [chr(c) for c in present], lut, count, encoding, skipped)
-
-
-def _mark(seen: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """`seen` (grown as needed) with `codes` set."""
-    if len(codes) == 0:
-        return seen
-    top = int(codes.max()) + 1
-    if top > len(seen):
-        seen = np.concatenate([seen, np.zeros(top - len(seen), dtype=bool)])
-    seen[codes] = True
-    return seen
+    vocab, lut = lookup(seen)
+    return Plan(kept, sep, vocab, lut, count, encoding, skipped)
 
 
 def ids_chunks(plan: Plan, chunk_size: int = CHUNK_SIZE) -> Iterator[np.ndarray]:
