@@ -7,7 +7,7 @@ builtin ones do.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +80,8 @@ class _Packed:
         self.keys = tuple(params)
         self.params, self.grads = tuple(params.values()), tuple(grads.values())
         self.flat_p, self.flat_g = flat_p, flat_g
+        ends = np.cumsum([a.size for a in self.params]).tolist()
+        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))  # each parameter's part of the buffers
         self.state: dict[str, np.ndarray] = {}
 
     def matches(self, params: Params, grads: Params) -> bool:
@@ -132,15 +134,16 @@ class BaseOptimizer:
         if self.clip is not None:
             g = np.clip(g, -self.clip, self.clip, out=self.buffer("grad.*", g))
         if self.clip_norm is not None:
-            sq, pos = 0.0, 0
-            for a in packed.grads:  # per parameter, as unpacked, so the norm is the same number
-                part = g[pos : pos + a.size]
-                sq += float(np.vdot(part, part))
-                pos += a.size
-            norm = math.sqrt(sq)
-            if norm > self.clip_norm:
-                g = np.multiply(g, self.clip_norm / norm, out=self.buffer("grad.*", g))
+            # summed per parameter, as unpacked, so that the norm is the same number
+            scale = self._norm_scale(g[start:stop] for start, stop in packed.spans)
+            if scale < 1:
+                g = np.multiply(g, scale, out=self.buffer("grad.*", g))
         return [Slot("*", packed.flat_p, g, packed.state)]
+
+    def _norm_scale(self, grads: Iterable[np.ndarray]) -> float:
+        """The factor that brings the global L2 norm of `grads` down to `clip_norm` (1.0 if below)."""
+        norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+        return self.clip_norm / norm if self.clip_norm is not None and norm > self.clip_norm else 1.0
 
     def _state_of(self, key: str, like: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
@@ -177,17 +180,14 @@ class BaseOptimizer:
         """`grads` clipped elementwise to [-clip, clip], then scaled by clip_norm / max(norm, clip_norm)."""
         if self.clip is None and self.clip_norm is None:
             return grads
-        out, sq = self._grads, 0.0
+        out = self._grads
         for key, g in grads.items():
             if self.clip is not None:
                 g = np.clip(g, -self.clip, self.clip, out=self.buffer(f"grad.{key}", g))
             out[key] = g
-            if self.clip_norm is not None:
-                sq += float(np.vdot(g, g))  # global squared L2 norm over all parameters
         if self.clip_norm is not None:
-            norm = math.sqrt(sq)
-            if norm > self.clip_norm:
-                scale = self.clip_norm / norm
+            scale = self._norm_scale(out.values())  # over all parameters together
+            if scale < 1:
                 for key, g in out.items():
                     out[key] = np.multiply(g, scale, out=self.buffer(f"grad.{key}", g))
         return out
