@@ -47,17 +47,11 @@ def stepper(model: Model, state: State) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray], None] | None = None):
-    """Feed all ids but the last to one stream, then copy its state to k streams.
+    """Feed all ids but the last to one stream; `observe` sees every seed id, as k streams.
 
-    Returns the state and the (k,) last ids, the first input of the sampling loop. `observe`
-    sees every seed id.
+    Returns that stream's stepper (one stream goes on with it; k streams copy its state) and
+    the (k,) last ids, the first input of the sampling loop.
     """
-    step, x = _prime(model, ids, k, observe)
-    return _copies(step.state(), k), x
-
-
-def _prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray], None] | None):
-    """`prime`, returning the one-stream stepper itself (generation of one stream goes on with it)."""
     step = stepper(model, model.init_state(1))
     for row in np.asarray(ids[:-1]).reshape(-1, 1):  # (1,) views, no array built per id
         step(row)
@@ -94,7 +88,7 @@ def generate(
     observe = getattr(sampler, "observe", None)
     if hasattr(sampler, "reset"):
         sampler.reset(k)  # type: ignore[union-attr]
-    step, x = _prime(model, start_ids(vocab, seed_text), k, observe)
+    step, x = prime(model, start_ids(vocab, seed_text), k, observe)
     streams = [_Stream(stop, vocab) for _ in range(k)]
     if on_text is not None:
         on_text(seed_text)

@@ -132,40 +132,11 @@ class RNN(Recurrent):
         np.dot(lb.h_prev_flat.T, lb.dhr_flat, out=g[Whh])  # (H, H) summed over all steps at once
         np.dot(lb.ones_n, lb.dhr_flat, out=g[bh])  # (H,) sum over positions
 
-    def step(self, ids: np.ndarray, state: Arrays) -> tuple[np.ndarray, Arrays]:
-        """One time step for k streams: ids (k,) -> logits (k, V) and the new state (fresh arrays).
-
-        The generation hot path, so one layer gets its own few NumPy calls; a single stream
-        (k = 1) runs on 1-D vectors, whose matrix-vector products NumPy dispatches faster.
-        """
-        if self.num_layers > 1:
-            return super().step(ids, state)
-        h = state["h"]  # (k, H)
-        if np.ndim(ids) != 1 or len(ids) != h.shape[0]:
-            raise ValueError(f"ids must have shape ({h.shape[0]},) to match state['h'], got {np.shape(ids)}")
-        p = self.params
-        if len(ids) == 1:
-            x = p["Wxh"][ids[0]] + p["bh"]  # (H,)
-            h = np.dot(h[0], p["Whh"])
-            h += x
-            np.tanh(h, out=h)
-            logits = np.dot(h, p["Why"])  # (V,)
-            logits += p["by"]
-            return logits[None], {"h": h[None]}
-        x = p["Wxh"].take(ids, axis=0)  # (k, H) row gather
-        x += p["bh"]
-        h = np.dot(h, p["Whh"])  # (k, H)
-        h += x
-        np.tanh(h, out=h)
-        logits = np.dot(h, p["Why"])  # (k, V)
-        logits += p["by"]
-        return logits, {"h": h}
-
     def stepper(self, state: Arrays) -> _Stepper | StepAdapter:
         """A stepper for generation (see `charrnn.types.Model.step`); one layer only, else `step`."""
         if self.num_layers > 1:
             return StepAdapter(self, state)
-        return _Stepper1(self, state) if len(state["h"]) == 1 else _Stepper(self, state)
+        return _Stepper(self, state)
 
     def _step_layer(self, layer: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
         name = layer_name("h", layer)
@@ -245,7 +216,7 @@ class _Stepper:
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids (k,) -> logits (k, V), in a buffer that the next call overwrites."""
         a, h, logits = self.a, self.h, self.logits
-        np.add(self.r, self.table.take(ids, axis=1), out=a)
+        np.add(self.r, self.table[ids[0]] if self.k == 1 else self.table.take(ids, axis=1), out=a)
         np.tanh(a, out=h)
         self.dot(self.W, h, out=self.z)  # [h @ Whh (next call); h @ Why]
         np.add(logits, self.by, out=logits)
@@ -253,18 +224,6 @@ class _Stepper:
 
     def state(self) -> Arrays:
         return {"h": (self.h[None] if self.k == 1 else self.h.T).copy()}
-
-
-class _Stepper1(_Stepper):
-    """One stream: 1-D vectors, and the input row picked by plain indexing."""
-
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        a, h, logits = self.a, self.h, self.logits
-        np.add(self.r, self.table[ids[0]], out=a)
-        np.tanh(a, out=h)
-        self.dot(self.W, h, out=self.z)
-        np.add(logits, self.by, out=logits)
-        return self.out
 
 
 @hookimpl

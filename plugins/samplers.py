@@ -116,17 +116,7 @@ class Temperature(RepetitionPenalty):
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self._plain:  # argmax(z / T + g) = argmax(z + T * g): no division, no copy of the logits
-            k, used, block = len(logits), self._used, self._block
-            if (
-                rng is self._block_rng
-                and used + k <= self._block_rows
-                and logits.shape[1] == block.shape[1]
-                and self._block_scale == self.temperature
-            ):
-                self._used = used + k  # the common case of `noise`, inlined: 0.3 us a character
-                g = block[used : used + k]
-            else:
-                g = self.noise(rng, logits.shape, self.temperature)
+            g = self.noise(rng, logits.shape, self.temperature)
             g += logits
             return g.argmax(1)  # (k,); a positional axis parses faster than axis=-1
         z = self.filter(self.adjust(logits))  # (k, V)
@@ -141,14 +131,12 @@ class Temperature(RepetitionPenalty):
         costs about as much as the rest of the sampler. The block belongs to one generator.
         """
         k, V = shape
-        used = self._used + k
-        block = self._block
+        used, block = self._used + k, self._block
         if (
-            block is None
-            or used > len(block)
-            or self._block_rng is not rng
-            or self._block_scale != scale
-            or block.shape[1] != V
+            used > self._block_rows
+            or rng is not self._block_rng
+            or scale != self._block_scale
+            or V != block.shape[1]
         ):
             block = self._block = gumbel(rng, (max(NOISE_ROWS, k), V), scale)
             self._block_rng, self._block_scale, self._block_rows, used = rng, scale, len(block), k
