@@ -39,25 +39,25 @@ def bench(pipeline: Pipeline, seconds: float = 10.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         t.update(checkpoint=str(Path(tmp) / "bench.npz"), resume=False, save_every=t["save_every"])
         t["steps"] = 5
-        _, _, warm = pipeline.train(io.StringIO())
+        _, warm = pipeline.train(io.StringIO())
         per_step = warm.seconds / max(warm.steps, 1)
         t["steps"] = max(10, int(seconds / 2 / max(per_step, 1e-6)))
-        model, corpus, result = pipeline.train(io.StringIO())
+        loaded, result = pipeline.train(io.StringIO())
     train_cps = result.chars / result.seconds
 
     g = config["generate"]
     g["num_chars"] = 200
-    pipeline.generate(model, corpus)  # warm-up
+    loaded.generate()  # warm-up
     start = time.perf_counter()
-    pipeline.generate(model, corpus)
+    loaded.generate()
     per_char = (time.perf_counter() - start) / 200
     g["num_chars"] = max(1000, int(seconds / 2 / max(per_char, 1e-7)))
     start = time.perf_counter()
-    pipeline.generate(model, corpus)
+    loaded.generate()
     gen_cps = g["num_chars"] / (time.perf_counter() - start)
 
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    params = sum(p.size for p in model.params.values())
+    params = sum(p.size for p in loaded.model.params.values())
     return {
         "model": config["model"],
         "optimizer": config["optimizer"]["type"],
@@ -70,7 +70,7 @@ def bench(pipeline: Pipeline, seconds: float = 10.0) -> dict[str, Any]:
         "generate_chars": g["num_chars"],
         "generate_chars_per_sec": round(gen_cps),
         "peak_memory_mb": round(peak_kb / 1024, 1),
-        "corpus_chars": len(corpus.ids),
+        "corpus_chars": len(pipeline.data().corpus.ids),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),

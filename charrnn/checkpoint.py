@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from charrnn.errors import CheckpointError
+from charrnn.errors import CheckpointError, ConfigError
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
@@ -94,3 +94,91 @@ def load(path: str | Path) -> Checkpoint:
     if not groups["param"]:
         raise CheckpointError(f"checkpoint {path} holds no parameters")
     return Checkpoint(groups["param"], meta, groups["optim"], groups["state"])
+
+
+# -- checkpoints of training runs: what they record, and what resuming from one requires ----------
+
+
+def training_meta(config: dict[str, Any], corpus: Any, corpus_meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of a training checkpoint's metadata that stays the same for the whole run."""
+    from charrnn import __version__
+
+    return _jsonable(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "charrnn_version": __version__,
+            "config": config,
+            "vocab": corpus.vocab,
+            "encoding": corpus.encoding,
+            "corpus": corpus_meta,
+        }
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def load_params(model: Any, saved: Checkpoint, path: str | Path) -> None:
+    """Copy checkpoint arrays into the model's own arrays (shapes and names must agree)."""
+    if set(saved.params) != set(model.params):
+        raise CheckpointError(
+            f"checkpoint {path} has parameters {sorted(saved.params)}, the model expects {sorted(model.params)}"
+        )
+    for name, value in saved.params.items():
+        if value.shape != model.params[name].shape:
+            raise CheckpointError(
+                f"checkpoint {path}: parameter {name} has shape {value.shape}, expected {model.params[name].shape}"
+            )
+        model.params[name][...] = value
+
+
+def check_init_from(saved: Checkpoint, config: dict[str, Any], corpus: Any, path: str) -> None:
+    """`train.init_from` starts a new run from a checkpoint's weights: same model type and vocabulary."""
+    if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
+        old, new = set(saved.meta["vocab"]), set(corpus.vocab)
+        extra = "".join(sorted(new - old))[:20]
+        raise CheckpointError(
+            f"train.init_from: the vocabulary of {path} ({len(old)} symbols) differs from the corpus's "
+            f"({len(new)} symbols"
+            + (f"; new: {extra!r}" if extra else "")
+            + "); fine-tuning needs the same vocabulary "
+            "(use encoding: bytes for both to share one)"
+        )
+    old_model = saved.meta["config"]["model"]
+    if old_model.get("type") != config["model"]["type"]:
+        raise CheckpointError(
+            f"train.init_from: {path} holds a {old_model.get('type')!r} model, the pipeline builds {config['model']['type']!r}"
+        )
+
+
+def check_resume(saved: Checkpoint, config: dict[str, Any], corpus: Any, digest: str, path: str) -> None:
+    """Resuming continues the same run: same model, batch layout, optimizer, vocabulary and text."""
+    t, old = config["train"], saved.meta["config"]
+    if t["steps"] is not None and t["steps"] <= saved.meta["step"]:
+        raise ConfigError(
+            f"train.steps ({t['steps']}) must be beyond the checkpoint's step ({saved.meta['step']}) to resume"
+        )
+    for section, keys in (("model", None), ("train", ("batch_size", "seq_length"))):
+        for key in keys or sorted(set(old[section]) | set(config[section])):
+            a, b = old[section].get(key), config[section].get(key)
+            if a != b:
+                raise CheckpointError(
+                    f"cannot resume: {section}.{key} is {b!r} but the checkpoint {path} was trained with {a!r}"
+                )
+    if old["optimizer"]["type"] != config["optimizer"]["type"]:
+        raise CheckpointError(
+            f"cannot resume: optimizer.type is {config['optimizer']['type']!r} but the checkpoint "
+            f"{path} used {old['optimizer']['type']!r}"
+        )
+    if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
+        raise CheckpointError(f"cannot resume: the corpus vocabulary differs from the checkpoint {path}'s")
+    if saved.meta.get("corpus", {}).get("train_sha256") != digest:
+        raise CheckpointError(f"cannot resume: the training text differs from the one checkpoint {path} used")

@@ -16,9 +16,9 @@ from typing import NoReturn
 from charrnn import __version__
 from charrnn import config as cfg
 from charrnn.errors import CharrnnError
+from charrnn.interrupts import Aborted
 from charrnn.pipeline import Pipeline, generate_samples, write_text
 from charrnn.plugins import get_plugin_manager, list_plugins
-from charrnn.train import Aborted
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,7 +21,8 @@ def trained(tiny_config):
 
 @pytest.fixture
 def loaded(tiny_config, trained):
-    return Pipeline(tiny_config).load_model(trained)
+    loaded = Pipeline(tiny_config).load(trained)
+    return loaded.model, loaded.vocab
 
 
 class Recorder:

@@ -297,5 +297,5 @@ def test_parameters_and_gradients_are_packed_alike(tiny_config, tmp_path, cls):
     tiny_config["model"] = {"type": NAMES[cls], "hidden_size": 8}
     tiny_config["train"]["checkpoint"] = str(tmp_path / "m.npz")
     charrnn.run_pipeline(tiny_config)
-    loaded = charrnn.Pipeline(tiny_config).load_model(str(tmp_path / "m.npz"))[0]
+    loaded = charrnn.Pipeline(tiny_config).load(str(tmp_path / "m.npz")).model
     assert packed_buffer(list(loaded.params.values())) is not None

@@ -15,7 +15,7 @@ import yaml
 import charrnn
 from charrnn import CheckpointError, ConfigError, generate_text, run_pipeline
 from charrnn.cli import main
-from charrnn.train import Aborted
+from charrnn.interrupts import Aborted
 from conftest import ROOT, TINY_TEXT, FrozenPlugin, charrnn_cmd, params_of
 
 
@@ -298,12 +298,12 @@ def test_best_checkpoint_metrics_and_eval_every(tiny_config, tmp_path):
     assert meta["step"] == best["step"] and meta["best_val_loss"] == best["val_loss"]
     assert result.train.best_val_loss == best["val_loss"]
     # the best checkpoint holds the model as it was at that step: its val loss evaluates to the same
+    from charrnn.evaluation import EVAL_STREAMS, evaluate
     from charrnn.pipeline import Pipeline
-    from charrnn.train import EVAL_STREAMS, evaluate
 
     pipe = Pipeline(tiny_config)
-    model, _ = pipe.load_model(str(tmp_path / "model.best.npz"))
-    _, _, val_ids = pipe.load_corpus()
+    model = pipe.load(str(tmp_path / "model.best.npz")).model
+    val_ids = pipe.data().val_ids
     assert evaluate(model, val_ids, EVAL_STREAMS, 8) == pytest.approx(best["val_loss"], rel=1e-6)
     # a second run appends to the metrics file
     run_pipeline(tiny_config)
@@ -386,7 +386,7 @@ def test_evaluate_stage_prints_loss_and_baselines(tiny_config, tmp_path, capsys)
 
 
 def test_ngram_baselines_by_hand():
-    from charrnn.pipeline import ngram_baselines
+    from charrnn.evaluation import ngram_baselines
 
     train = np.array([0, 1, 0, 1, 0])  # counts 3, 2 -> add-one 4/7, 3/7
     uni, bi = ngram_baselines(train, np.array([0, 1]), 2)

@@ -1,0 +1,91 @@
+"""Assembly: a resolved configuration, its plugin manager and registry, components built by name.
+
+Nothing here runs a stage, so `bench`, `gradcheck`, tests, a sweep trial and the server build
+components the way `charrnn run` does without training anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pluggy
+
+from charrnn import config as cfg
+from charrnn.errors import ConfigError
+from charrnn.plugins import INJECTED, Registry, get_plugin_manager
+from charrnn.types import Model
+
+
+class Assembly:
+    """A validated configuration with the plugin manager and registry that resolved it."""
+
+    def __init__(
+        self,
+        source: str | Path | Mapping[str, Any],
+        *,
+        plugins: Iterable[object] = (),
+        overrides: Iterable[str] | Mapping[str, Any] | None = None,
+        load_entrypoints: bool = True,
+    ) -> None:
+        raw, self.lines, self.origin = cfg.load_config(source)
+        overridden = cfg.apply_overrides(raw, overrides)
+        self.lines.update({tuple(key.split(".")): 0 for key in overridden})  # 0: "from --set"
+        config = cfg.validate(raw, self.lines, self.origin)
+        self.pm: pluggy.PluginManager = get_plugin_manager(
+            load_entrypoints=load_entrypoints, extra=[*config["plugins"], *plugins]
+        )
+        self.registry = Registry(self.pm)
+        for kind in cfg.COMPONENTS:
+            config[kind] = self.resolve(kind, config[kind])
+        self.config = config
+
+    def locate(self, *path: str) -> str:
+        """Where a key came from, for messages: `file: line N: a.b` or `--set a.b`."""
+        return cfg.where(path, self.lines, self.origin)
+
+    def resolve(self, kind: str, section: dict[str, Any]) -> dict[str, Any]:
+        """Check a component section against its factory; fill the factory's defaults."""
+        name = section["type"]
+        component = self.registry.get(kind, name, self.locate(kind, "type"))
+        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
+        options = {k: v for k, v in section.items() if k != "type" and k not in own}
+        resolved = cfg.check_options(
+            component.factory,
+            options,
+            lambda key: self.locate(kind, key),
+            INJECTED if kind == "model" else (),
+        )
+        return {"type": name, **{k: section[k] for k in own if k in section}, **resolved}
+
+    def build(self, kind: str, section: dict[str, Any] | None = None, **injected: Any) -> Any:
+        """Call the factory a section names (default: the pipeline's); its ValueError/TypeError
+        becomes a ConfigError that names the section."""
+        section = self.config[kind] if section is None else section
+        component = self.registry.get(kind, section["type"], self.locate(kind, "type"))
+        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
+        options = {k: v for k, v in section.items() if k != "type" and k not in own}
+        try:
+            return component.factory(**injected, **options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{self.locate(kind)} ({section['type']}): {exc}") from None
+
+    def model(self, vocab_size: int, section: dict[str, Any] | None = None) -> Model:
+        """The model, initialised from the pipeline's seed."""
+        rng = np.random.default_rng([self.config["seed"], 0])
+        return self.build("model", section, vocab_size=vocab_size, rng=rng)
+
+    def sampler(self, vocab: list[str], section: dict[str, Any] | None = None) -> Any:
+        """The sampler, bound to `vocab` when it wants to see it."""
+        sampler = self.build("sampler", section)
+        if hasattr(sampler, "bind"):
+            sampler.bind(vocab)
+        return sampler
+
+    def optimizer(self) -> Any:
+        return self.build("optimizer")
+
+    def schedule(self) -> Any:
+        return self.build("schedule")

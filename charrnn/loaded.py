@@ -1,0 +1,124 @@
+"""A trained model, loaded once, that generates many times with options given per call.
+
+`charrnn generate`, the generate stage, `generate_text`/`generate_samples` and the server are
+thin callers of `LoadedModel.generate`. Options are validated at each call against the same
+schema and sampler signatures a pipeline uses, so a bad option is the caller's one-line error.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from charrnn import checkpoint as ckpt_io
+from charrnn import config as cfg
+from charrnn.assembly import Assembly
+from charrnn.errors import CheckpointError
+from charrnn.generate import generate
+from charrnn.types import Corpus, Model
+
+#: the parts of a training pipeline that generation uses
+GENERATION_SECTIONS = ("seed", "model", "sampler", "generate")
+
+
+class LoadedModel:
+    """A model with its vocabulary and the pipeline it was trained with (sampler defaults included)."""
+
+    def __init__(self, model: Model, vocab: Corpus, assembly: Assembly, path: str | None = None) -> None:
+        self.model, self.vocab, self.assembly, self.path = model, vocab, assembly, path
+        self.config = assembly.config
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, plugins: Iterable[object] = (), load_entrypoints: bool = True
+    ) -> LoadedModel:
+        """Read a checkpoint and rebuild its model with the plugins loaded here.
+
+        The plugins the checkpoint's pipeline names are not imported: generation never runs a
+        module because a file says so.
+        """
+        path = str(path)
+        saved = ckpt_io.load(path)
+        saved_cfg = saved.meta["config"]
+        base = {k: copy.deepcopy(saved_cfg[k]) for k in GENERATION_SECTIONS if k in saved_cfg}
+        assembly = Assembly(base, plugins=plugins, load_entrypoints=load_entrypoints)
+        return cls.from_checkpoint(saved, assembly, path)
+
+    @classmethod
+    def from_checkpoint(cls, saved: ckpt_io.Checkpoint, assembly: Assembly, path: str) -> LoadedModel:
+        """Rebuild the model `saved` holds with `assembly`'s plugins."""
+        section = saved.meta["config"]["model"]
+        name = section.get("type")
+        known = assembly.registry.components["model"]
+        if name not in known:
+            raise CheckpointError(
+                f"checkpoint {path} needs model {name!r}, which no loaded plugin provides; install its plugin "
+                f"or name it with --plugin (available: {', '.join(sorted(known))})"
+            )
+        vocab = list(saved.meta["vocab"])
+        model = assembly.build("model", section, vocab_size=len(vocab), rng=np.random.default_rng(0))
+        ckpt_io.load_params(model, saved, path)
+        corpus = Corpus(np.zeros(0, np.uint8), vocab, path, saved.meta.get("encoding", "utf-8"))
+        return cls(model, corpus, assembly, path)
+
+    def options(
+        self,
+        *,
+        num_chars: int | None = None,
+        seed_text: str | None = None,
+        num_samples: int | None = None,
+        stop: Iterable[str] | None = None,
+        seed: int | None = None,
+        sampler: str | Mapping[str, Any] | None = None,
+        temperature: float | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """The generate section, the sampler section and the seed for one call, validated.
+
+        `None` means the value saved with the model. A sampler name other than the saved one
+        starts from that sampler's defaults; `temperature` and `sampler_options` then set options.
+        """
+        g = dict(self.config["generate"])
+        for key, value in (("num_chars", num_chars), ("seed_text", seed_text), ("num_samples", num_samples)):
+            if value is not None:
+                g[key] = value
+        if stop is not None:
+            g["stop"] = list(stop) if not isinstance(stop, str) else stop
+        section = dict(self.config["sampler"])
+        if isinstance(sampler, str) and sampler != section.get("type"):
+            section = {"type": sampler}
+        elif isinstance(sampler, Mapping):
+            section = dict(sampler)
+        if temperature is not None:
+            section["temperature"] = temperature
+        section.update(sampler_options or {})
+        checked = cfg.validate(
+            {"seed": self.config["seed"] if seed is None else seed, "generate": g, "sampler": section}
+        )
+        return checked["generate"], self.assembly.resolve("sampler", checked["sampler"]), checked["seed"]
+
+    def generate(self, *, on_text: Callable[[str], None] | None = None, **options: Any) -> list[str]:
+        """Samples of `generate.num_chars` characters after the seed text (see `options`).
+
+        `on_text` receives the first sample as it is produced (streaming).
+        """
+        g, section, seed = self.options(**options)
+        sampler = self.assembly.sampler(self.vocab.vocab, section)
+        return generate(
+            self.model,
+            sampler,
+            self.vocab,
+            np.random.default_rng([seed, 2]),
+            g["seed_text"],
+            g["num_chars"],
+            num_samples=g["num_samples"],
+            stop=g["stop"],
+            on_text=on_text,
+        )
+
+    def separator(self) -> str:
+        return self.config["generate"]["separator"]

@@ -1,0 +1,192 @@
+"""The train stage: assembled components and a loaded corpus in, a trained model out.
+
+It builds the loop's pieces from the pipeline's `train` section (callbacks, gradient
+transforms, the world's rows of the batch), restores a run to resume, and runs the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from charrnn import checkpoint as ckpt_io
+from charrnn.assembly import Assembly
+from charrnn.callbacks import Checkpointer, Console, Evaluator, ProgressBar, Reporter
+from charrnn.data import Data
+from charrnn.errors import CheckpointError, ConfigError, CorpusError
+from charrnn.interrupts import Interrupts, SignalInterrupts
+from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
+from charrnn.transforms import allreduce_mean, chain
+from charrnn.types import Model
+from charrnn.world import LocalWorld, World, rows
+
+
+def sibling(checkpoint: str, suffix: str) -> str:
+    """`runs/x/model.npz` -> `runs/x/model<suffix>`: files that belong with a checkpoint."""
+    path = Path(checkpoint)
+    return str(
+        path.with_name(path.stem + suffix) if path.suffix == ".npz" else path.with_name(path.name + suffix)
+    )
+
+
+def check_lengths(data: Data, train: dict[str, Any]) -> None:
+    """The text must fill one batch of streams, and the validation split one chunk."""
+    need = train["batch_size"] * train["seq_length"] + 1
+    if len(data.train_ids) < need:
+        raise CorpusError(
+            f"training text of {data.name} has {len(data.train_ids)} characters; batch_size x seq_length + 1 = "
+            f"{need} are needed (use a longer text or a smaller batch_size/seq_length)"
+        )
+    if data.val_ids is not None and len(data.val_ids) < train["seq_length"] + 1:
+        raise CorpusError(
+            f"validation split of {data.name} has {len(data.val_ids)} characters; seq_length + 1 = "
+            f"{train['seq_length'] + 1} are needed (raise corpus.val_fraction or set it to 0)"
+        )
+
+
+def build_schedule(assembly: Assembly, optimizer: Any, steps: int | None) -> Any:
+    """The schedule, or None when it is constant (nothing to do per step); checked once here."""
+    schedule = assembly.schedule()
+    config = assembly.config
+    if getattr(schedule, "constant", False):
+        return None
+    if not isinstance(getattr(optimizer, "lr", None), (int, float)):
+        raise ConfigError(
+            f"schedule {config['schedule']['type']!r} needs an optimizer with an `lr` attribute; "
+            f"optimizer {config['optimizer']['type']!r} has none"
+        )
+    try:
+        schedule(0, steps)  # a schedule that cannot work with these settings says so now
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{assembly.locate('schedule')} ({config['schedule']['type']}): {exc}") from None
+    return schedule
+
+
+def restore(assembly: Assembly, data: Data, model: Model, optimizer: Any, world: World) -> TrainState:
+    """The state to start from: fresh, from `init_from`'s weights, or a whole run to resume.
+
+    Rank 0 reads the checkpoint and shares it; each rank takes its rows of the carried state.
+    """
+    config, t = assembly.config, assembly.config["train"]
+    if t["init_from"] and t["resume"]:
+        raise ConfigError(
+            "train.init_from and train.resume exclude each other: resume continues a run exactly, "
+            "init_from starts a new one from a checkpoint's weights"
+        )
+    path = t["init_from"] or (t["checkpoint"] if t["resume"] is True else t["resume"])
+    if not path:
+        return TrainState()
+    saved = None
+    if world.rank == 0:
+        if t["resume"] and not Path(path).exists():
+            raise CheckpointError(f"train.resume: no checkpoint to resume from at {path}")
+        saved = ckpt_io.load(path)
+    saved = world.broadcast(saved)
+    if t["init_from"]:
+        ckpt_io.check_init_from(saved, config, data.corpus, path)
+        ckpt_io.load_params(model, saved, path)
+        return TrainState()
+    ckpt_io.check_resume(saved, config, data.corpus, data.digest, path)
+    meta = saved.meta
+    saved_world = int(meta.get("world_size", 1))
+    dropout = any(
+        float(v) > 0 for k, v in config["model"].items() if "dropout" in k and isinstance(v, (int, float))
+    )
+    if dropout and saved_world != world.size:
+        raise CheckpointError(
+            f"cannot resume: {path} was trained by {saved_world} process(es) with dropout, whose random "
+            f"streams are per process; resume it with {saved_world} process(es)"
+        )
+    ckpt_io.load_params(model, saved, path)
+    optimizer.load_state_dict(saved.optim)
+    mine = rows(world, t["batch_size"])
+    rng = meta["rng"]
+    if world.size > 1 and saved_world == world.size:
+        rng = meta.get("rng_ranks", [rng] * world.size)[world.rank]
+    return TrainState(
+        meta["step"],
+        meta["data_position"],
+        meta["smooth_loss"],
+        rng,
+        {k: v[mine] for k, v in saved.state.items()},
+        meta.get("best_val_loss"),
+        meta.get("bad_evals", 0),
+    )
+
+
+def train(
+    assembly: Assembly,
+    data: Data,
+    *,
+    world: World | None = None,
+    interrupts: Interrupts | None = None,
+    stderr: TextIO | None = None,
+    callbacks: tuple[Callback, ...] = (),
+) -> tuple[Model, TrainResult]:
+    """Train the pipeline's model on `data`; `interrupts` default to the CLI's Ctrl+C handling."""
+    world = world or LocalWorld()
+    config, t = assembly.config, assembly.config["train"]
+    check_lengths(data, t)
+    rows(world, t["batch_size"])  # divisible by the number of processes
+    model = assembly.model(len(data.corpus.vocab))
+    optimizer = assembly.optimizer()
+    schedule = build_schedule(assembly, optimizer, t["steps"])
+    sampler = assembly.sampler(data.corpus.vocab)
+    state = restore(assembly, data, model, optimizer, world)
+    if world.size > 1 and not t["init_from"] and not t["resume"]:
+        for key, value in world.broadcast({k: np.array(v) for k, v in model.params.items()}).items():
+            model.params[key][...] = value  # every replica starts from rank 0's weights
+
+    console = Console(stderr)
+    lead = world.rank == 0
+    evaluator = None
+    if data.val_ids is not None:
+        evaluator = Evaluator(
+            data.val_ids,
+            t["eval_every"] or t["sample_every"],
+            t["batch_size"],
+            t["seq_length"],
+            patience=t["patience"],
+            log=console.log,
+        )
+    checkpointer = Checkpointer(
+        t["checkpoint"],
+        ckpt_io.training_meta(config, data.corpus, data.meta()),
+        every=t["save_every"],
+        saved=lambda path, step: assembly.pm.hook.charrnn_checkpoint_saved(path=path, step=step),
+    )
+    if evaluator is not None and t["keep_best"]:
+        best = sibling(t["checkpoint"], ".best.npz")
+        evaluator.save_best = lambda loop: checkpointer.save(loop, best)
+    reporter = Reporter(
+        t["sample_every"],
+        console,
+        evaluator=evaluator,
+        sampler=sampler,
+        vocab=data.corpus,
+        sample_length=t["sample_length"],
+        metrics_path=sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] and lead else None,
+        report=lambda step, metrics: assembly.pm.hook.charrnn_train_report(step=step, metrics=metrics),
+        show_lr=schedule is not None,
+    )
+    chain_ = [ProgressBar(console)] if lead else []
+    chain_ += [cb for cb in (evaluator, checkpointer) if cb is not None]
+    chain_ += [reporter] if lead else []
+    loop = Loop(
+        model,
+        optimizer,
+        Batches(data.train_ids, t["batch_size"], t["seq_length"], world),
+        steps=t["steps"],
+        seed=config["seed"],
+        transform=chain(allreduce_mean(world) if world.size > 1 else None),
+        schedule=schedule,
+        callbacks=[*chain_, *callbacks],
+        world=world,
+        interrupts=interrupts if interrupts is not None else SignalInterrupts(console.log),
+    )
+    result = loop.run(state)
+    if result.stopped_early and loop.control.reason == "interrupted" and lead:
+        console.log(f"stopped at step {result.steps}; saved {t['checkpoint']}")
+    return model, result
