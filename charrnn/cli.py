@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn
@@ -19,6 +20,7 @@ from charrnn.errors import CharrnnError
 from charrnn.interrupts import Aborted
 from charrnn.pipeline import Pipeline, generate_samples, write_text
 from charrnn.plugins import get_plugin_manager, list_plugins
+from charrnn.world import detect, limit_blas_threads
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,18 +113,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line, no source
     try:
         return _COMMANDS[args.command](args)
-    except CharrnnError as exc:
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+    except (CharrnnError, Aborted, KeyboardInterrupt, BrokenPipeError) as exc:
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    """Print a handled exception as one line; its exit status."""
+    if isinstance(exc, CharrnnError):
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr, flush=True)
         return 2
-    except Aborted as exc:
-        print(str(exc), file=sys.stderr)
+    if isinstance(exc, Aborted):
+        print(str(exc), file=sys.stderr, flush=True)
         return exc.code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr, flush=True)
         return 130
-    except BrokenPipeError:  # `charrnn run ... | head`: not an error; keep Python quiet at exit
+    if isinstance(exc, BrokenPipeError):  # `charrnn run ... | head`: not an error; keep Python quiet at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    raise exc
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -130,7 +139,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         write_text(sys.stdout, cfg.dump(pipeline.config))
         return 0
-    pipeline.run(stdout=sys.stdout, stderr=sys.stderr)
+    world = detect(pipeline.config["train"]["distributed"]) if "train" in pipeline.config["stages"] else None
+    if world is None or world.size == 1:
+        pipeline.run(stdout=sys.stdout, stderr=sys.stderr)
+        return 0
+    limit_blas_threads()
+    try:
+        pipeline.run(stdout=sys.stdout, stderr=sys.stderr, world=world)
+    except BaseException as exc:  # one rank failed: end the whole job now, not at the next collective
+        try:
+            code = _report(exc)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        world.abort(code)
     return 0
 
 

@@ -83,6 +83,9 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "patience": Opt(INT + NONE, None, _positive, "must be > 0 (or null: no early stopping)"),
         "keep_best": Opt((bool,), True),
         "metrics": Opt((bool,), True),
+        "distributed": Opt(
+            (str, bool), "auto", lambda v: v in ("auto", "off", "mpi", False), "must be auto, off or mpi"
+        ),
     },
     "generate": {
         "num_chars": Opt(INT, 1000, _non_negative, "must be >= 0"),

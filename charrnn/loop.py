@@ -135,6 +135,7 @@ class Loop:
         self.lr = self.base_lr
         self.chars_per_step = batches.batch_size * batches.seq_length  # all processes together
         self.result = TrainResult(0, None, None)
+        self.stderr: Any = None  # where the caller's console writes
         # the clock of the current speed window; time spent saving or evaluating is left out
         self.window_start, self.window_steps, self._paused = time.perf_counter(), 0, 0.0
         self._pausing = False

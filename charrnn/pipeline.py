@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from charrnn import checkpoint as ckpt_io
+from charrnn import training
 from charrnn.assembly import Assembly
 from charrnn.data import Data, load_corpus
 from charrnn.errors import ConfigError, CorpusError
@@ -23,8 +24,7 @@ from charrnn.evaluation import EVAL_STREAMS, evaluate, format_evaluation, ngram_
 from charrnn.interrupts import Interrupts
 from charrnn.loaded import LoadedModel
 from charrnn.loop import TrainResult
-from charrnn.training import train
-from charrnn.world import World
+from charrnn.world import LocalWorld, World, together
 
 
 @dataclass
@@ -68,11 +68,14 @@ class Pipeline(Assembly):
         interrupts: Interrupts | None = None,
     ) -> tuple[LoadedModel, TrainResult]:
         """The train stage: the trained model (ready to generate) and what training reported."""
-        data = self.data()
-        if "generate" in self.config["stages"]:
-            data.corpus.encode(self.config["generate"]["seed_text"])  # fail before training, not after
-        model, result = train(self, data, world=world, interrupts=interrupts, stderr=stderr)
-        return LoadedModel(model, data.corpus, self, self.config["train"]["checkpoint"]), result
+        world = world or LocalWorld()
+        with together(world):  # a failure on any rank ends every rank here, with its message
+            data = self.data()
+            if "generate" in self.config["stages"]:
+                data.corpus.encode(self.config["generate"]["seed_text"])  # fail before training, not after
+            loop, saved = training.prepare(self, data, world=world, interrupts=interrupts, stderr=stderr)
+        result = training.run(loop, training.start(loop, self, data, saved))
+        return LoadedModel(loop.model, data.corpus, self, self.config["train"]["checkpoint"]), result
 
     def load(self, path: str) -> LoadedModel:
         """A checkpoint's model rebuilt with this pipeline's plugins, generating with its settings."""

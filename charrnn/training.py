@@ -16,11 +16,11 @@ from charrnn.assembly import Assembly
 from charrnn.callbacks import Checkpointer, Console, Evaluator, ProgressBar, Reporter
 from charrnn.data import Data
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
-from charrnn.interrupts import Interrupts, SignalInterrupts
+from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.transforms import allreduce_mean, chain
 from charrnn.types import Model
-from charrnn.world import LocalWorld, World, rows
+from charrnn.world import LocalWorld, World, agree, rows, together
 
 
 def sibling(checkpoint: str, suffix: str) -> str:
@@ -64,33 +64,31 @@ def build_schedule(assembly: Assembly, optimizer: Any, steps: int | None) -> Any
     return schedule
 
 
-def restore(assembly: Assembly, data: Data, model: Model, optimizer: Any, world: World) -> TrainState:
-    """The state to start from: fresh, from `init_from`'s weights, or a whole run to resume.
-
-    Rank 0 reads the checkpoint and shares it; each rank takes its rows of the carried state.
-    """
-    config, t = assembly.config, assembly.config["train"]
+def start_path(assembly: Assembly) -> str | None:
+    """The checkpoint a run starts from: `init_from`'s or the one to resume, else None."""
+    t = assembly.config["train"]
     if t["init_from"] and t["resume"]:
         raise ConfigError(
             "train.init_from and train.resume exclude each other: resume continues a run exactly, "
             "init_from starts a new one from a checkpoint's weights"
         )
-    path = t["init_from"] or (t["checkpoint"] if t["resume"] is True else t["resume"])
-    if not path:
-        return TrainState()
-    saved = None
-    if world.rank == 0:
-        if t["resume"] and not Path(path).exists():
-            raise CheckpointError(f"train.resume: no checkpoint to resume from at {path}")
-        saved = ckpt_io.load(path)
-    saved = world.broadcast(saved)
+    return t["init_from"] or (t["checkpoint"] if t["resume"] is True else t["resume"]) or None
+
+
+def read_start(assembly: Assembly, data: Data, world: World) -> ckpt_io.Checkpoint | None:
+    """Rank 0 reads and checks the checkpoint to start from (None elsewhere and for a fresh run)."""
+    config, t = assembly.config, assembly.config["train"]
+    path = start_path(assembly)
+    if path is None or world.rank != 0:
+        return None
+    if t["resume"] and not Path(path).exists():
+        raise CheckpointError(f"train.resume: no checkpoint to resume from at {path}")
+    saved = ckpt_io.load(path)
     if t["init_from"]:
         ckpt_io.check_init_from(saved, config, data.corpus, path)
-        ckpt_io.load_params(model, saved, path)
-        return TrainState()
+        return saved
     ckpt_io.check_resume(saved, config, data.corpus, data.digest, path)
-    meta = saved.meta
-    saved_world = int(meta.get("world_size", 1))
+    saved_world = int(saved.meta.get("world_size", 1))
     dropout = any(
         float(v) > 0 for k, v in config["model"].items() if "dropout" in k and isinstance(v, (int, float))
     )
@@ -99,11 +97,26 @@ def restore(assembly: Assembly, data: Data, model: Model, optimizer: Any, world:
             f"cannot resume: {path} was trained by {saved_world} process(es) with dropout, whose random "
             f"streams are per process; resume it with {saved_world} process(es)"
         )
+    return saved
+
+
+def apply_start(
+    assembly: Assembly, saved: ckpt_io.Checkpoint | None, model: Model, optimizer: Any, world: World
+) -> TrainState:
+    """Load the weights of `saved` (and, to resume, the optimizer state and this rank's rows of
+    the carried state); a fresh run starts from a fresh state."""
+    t = assembly.config["train"]
+    path = start_path(assembly) or ""
+    if saved is None:
+        return TrainState()
     ckpt_io.load_params(model, saved, path)
+    if t["init_from"]:
+        return TrainState()
+    meta = saved.meta
     optimizer.load_state_dict(saved.optim)
     mine = rows(world, t["batch_size"])
     rng = meta["rng"]
-    if world.size > 1 and saved_world == world.size:
+    if world.size > 1 and int(meta.get("world_size", 1)) == world.size:
         rng = meta.get("rng_ranks", [rng] * world.size)[world.rank]
     return TrainState(
         meta["step"],
@@ -114,6 +127,27 @@ def restore(assembly: Assembly, data: Data, model: Model, optimizer: Any, world:
         meta.get("best_val_loss"),
         meta.get("bad_evals", 0),
     )
+
+
+def start(loop: Loop, assembly: Assembly, data: Data, saved: ckpt_io.Checkpoint | None) -> TrainState:
+    """Make every rank start alike: the same pipeline and corpus, rank 0's checkpoint or weights.
+
+    Collectives only outside `together` blocks: a rank that failed inside one would answer a
+    different collective than the others are in.
+    """
+    world, config = loop.world, assembly.config
+    if world.size > 1:
+        for section, value in config.items():
+            agree(world, f"the pipeline's {section!r}", value, lambda v: repr(v)[:120])
+        agree(world, "the corpus (SHA-256 of the training text)", data.digest)
+        agree(world, "the vocabulary", data.corpus.vocab, lambda v: f"{len(v)} symbols")
+        saved = world.broadcast(saved)
+        if saved is None:  # a fresh run: every replica starts from rank 0's weights
+            weights = world.broadcast({k: np.array(v) for k, v in loop.model.params.items()})
+            for key, value in weights.items():
+                loop.model.params[key][...] = value
+    with together(world):
+        return apply_start(assembly, saved, loop.model, loop.optimizer, world)
 
 
 def train(
@@ -127,6 +161,36 @@ def train(
 ) -> tuple[Model, TrainResult]:
     """Train the pipeline's model on `data`; `interrupts` default to the CLI's Ctrl+C handling."""
     world = world or LocalWorld()
+    with together(world):
+        loop, saved = prepare(
+            assembly, data, world=world, interrupts=interrupts, stderr=stderr, callbacks=callbacks
+        )
+    return loop.model, run(loop, start(loop, assembly, data, saved))
+
+
+def run(loop: Loop, state: TrainState) -> TrainResult:
+    """Run a prepared loop; a second Ctrl+C ends it with a message naming what was saved."""
+    checkpoint = next((cb.path for cb in loop.callbacks if isinstance(cb, Checkpointer)), None)
+    try:
+        result = loop.run(state)
+    except Aborted as exc:
+        raise Aborted(exc.code, f"interrupted: saved step {loop.state.step} to {checkpoint}") from None
+    if result.stopped_early and loop.control.reason == "interrupted" and loop.world.rank == 0:
+        print(f"stopped at step {result.steps}; saved {checkpoint}", file=loop.stderr, flush=True)
+    return result
+
+
+def prepare(
+    assembly: Assembly,
+    data: Data,
+    *,
+    world: World,
+    interrupts: Interrupts | None = None,
+    stderr: TextIO | None = None,
+    callbacks: tuple[Callback, ...] = (),
+) -> tuple[Loop, ckpt_io.Checkpoint | None]:
+    """The loop the pipeline's `train` section describes, and (on rank 0) the checkpoint it starts
+    from; only this process's work, no collective (see `start`)."""
     config, t = assembly.config, assembly.config["train"]
     check_lengths(data, t)
     rows(world, t["batch_size"])  # divisible by the number of processes
@@ -134,10 +198,7 @@ def train(
     optimizer = assembly.optimizer()
     schedule = build_schedule(assembly, optimizer, t["steps"])
     sampler = assembly.sampler(data.corpus.vocab)
-    state = restore(assembly, data, model, optimizer, world)
-    if world.size > 1 and not t["init_from"] and not t["resume"]:
-        for key, value in world.broadcast({k: np.array(v) for k, v in model.params.items()}).items():
-            model.params[key][...] = value  # every replica starts from rank 0's weights
+    saved = read_start(assembly, data, world)
 
     console = Console(stderr)
     lead = world.rank == 0
@@ -186,7 +247,5 @@ def train(
         world=world,
         interrupts=interrupts if interrupts is not None else SignalInterrupts(console.log),
     )
-    result = loop.run(state)
-    if result.stopped_early and loop.control.reason == "interrupted" and lead:
-        console.log(f"stopped at step {result.steps}; saved {t['checkpoint']}")
-    return model, result
+    loop.stderr = console.stream
+    return loop, saved

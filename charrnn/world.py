@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -249,25 +250,73 @@ def rows(world: World, batch_size: int) -> slice:
 
 
 def agree(world: World, what: str, value: Any, describe: Callable[[Any], str] = repr) -> None:
-    """Check that every rank has the same `value`, else a one-line error naming the difference."""
+    """Check that every rank has the same `value`; if not, the same one-line error on every rank."""
     if world.size == 1:
         return
-    values = world.broadcast(value)
-    if values != value:
-        raise CharrnnError(
-            f"rank {world.rank} differs from rank 0 in {what}: {describe(value)} here, "
-            f"{describe(values)} on rank 0 (every process must see the same pipeline and corpus)"
-        )
+    values = world.broadcast(world.gather(value))
+    for rank, other in enumerate(values):
+        if other != values[0]:
+            raise CharrnnError(
+                f"rank {rank} differs from rank 0 in {what}: {describe(other)} there, {describe(values[0])} "
+                "on rank 0 (every process must see the same pipeline and corpus)"
+            )
 
 
-def first_error(world: World, error: BaseException | None) -> Sequence[tuple[int, str]]:
-    """Every rank's start-up error (rank, message), the same list on all ranks; empty when none.
+class SharedFailure(CharrnnError):
+    """Set-up failed on some rank; every rank raises this, and only rank 0 prints it.
 
-    All ranks call this once after setting up, so a corpus missing on one node ends the whole
-    job with its message instead of leaving the other ranks waiting in a collective.
+    `code` is the exit status every rank leaves with: 2 for a user's error, 1 for a bug.
+    """
+
+    def __init__(self, message: str, code: int, rank: int) -> None:
+        super().__init__(message)
+        self.code, self.rank = code, rank
+
+
+@contextmanager
+def together(world: World) -> Iterator[None]:
+    """Run a set-up block on every rank; if it fails on any, it fails on all, with its message.
+
+    Every rank gets to the exchange at the end of the block, failed or not, so a corpus
+    missing on one node ends the job with that node's message instead of leaving the other
+    ranks waiting in a collective.
     """
     if world.size == 1:
-        return [(0, str(error))] if error is not None else []
-    messages = world.gather(None if error is None else str(error))
-    found = [(r, m) for r, m in enumerate(messages or []) if m is not None]
-    return world.broadcast(found)
+        yield
+        return
+    failure: tuple[str, int] | None = None
+    try:
+        yield
+    except CharrnnError as exc:
+        failure = (str(exc), getattr(exc, "code", 2))
+    except Exception as exc:  # a bug on this rank: the others must still hear of it
+        failure = (f"{type(exc).__name__}: {exc}", 1)
+    failures = world.broadcast(world.gather(failure))
+    found = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if not found:
+        return
+    messages = {message for _, (message, _) in found}
+    if len(messages) == 1 and len(found) == world.size:
+        message = found[0][1][0]  # every rank failed alike: a problem of the pipeline, said once
+    else:
+        message = "; ".join(f"rank {rank}: {message}" for rank, (message, _) in found)
+    raise SharedFailure(message, max(code for _, (_, code) in found), world.rank)
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def limit_blas_threads(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
+    """Give each rank its share of this node's cores for BLAS, unless the user set a thread count.
+
+    Needs threadpoolctl (part of `charrnn[mpi]`); returns the count set, or None.
+    """
+    if any(name in environ for name in THREAD_VARS):
+        return None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    threads = max(1, len(os.sched_getaffinity(0)) // local_size(environ))
+    threadpool_limits(threads, user_api="blas")
+    return threads
