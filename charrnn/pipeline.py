@@ -114,6 +114,8 @@ class Pipeline:
             raise CorpusError(
                 f"corpus loader {self.config['corpus']['type']!r} did not return a charrnn.Corpus"
             )
+        corpus = self._checkpoint_vocab(corpus)
+        self._corpus = (key, corpus)  # encoded once, also for `evaluate`
         n = len(corpus.ids)
         name = corpus.source or self.config["corpus"]["type"]
         if n == 0:
@@ -243,70 +245,133 @@ class Pipeline:
         return model, corpus, trainer.run(progress)
 
     def _init_from(self, path: str, model: Model, corpus: Corpus) -> None:
-        """Start from a checkpoint's weights (fine-tuning); optimizer and step start afresh."""
-        saved = ckpt_io.load(path)
-        if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
-            old, new = set(saved.meta["vocab"]), set(corpus.vocab)
-            extra = "".join(sorted(new - old))[:20]
+        """Start from a checkpoint's weights (fine-tuning); optimizer and step start afresh.
+
+        `load_corpus` has already encoded the corpus with the checkpoint's vocabulary.
+        """
+
+        def expect(meta: dict[str, Any]) -> dict[str, Any]:
+            if meta["vocab"] != corpus.vocab or meta.get("encoding", "utf-8") != corpus.encoding:
+                raise CheckpointError(f"train.init_from: the vocabulary of {path} changed while reading it")
+            old_type = meta["config"]["model"]["type"]
+            if old_type != self.config["model"]["type"]:
+                raise CheckpointError(
+                    f"train.init_from: {path} holds a {old_type!r} model, "
+                    f"the pipeline builds {self.config['model']['type']!r}"
+                )
+            return {"param": ckpt_io.specs(model.params, "f")}
+
+        load_params(model, ckpt_io.load(path, expect), path)
+
+    def _checkpoint_vocab(self, corpus: Corpus) -> Corpus:
+        """With `train.init_from`, the corpus encoded with the checkpoint's vocabulary (it may use a subset)."""
+        t = self.config["train"]
+        if "train" not in self.config["stages"] or not t["init_from"] or t["resume"]:
+            return corpus
+        path = t["init_from"]
+        meta = ckpt_io.read_meta(path)
+        encoding = meta.get("encoding", "utf-8")
+        if encoding != corpus.encoding:
             raise CheckpointError(
-                f"train.init_from: the vocabulary of {path} ({len(old)} symbols) differs from the corpus's "
-                f"({len(new)} symbols"
-                + (f"; new: {extra!r}" if extra else "")
-                + "); fine-tuning needs the same vocabulary "
-                "(use encoding: bytes for both to share one)"
+                f"train.init_from: {path} was trained with encoding {encoding!r}, the corpus uses "
+                f"{corpus.encoding!r}; fine-tuning needs the same encoding"
             )
-        old_model = saved.meta["config"]["model"]
-        if old_model.get("type") != self.config["model"]["type"]:
+        try:
+            return corpus.with_vocab(meta["vocab"])
+        except CorpusError as exc:
             raise CheckpointError(
-                f"train.init_from: {path} holds a {old_model.get('type')!r} model, the pipeline builds {self.config['model']['type']!r}"
-            )
-        load_params(model, saved, path)
+                f"train.init_from: the vocabulary of {path} differs from the corpus's: {exc}; "
+                "fine-tuning needs every character of the corpus in it (encoding: bytes for both shares one)"
+            ) from None
 
     def _resume(
         self, resume: bool | str, model: Model, optimizer: Any, corpus: Corpus, corpus_meta: dict[str, Any]
     ) -> Progress:
+        """Progress, weights and optimizer state of the run a checkpoint continues.
+
+        Everything in the metadata is compared with this run before any array is read. Of the
+        optimizer's options only `lr` may change: the others shape the state being restored.
+        """
         t = self.config["train"]
         path = t["checkpoint"] if resume is True else resume
         if not Path(path).exists():
             raise CheckpointError(f"train.resume: no checkpoint to resume from at {path}")
-        saved = ckpt_io.load(path)
-        old = saved.meta["config"]
-        if t["steps"] is not None and t["steps"] <= saved.meta["step"]:
-            raise ConfigError(
-                f"train.steps ({t['steps']}) must be beyond the checkpoint's step ({saved.meta['step']}) to resume"
-            )
-        for section, keys in (("model", None), ("train", ("batch_size", "seq_length"))):
-            for key in keys or sorted(set(old[section]) | set(self.config[section])):
-                a, b = old[section].get(key), self.config[section].get(key)
-                if a != b:
-                    raise CheckpointError(
-                        f"cannot resume: {section}.{key} is {b!r} but the checkpoint {path} was trained with {a!r}"
-                    )
-        if old["optimizer"]["type"] != self.config["optimizer"]["type"]:
-            raise CheckpointError(
-                f"cannot resume: optimizer.type is {self.config['optimizer']['type']!r} but the checkpoint "
-                f"{path} used {old['optimizer']['type']!r}"
-            )
-        if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
-            raise CheckpointError(
-                f"cannot resume: the corpus vocabulary differs from the checkpoint {path}'s"
-            )
-        if saved.meta.get("corpus", {}).get("train_sha256") != corpus_meta["train_sha256"]:
-            raise CheckpointError(
-                f"cannot resume: the training text differs from the one checkpoint {path} used"
-            )
+
+        def expect(meta: dict[str, Any]) -> dict[str, Any]:
+            self._check_resume(meta, path, corpus, corpus_meta)
+            return {
+                "param": ckpt_io.specs(model.params, "f"),
+                "optim": self._optimizer_state_specs(model),
+                "state": ckpt_io.specs(model.init_state(t["batch_size"]), "f"),
+            }
+
+        saved = ckpt_io.load(path, expect)
         load_params(model, saved, path)
-        optimizer.load_state_dict(saved.optim)
+        try:
+            optimizer.load_state_dict(saved.optim)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"cannot resume: the optimizer state in {path} does not fit optimizer "
+                f"{self.config['optimizer']['type']!r}: {exc}"
+            ) from None
         meta = saved.meta
         return Progress(
             meta["step"],
             meta["data_position"],
-            meta["smooth_loss"],
+            meta.get("smooth_loss"),
             meta["rng"],
             saved.state,
             meta.get("best_val_loss"),
             meta.get("bad_evals", 0),
         )
+
+    def _check_resume(
+        self, meta: dict[str, Any], path: str, corpus: Corpus, corpus_meta: dict[str, Any]
+    ) -> None:
+        """The checkpoint's run must be this run: model, batch, optimizer, corpus (see `_resume`)."""
+        t, old = self.config["train"], meta["config"]
+        for key in ("data_position", "rng"):
+            if meta.get(key) is None:
+                raise CheckpointError(f"cannot resume: checkpoint {path} has no {key} in its metadata")
+        if t["steps"] is not None and t["steps"] <= meta["step"]:
+            raise ConfigError(
+                f"train.steps ({t['steps']}) must be beyond the checkpoint's step ({meta['step']}) to resume"
+            )
+        for section, keys in (("model", None), ("train", ("batch_size", "seq_length")), ("optimizer", None)):
+            for key in keys or sorted(set(old[section]) | set(self.config[section])):
+                if section == "optimizer" and key == "lr":
+                    continue  # the one option that may change: it shapes no state
+                a, b = old[section].get(key), self.config[section].get(key)
+                if a != b:
+                    raise CheckpointError(
+                        f"cannot resume: {section}.{key} is {b!r} but the checkpoint {path} was trained with {a!r}"
+                        + (
+                            " (of the optimizer's options only lr may change)"
+                            if section == "optimizer"
+                            else ""
+                        )
+                    )
+        if meta["vocab"] != corpus.vocab or meta.get("encoding", "utf-8") != corpus.encoding:
+            raise CheckpointError(
+                f"cannot resume: the corpus vocabulary differs from the checkpoint {path}'s"
+            )
+        saved_corpus = meta.get("corpus", {})
+        if saved_corpus.get("train_sha256") != corpus_meta["train_sha256"]:
+            raise CheckpointError(
+                f"cannot resume: the training text differs from the one checkpoint {path} used"
+            )
+
+    def _optimizer_state_specs(self, model: Model) -> dict[str, Any]:
+        """The names, shapes and dtypes of the state this run's optimizer keeps for `model`.
+
+        Learned from a throwaway optimizer taking one zero-gradient step on copies of the
+        parameters, so it holds for any optimizer plugin that fulfils the protocol.
+        """
+        probe = self.build("optimizer", self.config["optimizer"])
+        params = {k: np.array(v) for k, v in model.params.items()}
+        with np.errstate(all="ignore"):
+            probe.step(params, {k: np.zeros_like(v) for k, v in params.items()})
+        return ckpt_io.specs(probe.state_dict())
 
     def generate(
         self, model: Model, vocab: Corpus, on_text: Callable[[str], None] | None = None
@@ -397,24 +462,43 @@ class Pipeline:
         unigram, bigram = ngram_baselines(train_ids, np.asarray(ids), len(vocab.vocab))
         return {"source": source, "chars": int(len(ids)), "loss": loss, "unigram": unigram, "bigram": bigram}
 
-    def load_model(self, path: str, saved: ckpt_io.Checkpoint | None = None) -> tuple[Model, Corpus]:
-        """A model rebuilt from a checkpoint with this pipeline's plugins (not the ones it names)."""
-        saved = saved or ckpt_io.load(path)
-        section = saved.meta["config"]["model"]
-        name = section.get("type")
-        if name not in self.registry.components["model"]:
-            raise CheckpointError(
-                f"checkpoint {path} needs model {name!r}, which no loaded plugin provides; install its plugin "
-                f"or name it with --plugin (available: {', '.join(sorted(self.registry.components['model']))})"
-            )
-        model = self.build(
-            "model", section, vocab_size=len(saved.meta["vocab"]), rng=np.random.default_rng(0)
-        )
+    def load_model(self, path: str) -> tuple[Model, Corpus]:
+        """A model rebuilt from a checkpoint with this pipeline's plugins (not the ones it names).
+
+        The model is built from the checkpoint's metadata first, so the archive's arrays are
+        checked against the shapes it needs before any of them is read.
+        """
+        built: list[Model] = []
+
+        def expect(meta: dict[str, Any]) -> dict[str, Any]:
+            built.append(self._model_for(meta, path))
+            return {"param": ckpt_io.specs(built[0].params, "f")}
+
+        saved = ckpt_io.load(path, expect)
+        model = built[0]
         load_params(model, saved, path)
         vocab = Corpus(
             np.zeros(0, np.uint8), list(saved.meta["vocab"]), path, saved.meta.get("encoding", "utf-8")
         )
         return model, vocab
+
+    def _model_for(self, meta: dict[str, Any], path: str) -> Model:
+        """The (untrained) model a checkpoint's metadata describes, built by this pipeline's plugins."""
+        section = meta["config"]["model"]
+        name = section["type"]
+        if name not in self.registry.components["model"]:
+            raise CheckpointError(
+                f"checkpoint {path} needs model {name!r}, which no loaded plugin provides; install its plugin "
+                f"or name it with --plugin (available: {', '.join(sorted(self.registry.components['model']))})"
+            )
+        try:
+            return self.build("model", section, vocab_size=len(meta["vocab"]), rng=np.random.default_rng(0))
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {path}: its model section does not build: {exc}") from None
+        except MemoryError:
+            raise CheckpointError(
+                f"checkpoint {path}: its model section describes a model too large to build"
+            ) from None
 
 
 def ngram_baselines(train_ids: np.ndarray, ids: np.ndarray, V: int) -> tuple[float, float]:
@@ -446,7 +530,10 @@ def sibling(checkpoint: str, suffix: str) -> str:
 
 
 def load_params(model: Model, saved: ckpt_io.Checkpoint, path: str | Path) -> None:
-    """Copy checkpoint arrays into the model's own arrays (shapes and names must agree)."""
+    """Copy checkpoint arrays into the model's own arrays (names, shapes and finiteness must agree).
+
+    Everything is checked before the first copy, so a mismatch leaves the model untouched.
+    """
     if set(saved.params) != set(model.params):
         raise CheckpointError(
             f"checkpoint {path} has parameters {sorted(saved.params)}, the model expects {sorted(model.params)}"
@@ -456,6 +543,11 @@ def load_params(model: Model, saved: ckpt_io.Checkpoint, path: str | Path) -> No
             raise CheckpointError(
                 f"checkpoint {path}: parameter {name} has shape {value.shape}, expected {model.params[name].shape}"
             )
+        if value.dtype.kind != "f" or not np.isfinite(value).all():
+            raise CheckpointError(
+                f"checkpoint {path}: parameter {name} must hold finite floating-point numbers"
+            )
+    for name, value in saved.params.items():
         model.params[name][...] = value
 
 
@@ -532,8 +624,7 @@ def generate_samples(
     options. `on_text` receives the first sample as it is produced (streaming). The result
     has every sample in `texts` and them joined by `generate.separator` in `text`.
     """
-    saved = ckpt_io.load(checkpoint_path)
-    saved_cfg = saved.meta["config"]
+    saved_cfg = ckpt_io.read_meta(checkpoint_path)["config"]
     overrides: dict[str, Any] = {"stages": ["generate"], "generate.checkpoint": str(checkpoint_path)}
     for key, value in (("num_chars", num_chars), ("seed_text", seed_text), ("num_samples", num_samples)):
         if value is not None:
@@ -555,7 +646,7 @@ def generate_samples(
     base = {k: saved_cfg[k] for k in ("seed", "generate", "model") if k in saved_cfg}
     # `plugins` is left out on purpose: generation never imports a module because a checkpoint names it
     pipeline = Pipeline(base, plugins=plugins, overrides=overrides)
-    model, vocab = pipeline.load_model(str(checkpoint_path), saved)
+    model, vocab = pipeline.load_model(str(checkpoint_path))
     texts = pipeline.generate(model, vocab, on_text)
     return RunResult(pipeline.config, pipeline.config["generate"]["separator"].join(texts), texts)
 
