@@ -72,12 +72,13 @@ def atomic_write(
             yield f
             f.flush()
             os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as exc:
         raise error(f"cannot write {what} {path}: {exc.strerror or exc}") from None
     finally:
-        with suppress(FileNotFoundError):
+        with suppress(OSError):  # gone already after the rename
             os.unlink(tmp)
 
 

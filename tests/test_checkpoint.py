@@ -384,3 +384,13 @@ def test_corpus_with_vocab_remaps_ids_and_names_missing_characters():
     assert corpus.with_vocab(["a", "b"]) is corpus
     with pytest.raises(CorpusError, match=r"lacks 1 of the text's characters \(new: 'b'\)"):
         corpus.with_vocab(["a", "c"])
+
+
+def test_saved_checkpoint_gets_the_usual_file_mode(good, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = tmp_path / "model.npz"
+    ckpt_io.save(target, ckpt_io.load(good[0]))
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not the 0600 of a temporary file
