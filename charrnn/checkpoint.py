@@ -234,7 +234,7 @@ def _compare(path: Path, group: str, found: dict[str, _Header], need: Mapping[st
     if set(found) != set(need):
         what = {"param": "parameters", "optim": "optimizer state", "state": "hidden state"}[group]
         raise CheckpointError(
-            f"checkpoint {path} has {what} {sorted(found)}, the model expects {sorted(need)}"
+            f"checkpoint {path} has {what} {sorted(found)}, this run expects {sorted(need)}"
         )
     for name, (shape, kinds) in need.items():
         h = found[name]

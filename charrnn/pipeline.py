@@ -338,7 +338,8 @@ class Pipeline:
                 f"train.steps ({t['steps']}) must be beyond the checkpoint's step ({meta['step']}) to resume"
             )
         for section, keys in (("model", None), ("train", ("batch_size", "seq_length")), ("optimizer", None)):
-            for key in keys or sorted(set(old[section]) | set(self.config[section])):
+            every = set(old[section]) | set(self.config[section])
+            for key in keys or sorted(every, key=lambda k: (k != "type", k)):  # a new type says so first
                 if section == "optimizer" and key == "lr":
                     continue  # the one option that may change: it shapes no state
                 a, b = old[section].get(key), self.config[section].get(key)

@@ -318,6 +318,14 @@ def test_resume_with_a_changed_optimizer_option_names_it(capsys, tmp_path):
     assert "optimizer.momentum is 0.0" in line and "0.9" in line and "only lr may change" in line
 
 
+def test_resume_with_another_optimizer_names_its_type(capsys, tmp_path):
+    config = small_config(tmp_path)
+    run_pipeline(config, stderr=io.StringIO())
+    config["optimizer"] = {"type": "adam"}
+    line = one_error(capsys, resume_argv(config, tmp_path / "model.npz", tmp_path))
+    assert "optimizer.type is 'adam'" in line and "'adagrad'" in line
+
+
 def test_resume_may_change_the_learning_rate(tmp_path):
     config = small_config(tmp_path)
     run_pipeline(config, stderr=io.StringIO())
