@@ -2,23 +2,43 @@
 
 Array keys are `param/<name>`, `optim/<name>` and `state/<name>`; `meta` holds the JSON
 (vocabulary, resolved pipeline, step, data position, RNG state, smoothed loss, timings).
+
+Loading trusts nothing in the file: `meta` is checked against one schema (`check_meta`), and
+every array's `.npy` header is read and checked (dtype, declared size against the bytes the zip
+member holds, and against the shapes the caller expects) before any array data is read, so a
+damaged or hostile file is a one-line CheckpointError, never a traceback or a huge allocation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from charrnn.errors import CheckpointError, ConfigError
+from charrnn.errors import CharrnnError, CheckpointError, ConfigError, CorpusError
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
+GROUPS = ("param", "optim", "state")
+ENCODINGS = ("utf-8", "bytes")
+MAX_META_BYTES = 64 << 20  # the JSON metadata of a real checkpoint is a few kB
+ARRAY_KINDS = "fiu"  # floats, and integers for counters (Adam's `t`); never objects or strings
+
+ArraySpec = tuple[tuple[int, ...], str]  # (shape, allowed dtype kinds, e.g. "f")
+Expect = Callable[[dict[str, Any]], Mapping[str, Mapping[str, ArraySpec]]]
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: temporary files are created 0600, the result gets the usual mode
 
 
 @dataclass
@@ -31,72 +51,339 @@ class Checkpoint:
     state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def save(path: str | Path, ckpt: Checkpoint) -> None:
-    """Write atomically: a temporary file with a fixed name beside `path`, then a rename."""
+@contextmanager
+def atomic_write(
+    path: str | Path, what: str = "checkpoint", error: type[CharrnnError] = CheckpointError
+) -> Iterator[IO[bytes]]:
+    """A binary file that replaces `path` only once the block completes (unique temporary, fsync, rename).
+
+    Concurrent writers never share a temporary, readers see the old file or the new one, and the
+    temporary is removed whatever happens (a full disk included). OSError becomes
+    `error("cannot write <what> <path>: <reason>")`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise error(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise error(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        with suppress(OSError):  # gone already after the rename
+            os.unlink(tmp)
+
+
+def save(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write `ckpt` to `path` atomically (see `atomic_write`)."""
     arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(ckpt.meta, sort_keys=True))}
     for prefix, group in (("param", ckpt.params), ("optim", ckpt.optim), ("state", ckpt.state)):
         for name, value in group.items():
             arrays[f"{prefix}/{name}"] = np.asarray(value)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint; anything missing, corrupt or pickled is a CheckpointError."""
+def specs(arrays: Mapping[str, np.ndarray], kinds: str | None = None) -> dict[str, ArraySpec]:
+    """The shapes (and dtype kinds, default: each array's own) that `load(expect=...)` compares with."""
+    return {name: (tuple(a.shape), kinds or np.asarray(a).dtype.kind) for name, a in arrays.items()}
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checked metadata of a checkpoint, without reading its arrays."""
+    with _open(Path(path)) as (zf, members):
+        return _read_meta(zf, members, Path(path))
+
+
+def load(path: str | Path, expect: Expect | None = None) -> Checkpoint:
+    """Read a checkpoint; anything missing, corrupt, pickled or inconsistent is a CheckpointError.
+
+    `expect(meta)` (called once the metadata passed its checks) returns, per group (`param`,
+    `optim`, `state`), the arrays the caller needs by name with their shapes and dtype kinds;
+    the archive must hold exactly those, which is checked before any data is read. Groups it
+    leaves out are not read. Without `expect` every array is read.
+    """
     path = Path(path)
+    with _open(path) as (zf, members):
+        meta = _read_meta(zf, members, path)
+        headers = {key: _header(zf, info, path) for key, info in members.items() if key != "meta"}
+        groups: dict[str, dict[str, zipfile.ZipInfo]] = {g: {} for g in GROUPS}
+        for key, info in members.items():
+            prefix, _, name = key.partition("/")
+            if key == "meta":
+                continue
+            if prefix not in groups or not name:
+                raise CheckpointError(f"checkpoint {path} has an unexpected array {key!r}")
+            groups[prefix][name] = info
+        if not groups["param"]:
+            raise CheckpointError(f"checkpoint {path} holds no parameters")
+        wanted: Mapping[str, Any] = {g: None for g in GROUPS} if expect is None else expect(meta)
+        for group, need in wanted.items():
+            if need is not None:
+                _compare(path, group, {n: headers[f"{group}/{n}"] for n in groups[group]}, need)
+        out: dict[str, dict[str, np.ndarray]] = {g: {} for g in GROUPS}
+        for group in wanted:
+            for name, info in groups[group].items():
+                key = f"{group}/{name}"
+                out[group][name] = _read_array(zf, info, headers[key], path, key)
+    return Checkpoint(out["param"], meta, out["optim"], out["state"])
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Header:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int  # bytes of magic and header before the data
+    nbytes: int
+
+
+@contextmanager
+def _damage(path: Path) -> Iterator[None]:
+    """Turn what zipfile and zlib raise for a damaged archive (bad CRC, truncation, bogus headers) into one line."""
+    try:
+        yield
+    except (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        ValueError,
+        KeyError,
+    ) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_one_line(exc)}") from None
+    except (NotImplementedError, RuntimeError) as exc:  # an unknown compression method, encryption
+        raise CheckpointError(
+            f"checkpoint {path} uses an unsupported zip feature: {_one_line(exc)}"
+        ) from None
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]]:
+    """The zip archive and its `.npy` members by key."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
-    try:
-        with open(path, "rb") as f:
+    with ExitStack() as stack:
+        with _damage(path):
+            f = stack.enter_context(open(path, "rb"))
             if f.read(4) != b"PK\x03\x04":
                 raise CheckpointError(f"checkpoint {path} is corrupt or not an .npz file")
             f.seek(0)
-            with np.load(f, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise CheckpointError(f"checkpoint {path} holds pickled objects; refusing to load it") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not an .npz file: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from None
-    if "meta" not in arrays:
-        raise CheckpointError(f"checkpoint {path} has no charrnn metadata (not a charrnn checkpoint)")
+            zf = stack.enter_context(zipfile.ZipFile(f))
+            members: dict[str, zipfile.ZipInfo] = {}
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                if key == info.filename or key in members:
+                    raise CheckpointError(
+                        f"checkpoint {path} has an unexpected or repeated member {info.filename!r}"
+                    )
+                members[key] = info
+        if "meta" not in members:
+            raise CheckpointError(f"checkpoint {path} has no charrnn metadata (not a charrnn checkpoint)")
+        yield zf, members
+
+
+def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> _Header:
+    """The `.npy` header of a member, checked against the bytes the member holds; no data is read."""
+    key = info.filename.removesuffix(".npy")
+    with _damage(path), zf.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except (ValueError, SyntaxError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: array {key!r} has a corrupt header ({_one_line(exc)})"
+            ) from None
+        offset = f.tell()
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise CheckpointError(
+            f"checkpoint {path}: array {key!r} holds pickled objects or records; refusing to load it"
+        )
+    if any(n < 0 for n in shape):
+        raise CheckpointError(f"checkpoint {path}: array {key!r} has a negative dimension {shape}")
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow, nothing allocated
+    if offset + nbytes != info.file_size:
+        raise CheckpointError(
+            f"checkpoint {path}: array {key!r} declares shape {shape} of {dtype} ({nbytes:,} bytes) "
+            f"but its zip member holds {max(info.file_size - offset, 0):,}"
+        )
+    return _Header(tuple(shape), dtype, fortran, offset, nbytes)
+
+
+def _compare(path: Path, group: str, found: dict[str, _Header], need: Mapping[str, ArraySpec]) -> None:
+    """The arrays of `group` must be exactly those the caller needs, with their shapes and kinds."""
+    if set(found) != set(need):
+        what = {"param": "parameters", "optim": "optimizer state", "state": "hidden state"}[group]
+        raise CheckpointError(
+            f"checkpoint {path} has {what} {sorted(found)}, this run expects {sorted(need)}"
+        )
+    for name, (shape, kinds) in need.items():
+        h = found[name]
+        if h.shape != tuple(shape):
+            raise CheckpointError(
+                f"checkpoint {path}: {group}/{name} has shape {h.shape}, expected {tuple(shape)}"
+            )
+        if h.dtype.kind not in kinds:
+            raise CheckpointError(
+                f"checkpoint {path}: {group}/{name} has dtype {h.dtype}, expected {_kinds(kinds)}"
+            )
+
+
+def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo, h: _Header, path: Path, key: str) -> np.ndarray:
+    """The data of a member whose header passed `_header`, read into a fresh writable array."""
+    if h.dtype.kind not in (ARRAY_KINDS if key != "meta" else "U"):
+        raise CheckpointError(f"checkpoint {path}: {key} has dtype {h.dtype}, expected {_kinds(ARRAY_KINDS)}")
+    out = np.empty(h.shape[::-1] if h.fortran else h.shape, dtype=h.dtype)
+    with _damage(path), zf.open(info) as f:
+        f.seek(h.offset)
+        buf, got = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while got < h.nbytes:
+            n = f.readinto(buf[got:])
+            if not n:
+                raise CheckpointError(f"checkpoint {path}: array {key!r} is truncated")
+            got += n
+        if f.read(1):  # reading to the end also makes zipfile check the member's CRC
+            raise CheckpointError(
+                f"checkpoint {path}: array {key!r} holds more data than its header declares"
+            )
+    out = out.T if h.fortran else out
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise CheckpointError(f"checkpoint {path}: {key} holds NaN or infinite values")
+    return out
+
+
+def _read_meta(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], path: Path) -> dict[str, Any]:
+    info = members["meta"]
+    h = _header(zf, info, path)
+    if h.dtype.kind != "U" or h.shape != () or h.nbytes > MAX_META_BYTES:
+        raise CheckpointError(f"checkpoint {path}: its metadata is not a JSON string")
     try:
-        meta = json.loads(str(arrays.pop("meta")))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} has corrupt metadata: {exc}") from None
+        meta = json.loads(str(_read_array(zf, info, h, path, "meta")[()]))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata: {_one_line(exc)}") from None
+    check_meta(meta, path)
+    return meta
+
+
+# -- the metadata schema ----------------------------------------------------------------------
+
+
+def check_meta(meta: Any, path: str | Path) -> None:
+    """Check the JSON metadata of a checkpoint: one schema for every reader (generate, resume, init_from)."""
+
+    def bad(key: str, must: str, value: Any) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return CheckpointError(f"checkpoint {path}: meta {key} must be {must}, got {shown}")
+
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a charrnn checkpoint")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} was written by a newer charrnn (format {meta['format_version']})"
-        )
-    for key in ("vocab", "config", "step"):
+    for key in ("format_version", "vocab", "config", "step"):
         if key not in meta:
             raise CheckpointError(f"checkpoint {path} metadata lacks {key!r}")
-    groups: dict[str, dict[str, np.ndarray]] = {"param": {}, "optim": {}, "state": {}}
-    for key, value in arrays.items():
-        prefix, _, name = key.partition("/")
-        if prefix not in groups or not name:
-            raise CheckpointError(f"checkpoint {path} has an unexpected array {key!r}")
-        groups[prefix][name] = value
-    if not groups["param"]:
-        raise CheckpointError(f"checkpoint {path} holds no parameters")
-    return Checkpoint(groups["param"], meta, groups["optim"], groups["state"])
+    version = meta["format_version"]
+    if not _is_int(version) or version < 1:
+        raise bad("format_version", "a positive integer", version)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} was written by a newer charrnn (format {version})")
+    encoding = meta.get("encoding", "utf-8")
+    if encoding not in ENCODINGS:
+        raise bad("encoding", " or ".join(map(repr, ENCODINGS)), encoding)
+    vocab = meta["vocab"]
+    if (
+        not isinstance(vocab, list)
+        or len(vocab) < 2
+        or not all(isinstance(c, str) and len(c) == 1 for c in vocab)
+        or len(set(vocab)) != len(vocab)
+    ):
+        raise bad("vocab", "a list of at least 2 distinct one-character strings", vocab)
+    if encoding == "bytes" and vocab != [chr(i) for i in range(256)]:
+        raise bad("vocab", "the 256 byte values with encoding 'bytes'", vocab)
+    config = meta["config"]
+    if not isinstance(config, dict):
+        raise bad("config", "a mapping", config)
+    for section in ("model", "optimizer", "train"):
+        if not isinstance(config.get(section), dict) or not isinstance(config[section].get("type", ""), str):
+            raise bad(f"config.{section}", "a mapping with a string `type`", config.get(section))
+    if not isinstance(config["model"].get("type"), str):
+        raise bad("config.model.type", "a string", config["model"].get("type"))
+    for key in ("batch_size", "seq_length"):
+        if key in config["train"] and (not _is_int(config["train"][key]) or config["train"][key] < 1):
+            raise bad(f"config.train.{key}", "a positive integer", config["train"][key])
+    for section in ("sampler", "generate", "schedule", "corpus"):
+        if section in config and not isinstance(config[section], dict):
+            raise bad(f"config.{section}", "a mapping", config[section])
+    for key in ("step", "data_position", "bad_evals"):
+        if key in meta and (not _is_int(meta[key]) or meta[key] < 0):
+            raise bad(key, "a non-negative integer", meta[key])
+    for key in ("smooth_loss", "best_val_loss"):
+        value = meta.get(key)
+        if value is not None and (not _is_number(value) or not math.isfinite(value)):
+            raise bad(key, "a finite number or null", value)
+    if meta.get("rng") is not None:
+        check_rng_state(meta["rng"], lambda must: bad("rng", must, meta["rng"]))
+    if "corpus" in meta and not isinstance(meta["corpus"], dict):
+        raise bad("corpus", "a mapping", meta["corpus"])
 
 
-# -- checkpoints of training runs: what they record, and what resuming from one requires ----------
+def check_rng_state(state: Any, bad: Callable[[str], Exception]) -> None:
+    """A saved `Generator.bit_generator.state` that the training loop's PCG64 accepts exactly."""
+    must = "a PCG64 bit generator state"
+    if (
+        not isinstance(state, dict)
+        or set(state) != {"bit_generator", "state", "has_uint32", "uinteger"}
+        or state["bit_generator"] != "PCG64"
+        or not isinstance(state["state"], dict)
+        or set(state["state"]) != {"state", "inc"}
+        or not all(_is_int(v) and 0 <= v < 1 << 128 for v in state["state"].values())
+        or state["has_uint32"] not in (0, 1)
+        or not _is_int(state["has_uint32"])
+        or not (_is_int(state["uinteger"]) and 0 <= state["uinteger"] < 1 << 32)
+    ):
+        raise bad(must)
+    try:
+        np.random.PCG64().state = state
+    except (ValueError, TypeError, KeyError, OverflowError):
+        raise bad(must) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kinds(kinds: str) -> str:
+    names = {"f": "floating point", "i": "integer", "u": "unsigned integer", "U": "a string"}
+    return " or ".join(names.get(k, k) for k in kinds)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# -- checkpoints of training runs: what they record, and what starting from one requires ----------
 
 
 def training_meta(config: dict[str, Any], corpus: Any, corpus_meta: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +414,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def load_params(model: Any, saved: Checkpoint, path: str | Path) -> None:
-    """Copy checkpoint arrays into the model's own arrays (shapes and names must agree)."""
+    """Copy checkpoint arrays into the model's own arrays (names, shapes and finiteness must agree).
+
+    Everything is checked before the first copy, so a mismatch leaves the model untouched.
+    """
     if set(saved.params) != set(model.params):
         raise CheckpointError(
             f"checkpoint {path} has parameters {sorted(saved.params)}, the model expects {sorted(model.params)}"
@@ -137,48 +427,69 @@ def load_params(model: Any, saved: Checkpoint, path: str | Path) -> None:
             raise CheckpointError(
                 f"checkpoint {path}: parameter {name} has shape {value.shape}, expected {model.params[name].shape}"
             )
+        if value.dtype.kind != "f" or not np.isfinite(value).all():
+            raise CheckpointError(
+                f"checkpoint {path}: parameter {name} must hold finite floating-point numbers"
+            )
+    for name, value in saved.params.items():
         model.params[name][...] = value
 
 
-def check_init_from(saved: Checkpoint, config: dict[str, Any], corpus: Any, path: str) -> None:
-    """`train.init_from` starts a new run from a checkpoint's weights: same model type and vocabulary."""
-    if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
-        old, new = set(saved.meta["vocab"]), set(corpus.vocab)
-        extra = "".join(sorted(new - old))[:20]
+def vocabulary_for_init(corpus: Any, path: str) -> Any:
+    """`train.init_from`: the corpus encoded with the checkpoint's vocabulary (it may use a subset)."""
+    meta = read_meta(path)
+    encoding = meta.get("encoding", "utf-8")
+    if encoding != corpus.encoding:
         raise CheckpointError(
-            f"train.init_from: the vocabulary of {path} ({len(old)} symbols) differs from the corpus's "
-            f"({len(new)} symbols"
-            + (f"; new: {extra!r}" if extra else "")
-            + "); fine-tuning needs the same vocabulary "
-            "(use encoding: bytes for both to share one)"
+            f"train.init_from: {path} was trained with encoding {encoding!r}, the corpus uses "
+            f"{corpus.encoding!r}; fine-tuning needs the same encoding"
         )
-    old_model = saved.meta["config"]["model"]
-    if old_model.get("type") != config["model"]["type"]:
+    try:
+        return corpus.with_vocab(meta["vocab"])
+    except CorpusError as exc:
         raise CheckpointError(
-            f"train.init_from: {path} holds a {old_model.get('type')!r} model, the pipeline builds {config['model']['type']!r}"
+            f"train.init_from: the vocabulary of {path} differs from the corpus's: {exc}; "
+            "fine-tuning needs every character of the corpus in it (encoding: bytes for both shares one)"
+        ) from None
+
+
+def check_init_from(meta: dict[str, Any], config: dict[str, Any], corpus: Any, path: str) -> None:
+    """`train.init_from` starts a new run from a checkpoint's weights: same model type and vocabulary
+    (the corpus was encoded with the checkpoint's, see `vocabulary_for_init`)."""
+    if meta["vocab"] != corpus.vocab or meta.get("encoding", "utf-8") != corpus.encoding:
+        raise CheckpointError(f"train.init_from: the vocabulary of {path} changed while reading it")
+    old_type = meta["config"]["model"]["type"]
+    if old_type != config["model"]["type"]:
+        raise CheckpointError(
+            f"train.init_from: {path} holds a {old_type!r} model, the pipeline builds {config['model']['type']!r}"
         )
 
 
-def check_resume(saved: Checkpoint, config: dict[str, Any], corpus: Any, digest: str, path: str) -> None:
-    """Resuming continues the same run: same model, batch layout, optimizer, vocabulary and text."""
-    t, old = config["train"], saved.meta["config"]
-    if t["steps"] is not None and t["steps"] <= saved.meta["step"]:
+def check_resume(meta: dict[str, Any], config: dict[str, Any], corpus: Any, digest: str, path: str) -> None:
+    """Resuming continues the same run: model, batch layout, optimizer, vocabulary and text.
+
+    Of the optimizer's options only `lr` may change: the others shape the state being restored.
+    """
+    t, old = config["train"], meta["config"]
+    for key in ("data_position", "rng"):
+        if meta.get(key) is None:
+            raise CheckpointError(f"cannot resume: checkpoint {path} has no {key} in its metadata")
+    if t["steps"] is not None and t["steps"] <= meta["step"]:
         raise ConfigError(
-            f"train.steps ({t['steps']}) must be beyond the checkpoint's step ({saved.meta['step']}) to resume"
+            f"train.steps ({t['steps']}) must be beyond the checkpoint's step ({meta['step']}) to resume"
         )
-    for section, keys in (("model", None), ("train", ("batch_size", "seq_length"))):
-        for key in keys or sorted(set(old[section]) | set(config[section])):
+    for section, keys in (("model", None), ("train", ("batch_size", "seq_length")), ("optimizer", None)):
+        every = set(old[section]) | set(config[section])
+        for key in keys or sorted(every, key=lambda k: (k != "type", k)):  # a new type says so first
+            if section == "optimizer" and key == "lr":
+                continue  # the one option that may change: it shapes no state
             a, b = old[section].get(key), config[section].get(key)
             if a != b:
                 raise CheckpointError(
                     f"cannot resume: {section}.{key} is {b!r} but the checkpoint {path} was trained with {a!r}"
+                    + (" (of the optimizer's options only lr may change)" if section == "optimizer" else "")
                 )
-    if old["optimizer"]["type"] != config["optimizer"]["type"]:
-        raise CheckpointError(
-            f"cannot resume: optimizer.type is {config['optimizer']['type']!r} but the checkpoint "
-            f"{path} used {old['optimizer']['type']!r}"
-        )
-    if saved.meta["vocab"] != corpus.vocab or saved.meta.get("encoding", "utf-8") != corpus.encoding:
+    if meta["vocab"] != corpus.vocab or meta.get("encoding", "utf-8") != corpus.encoding:
         raise CheckpointError(f"cannot resume: the corpus vocabulary differs from the checkpoint {path}'s")
-    if saved.meta.get("corpus", {}).get("train_sha256") != digest:
+    if meta.get("corpus", {}).get("train_sha256") != digest:
         raise CheckpointError(f"cannot resume: the training text differs from the one checkpoint {path} used")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from charrnn import checkpoint as ckpt_io
 from charrnn.assembly import Assembly
 from charrnn.errors import CorpusError
 from charrnn.types import Corpus
@@ -48,12 +49,18 @@ class Data:
         }
 
 
-def load_corpus(assembly: Assembly) -> Data:
-    """Run the pipeline's corpus loader and split off `corpus.val_fraction` at the end."""
+def load_corpus(assembly: Assembly, vocab_of: str | None = None) -> Data:
+    """Run the pipeline's corpus loader and split off `corpus.val_fraction` at the end.
+
+    `vocab_of`: a checkpoint whose vocabulary encodes the text (fine-tuning on a text that
+    uses a subset of it).
+    """
     section = assembly.config["corpus"]
     corpus = assembly.build("corpus")
     if not isinstance(corpus, Corpus):
         raise CorpusError(f"corpus loader {section['type']!r} did not return a charrnn.Corpus")
+    if vocab_of is not None:
+        corpus = ckpt_io.vocabulary_for_init(corpus, vocab_of)
     n = len(corpus.ids)
     name = corpus.source or section["type"]
     if n == 0:

@@ -17,12 +17,12 @@ import numpy as np
 from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
 from charrnn.assembly import Assembly
-from charrnn.errors import CheckpointError
+from charrnn.errors import CheckpointError, ConfigError
 from charrnn.generate import generate
 from charrnn.types import Corpus, Model
 
 #: the parts of a training pipeline that generation uses
-GENERATION_SECTIONS = ("seed", "model", "sampler", "generate")
+GENERATION_SECTIONS = ("seed", "sampler", "generate")
 
 
 class LoadedModel:
@@ -42,27 +42,30 @@ class LoadedModel:
         module because a file says so.
         """
         path = str(path)
-        saved = ckpt_io.load(path)
-        saved_cfg = saved.meta["config"]
+        saved_cfg = ckpt_io.read_meta(path)["config"]
         base = {k: copy.deepcopy(saved_cfg[k]) for k in GENERATION_SECTIONS if k in saved_cfg}
         assembly = Assembly(base, plugins=plugins, load_entrypoints=load_entrypoints)
-        return cls.from_checkpoint(saved, assembly, path)
+        return cls.from_path(path, assembly)
 
     @classmethod
-    def from_checkpoint(cls, saved: ckpt_io.Checkpoint, assembly: Assembly, path: str) -> LoadedModel:
-        """Rebuild the model `saved` holds with `assembly`'s plugins."""
-        section = saved.meta["config"]["model"]
-        name = section.get("type")
-        known = assembly.registry.components["model"]
-        if name not in known:
-            raise CheckpointError(
-                f"checkpoint {path} needs model {name!r}, which no loaded plugin provides; install its plugin "
-                f"or name it with --plugin (available: {', '.join(sorted(known))})"
-            )
-        vocab = list(saved.meta["vocab"])
-        model = assembly.build("model", section, vocab_size=len(vocab), rng=np.random.default_rng(0))
+    def from_path(cls, path: str, assembly: Assembly) -> LoadedModel:
+        """The model a checkpoint holds, rebuilt with `assembly`'s plugins, generating with its settings.
+
+        The model is built from the checkpoint's metadata first, so the archive's arrays are
+        checked against the shapes it needs before any of them is read.
+        """
+        built: list[Model] = []
+
+        def expect(meta: dict[str, Any]) -> dict[str, Any]:
+            built.append(model_for(meta, assembly, path))
+            return {"param": ckpt_io.specs(built[0].params, "f")}
+
+        saved = ckpt_io.load(path, expect)
+        model = built[0]
         ckpt_io.load_params(model, saved, path)
-        corpus = Corpus(np.zeros(0, np.uint8), vocab, path, saved.meta.get("encoding", "utf-8"))
+        corpus = Corpus(
+            np.zeros(0, np.uint8), list(saved.meta["vocab"]), path, saved.meta.get("encoding", "utf-8")
+        )
         return cls(model, corpus, assembly, path)
 
     def options(
@@ -122,3 +125,23 @@ class LoadedModel:
 
     def separator(self) -> str:
         return self.config["generate"]["separator"]
+
+
+def model_for(meta: dict[str, Any], assembly: Assembly, path: str) -> Model:
+    """The (untrained) model a checkpoint's metadata describes, built by `assembly`'s plugins."""
+    section = meta["config"]["model"]
+    name = section["type"]
+    known = assembly.registry.components["model"]
+    if name not in known:
+        raise CheckpointError(
+            f"checkpoint {path} needs model {name!r}, which no loaded plugin provides; install its plugin "
+            f"or name it with --plugin (available: {', '.join(sorted(known))})"
+        )
+    try:
+        return assembly.build("model", section, vocab_size=len(meta["vocab"]), rng=np.random.default_rng(0))
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: its model section does not build: {exc}") from None
+    except MemoryError:
+        raise CheckpointError(
+            f"checkpoint {path}: its model section describes a model too large to build"
+        ) from None

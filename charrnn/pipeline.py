@@ -15,7 +15,6 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from charrnn import checkpoint as ckpt_io
 from charrnn import training
 from charrnn.assembly import Assembly
 from charrnn.data import Data, load_corpus
@@ -57,7 +56,9 @@ class Pipeline(Assembly):
         """The corpus, loaded once per corpus section (`train` then `evaluate` read it once)."""
         key = repr(sorted(self.config["corpus"].items()))
         if self._data is None or self._data[0] != key:
-            self._data = (key, load_corpus(self))
+            t = self.config["train"]
+            fine_tune = "train" in self.config["stages"] and t["init_from"] and not t["resume"]
+            self._data = (key, load_corpus(self, vocab_of=t["init_from"] if fine_tune else None))
         return self._data[1]
 
     def train(
@@ -79,7 +80,7 @@ class Pipeline(Assembly):
 
     def load(self, path: str) -> LoadedModel:
         """A checkpoint's model rebuilt with this pipeline's plugins, generating with its settings."""
-        return LoadedModel.from_checkpoint(ckpt_io.load(path), self, path)
+        return LoadedModel.from_path(path, self)
 
     def run(
         self,

@@ -75,29 +75,54 @@ def start_path(assembly: Assembly) -> str | None:
     return t["init_from"] or (t["checkpoint"] if t["resume"] is True else t["resume"]) or None
 
 
-def read_start(assembly: Assembly, data: Data, world: World) -> ckpt_io.Checkpoint | None:
-    """Rank 0 reads and checks the checkpoint to start from (None elsewhere and for a fresh run)."""
+def read_start(assembly: Assembly, data: Data, model: Model, world: World) -> ckpt_io.Checkpoint | None:
+    """Rank 0 reads and checks the checkpoint to start from (None elsewhere and for a fresh run).
+
+    Its metadata is compared with this run, and its arrays' declared shapes with what the
+    model and optimizer need, before any array is read.
+    """
     config, t = assembly.config, assembly.config["train"]
     path = start_path(assembly)
     if path is None or world.rank != 0:
         return None
     if t["resume"] and not Path(path).exists():
         raise CheckpointError(f"train.resume: no checkpoint to resume from at {path}")
-    saved = ckpt_io.load(path)
-    if t["init_from"]:
-        ckpt_io.check_init_from(saved, config, data.corpus, path)
-        return saved
-    ckpt_io.check_resume(saved, config, data.corpus, data.digest, path)
-    saved_world = int(saved.meta.get("world_size", 1))
-    dropout = any(
-        float(v) > 0 for k, v in config["model"].items() if "dropout" in k and isinstance(v, (int, float))
-    )
-    if dropout and saved_world != world.size:
-        raise CheckpointError(
-            f"cannot resume: {path} was trained by {saved_world} process(es) with dropout, whose random "
-            f"streams are per process; resume it with {saved_world} process(es)"
+    params = ckpt_io.specs(model.params, "f")
+
+    def expect(meta: dict[str, Any]) -> dict[str, Any]:
+        if t["init_from"]:
+            ckpt_io.check_init_from(meta, config, data.corpus, path)
+            return {"param": params}
+        ckpt_io.check_resume(meta, config, data.corpus, data.digest, path)
+        saved_world = int(meta.get("world_size", 1))
+        dropout = any(
+            float(v) > 0 for k, v in config["model"].items() if "dropout" in k and isinstance(v, (int, float))
         )
-    return saved
+        if dropout and saved_world != world.size:
+            raise CheckpointError(
+                f"cannot resume: {path} was trained by {saved_world} process(es) with dropout, whose random "
+                f"streams are per process; resume it with {saved_world} process(es)"
+            )
+        return {
+            "param": params,
+            "optim": optimizer_state_specs(assembly, model),
+            "state": ckpt_io.specs(model.init_state(t["batch_size"]), "f"),
+        }
+
+    return ckpt_io.load(path, expect)
+
+
+def optimizer_state_specs(assembly: Assembly, model: Model) -> dict[str, Any]:
+    """The names, shapes and dtypes of the state this run's optimizer keeps for `model`.
+
+    Learned from a throwaway optimizer taking one zero-gradient step on copies of the
+    parameters, so it holds for any optimizer plugin that fulfils the protocol.
+    """
+    probe = assembly.optimizer()
+    params = {k: np.array(v) for k, v in model.params.items()}
+    with np.errstate(all="ignore"):
+        probe.step(params, {k: np.zeros_like(v) for k, v in params.items()})
+    return ckpt_io.specs(probe.state_dict())
 
 
 def apply_start(
@@ -113,7 +138,13 @@ def apply_start(
     if t["init_from"]:
         return TrainState()
     meta = saved.meta
-    optimizer.load_state_dict(saved.optim)
+    try:
+        optimizer.load_state_dict(saved.optim)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"cannot resume: the optimizer state in {path} does not fit optimizer "
+            f"{assembly.config['optimizer']['type']!r}: {exc}"
+        ) from None
     mine = rows(world, t["batch_size"])
     rng = meta["rng"]
     if world.size > 1 and int(meta.get("world_size", 1)) == world.size:
@@ -121,7 +152,7 @@ def apply_start(
     return TrainState(
         meta["step"],
         meta["data_position"],
-        meta["smooth_loss"],
+        meta.get("smooth_loss"),
         rng,
         {k: v[mine] for k, v in saved.state.items()},
         meta.get("best_val_loss"),
@@ -198,7 +229,7 @@ def prepare(
     optimizer = assembly.optimizer()
     schedule = build_schedule(assembly, optimizer, t["steps"])
     sampler = assembly.sampler(data.corpus.vocab)
-    saved = read_start(assembly, data, world)
+    saved = read_start(assembly, data, model, world)
 
     console = Console(stderr)
     lead = world.rank == 0

@@ -86,6 +86,24 @@ class Corpus:
         """Any bytes, over the 256-symbol byte vocabulary."""
         return cls(np.frombuffer(raw, dtype=np.uint8).copy(), [chr(i) for i in range(256)], source, "bytes")
 
+    def with_vocab(self, vocab: list[str]) -> Corpus:
+        """This text encoded with `vocab`, which must hold every symbol of `self.vocab` (it may hold more).
+
+        Used to fine-tune a model on a text that uses a subset of its vocabulary; a missing symbol
+        is a CorpusError that names it. The ids are remapped in one pass (a new in-memory array).
+        """
+        if list(vocab) == self.vocab:
+            return self
+        index = {ch: i for i, ch in enumerate(vocab)}
+        missing = [ch for ch in self.vocab if ch not in index]
+        if missing:
+            shown = "".join(missing[:20]) + ("..." if len(missing) > 20 else "")
+            raise CorpusError(
+                f"the vocabulary lacks {len(missing)} of the text's characters (new: {shown!r})"
+            )
+        lut = np.array([index[ch] for ch in self.vocab], dtype=ids_dtype(len(vocab)))  # old id -> new id
+        return Corpus(lut[self.ids], list(vocab), self.source, self.encoding)
+
     def encode(self, text: str) -> np.ndarray:
         """Ids of `text`; a symbol outside the vocabulary is a CorpusError that names it."""
         if self.encoding == "bytes":

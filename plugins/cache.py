@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from charrnn import Corpus, CorpusError
+from charrnn.checkpoint import atomic_write
 from charrnn.encoding import NotUTF8, ids_dtype, lookup, mark
 from charrnn.encoding import utf8_codes as decode_utf8
 
@@ -319,23 +319,12 @@ def _build(plan: Plan, npy: Path, chunk_size: int) -> None:
 
 
 def _atomic_write(path: Path, content: bytes | Callable[[BinaryIO], None]) -> None:
-    """Write `path` through a temporary file in its folder and a rename; `content` may be a writer."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise CorpusError(f"cannot write the corpus cache in {path.parent}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(content, bytes):
-                f.write(content)
-            else:
-                content(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CorpusError(f"cannot write the corpus cache {path}: {exc.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write `path` through `charrnn.checkpoint.atomic_write`; `content` may be a writer."""
+    with atomic_write(path, "the corpus cache", CorpusError) as f:
+        if isinstance(content, bytes):
+            f.write(content)
+        else:
+            content(f)
 
 
 def _digest(value: Any) -> str:
