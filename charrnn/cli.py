@@ -20,7 +20,7 @@ from charrnn.errors import CharrnnError
 from charrnn.interrupts import Aborted
 from charrnn.pipeline import Pipeline, generate_samples, write_text
 from charrnn.plugins import get_plugin_manager, list_plugins
-from charrnn.world import detect, limit_blas_threads
+from charrnn.world import SharedFailure, detect, limit_blas_threads
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
     limit_blas_threads()
     try:
         pipeline.run(stdout=sys.stdout, stderr=sys.stderr, world=world)
+    except SharedFailure as exc:  # every rank failed alike at start-up: said once, all leave normally
+        return _report(exc) if world.rank == 0 else exc.code
     except BaseException as exc:  # one rank failed: end the whole job now, not at the next collective
         try:
             code = _report(exc)

@@ -276,7 +276,13 @@ def prepare(
         schedule=schedule,
         callbacks=[*chain_, *callbacks],
         world=world,
-        interrupts=interrupts if interrupts is not None else SignalInterrupts(console.log),
+        interrupts=interrupts
+        if interrupts is not None
+        else SignalInterrupts(console.log if lead else print_nothing),
     )
     loop.stderr = console.stream
     return loop, saved
+
+
+def print_nothing(message: str) -> None:
+    """The log of ranks other than 0: their messages would repeat rank 0's."""
