@@ -18,6 +18,7 @@ import pluggy
 
 from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
+from charrnn import train as train_loop
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import generate
 from charrnn.plugins import INJECTED, Registry, get_plugin_manager
@@ -139,6 +140,8 @@ class Pipeline:
         return corpus, train_ids, val_ids
 
     def train(self, stderr: TextIO) -> tuple[Model, Corpus, TrainResult]:
+        t = self.config["train"]
+        train_loop.check_output(t["checkpoint"], "train.checkpoint")  # before the slow parts
         corpus, train_ids, val_ids = self.load_corpus()
         if "generate" in self.config["stages"]:
             corpus.encode(self.config["generate"]["seed_text"])  # fail before training, not after
@@ -153,13 +156,6 @@ class Pipeline:
                 f"schedule {self.config['schedule']['type']!r} needs an optimizer with an `lr` attribute; "
                 f"optimizer {self.config['optimizer']['type']!r} has none"
             )
-        try:
-            if schedule is not None:
-                schedule(0, t["steps"])  # a schedule that cannot work with these settings says so now
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(
-                f"{self.locate('schedule')} ({self.config['schedule']['type']}): {exc}"
-            ) from None
         sampler = self.sampler(corpus.vocab)
         digest = _sha256(train_ids)
         corpus_meta = {
@@ -179,6 +175,13 @@ class Pipeline:
             self._init_from(t["init_from"], model, corpus)
         if t["resume"]:
             progress = self._resume(t["resume"], model, optimizer, corpus, corpus_meta)
+        try:
+            if schedule is not None:  # one that cannot work with these settings says so now
+                train_loop.check_schedule(schedule, t["steps"], progress.step)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"{self.locate('schedule')} ({self.config['schedule']['type']}): {exc}"
+            ) from None
         started = time.time()
 
         def save(p: Progress, extra: dict[str, Any], path: str) -> None:
@@ -227,6 +230,12 @@ class Pipeline:
             else None,
             metrics_path=sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] else None,
         )
+        for path, key in (
+            (settings.best_checkpoint, "train.keep_best"),
+            (settings.metrics_path, "train.metrics"),
+        ):
+            if path is not None:
+                train_loop.check_output(path, key)
         trainer = Trainer(
             model,
             optimizer,

@@ -305,9 +305,11 @@ def test_best_checkpoint_metrics_and_eval_every(tiny_config, tmp_path):
     model, _ = pipe.load_model(str(tmp_path / "model.best.npz"))
     _, _, val_ids = pipe.load_corpus()
     assert evaluate(model, val_ids, EVAL_STREAMS, 8) == pytest.approx(best["val_loss"], rel=1e-6)
-    # a second run appends to the metrics file
+    # a second (fresh) run starts the metrics file anew
+    tiny_config["train"]["steps"] = 10
     run_pipeline(tiny_config)
-    assert len((tmp_path / "model.metrics.jsonl").read_text().splitlines()) == 12
+    lines = (tmp_path / "model.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 10]
 
 
 def test_evaluation_does_not_disturb_training(tiny_config, tmp_path):
