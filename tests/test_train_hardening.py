@@ -394,3 +394,44 @@ def test_early_stopping_saves_before_its_last_report(tiny_config):
     tiny_config["train"].update(steps=500, sample_every=None, eval_every=2, patience=3)
     result = run_pipeline(tiny_config, plugins=[FrozenPlugin(), reports])
     assert result.train.steps == 8 and reports.steps == [2, 4, 6, 8] and reports.saved[-1] == 8
+
+
+def test_report_metrics_hold_what_the_hookspec_says(tiny_config):
+    seen = []
+
+    class Reporter:
+        @charrnn.hookimpl
+        def charrnn_train_report(self, step, metrics):
+            seen.append((step, metrics))
+
+    tiny_config["train"].update(steps=22, sample_every=10, eval_every=4)
+    run_pipeline(tiny_config, plugins=[Reporter()])
+    assert [step for step, _ in seen] == [4, 8, 10, 12, 16, 20, 22]
+    for step, m in seen:
+        assert (
+            set(m) == {"step", "train_loss", "val_loss", "lr", "chars_per_sec", "sample"}
+            and m["step"] == step
+        )
+        assert (m["val_loss"] is not None) == (step % 4 == 0 or step == 22)
+        assert (m["sample"] is not None) == (step % 10 == 0) and m["lr"] == 0.1
+
+
+def test_gitignore_covers_what_the_classic_config_writes(tmp_path, monkeypatch, capsys):
+    from fnmatch import fnmatch
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "input.txt").write_text((ROOT / "data" / "input.txt").read_text()[:3000])
+    sets = ["train.steps=3", "train.sample_every=3", "corpus.val_fraction=0.5", "stages=[train]"]
+    assert (
+        main(["run", str(ROOT / "configs" / "classic.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
+    )
+    written = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert written == ["final_model.best.npz", "final_model.metrics.jsonl", "final_model.npz"]
+    patterns = [line for line in (ROOT / ".gitignore").read_text().splitlines() if line and "/" not in line]
+    for name in [
+        *written,
+        "final_model.npz.tmp",
+        "final_model.metrics.jsonl.tmp",
+    ]:  # and the atomic writers' files
+        assert any(fnmatch(name, pattern) for pattern in patterns), name
