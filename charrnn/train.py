@@ -80,8 +80,8 @@ def check_output(path: str, key: str) -> None:
     """Make sure a file the run writes can be written, before the first step rather than after the last.
 
     Creates the parent folders and creates and removes the file's `.tmp` sibling (the name
-    the atomic writers use), so a read-only folder, a full name table or an over-long name
-    shows up now. Bad paths are a ConfigError naming the setting `key`.
+    the atomic writers use), so a read-only folder, a folder in the file's place or an
+    over-long name shows up now. Bad paths are a ConfigError naming the setting `key`.
     """
     if "\0" in path:
         raise ConfigError(f"{key}: the path {path!r} contains a NUL byte")
@@ -270,7 +270,7 @@ class Trainer:
                     if not math.isfinite(loss):
                         interrupts.critical = False
                         raise Diverged(self._diverged(f"loss became {loss}", p.step + 1))
-                    try:  # free unless it raises (Python 3.11+)
+                    try:  # zero-cost unless it raises (Python 3.11+)
                         self.optimizer.step(self.model.params, grads)
                     except BaseException:
                         torn = True

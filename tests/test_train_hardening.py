@@ -258,7 +258,7 @@ def test_a_read_only_folder_is_found_before_the_first_step(tiny_config, tmp_path
     real_open, real_os_open = builtins.open, os.open
 
     def refuse(path):
-        if os.path.dirname(os.path.abspath(path)) == str(ro):
+        if isinstance(path, (str, os.PathLike)) and os.path.dirname(os.path.abspath(path)) == str(ro):
             raise OSError(30, "Read-only file system", str(path))
 
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: refuse(path) or real_open(path, *a, **k))
