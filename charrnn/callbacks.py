@@ -12,16 +12,17 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 from tqdm import tqdm
 
 from charrnn import checkpoint as ckpt_io
-from charrnn.errors import TrainingError
+from charrnn.errors import ConfigError
 from charrnn.evaluation import EVAL_STREAMS, evaluate
 from charrnn.generate import generate
-from charrnn.loop import Callback, Loop
+from charrnn.loop import Callback, Diverged, Loop
 from charrnn.types import Corpus, Sampler
 
 LN2 = math.log(2)
@@ -100,6 +101,7 @@ class Evaluator(Callback):
         st = loop.state
         if not ((self.every and st.step % self.every == 0) or loop.ending):
             return
+        check_finite(loop, {**loop.model.params, **(st.state or {})})  # a NaN model is never "best"
         with loop.paused():
             val = (
                 evaluate(loop.model, self.val_ids, self.batch_size, self.seq_length)
@@ -110,7 +112,7 @@ class Evaluator(Callback):
             self.at, self.value, self.best = st.step, val, False
             loop.result.val_loss = val
             if not math.isfinite(val):
-                raise TrainingError(loop.diverged(val, st.step))
+                raise Diverged(loop.diverged(f"the validation loss became {val}", st.step))
             if st.best_val is None or val < st.best_val:
                 st.best_val, st.bad_evals, self.best = val, 0, True
                 if self.save_best is not None:
@@ -132,10 +134,12 @@ class Checkpointer(Callback):
         meta: dict[str, Any],
         every: int | None = None,
         saved: Callable[[str, int], None] = lambda path, step: None,
+        log: Callable[[str], None] = lambda message: None,
     ) -> None:
-        self.path, self.meta, self.every, self.saved = path, meta, every, saved
+        self.path, self.meta, self.every, self.saved, self.log = path, meta, every, saved, log
         self.saved_at: list[int] = []
         self.started = time.time()
+        self.saving = False  # a save that raised half-way leaves nothing to retry
 
     def kept(self) -> str | None:
         if not self.saved_at:
@@ -151,6 +155,17 @@ class Checkpointer(Callback):
         if not self.saved_at or self.saved_at[-1] != loop.state.step:
             self.save(loop)
 
+    def on_exception(self, loop: Loop, exc: Exception) -> None:
+        step = loop.state.step
+        if self.saving or self.saved_at[-1:] == [step]:
+            return
+        try:
+            self.save(loop)
+        except Exception as failure:  # the error being raised matters more; say why nothing was saved
+            self.log(f"could not save step {step} before the error: {failure}")
+        else:
+            self.log(f"saved step {step} to {self.path} before the error")
+
     def save(self, loop: Loop, path: str | None = None) -> None:
         """Write `loop`'s model and state to `path` (default: the checkpoint)."""
         path = path or self.path
@@ -163,11 +178,8 @@ class Checkpointer(Callback):
                 assert state_rows is not None and rng_states is not None
                 state = {k: np.concatenate([rows[k] for rows in state_rows]) for k in state_rows[0]}
                 params = loop.model.params
-                if not all(np.isfinite(p).all() for p in params.values()):
-                    raise TrainingError(
-                        f"the parameters became non-finite at step {st.step}; nothing was saved over "
-                        f"{path}; try a lower learning rate or tighter clipping"
-                    )
+                check_finite(loop, {**params, **state})  # non-finite parameters are never saved
+                self.saving = True
                 meta = {
                     **self.meta,
                     "step": st.step,
@@ -190,6 +202,7 @@ class Checkpointer(Callback):
                         params=params, meta=meta, optim=loop.optimizer.state_dict(), state=state
                     ),
                 )
+                self.saving = False
                 self.saved(path, st.step)
         if path == self.path:
             self.saved_at.append(st.step)
@@ -215,6 +228,37 @@ class Reporter(Callback):
         self.sampler, self.vocab, self.sample_length = sampler, vocab, sample_length
         self.metrics_path, self.report, self.show_lr = metrics_path, report, show_lr
 
+    def on_train_begin(self, loop: Loop) -> None:
+        """A fresh run starts the metrics file anew; a resumed one keeps the lines up to its step.
+
+        Lines a later run wrote beyond the resumed step, the end-of-run report of the stopped
+        run (unless it fell on a regular report step) and lines torn by a crash are dropped, so
+        the file reads as if the run had never stopped.
+        """
+        path, start = self.metrics_path, loop.state.step
+        if not path:
+            return
+        kept: list[str] = []
+        if start > 0:
+            try:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                lines = []
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"train.metrics: cannot read {path} to resume it: {exc}") from None
+            regular = [n for n in (self.every, self.evaluator.every if self.evaluator else None) if n]
+            for line in lines:
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if not isinstance(step, int) or isinstance(step, bool):
+                    continue
+                if step < start or (step == start and any(step % n == 0 for n in regular)):
+                    kept.append(line)
+        with ckpt_io.atomic_write(path, "metrics file", ConfigError) as f:
+            f.write("".join(line + "\n" for line in kept).encode("utf-8"))
+
     def on_step_end(self, loop: Loop) -> None:
         step = loop.state.step
         with_sample = bool(self.every) and step % self.every == 0
@@ -224,6 +268,9 @@ class Reporter(Callback):
 
     def emit(self, loop: Loop, with_sample: bool) -> None:
         st, speed = loop.state, loop.speed()
+        if loop.lr is not None and not math.isfinite(loop.lr):
+            raise Diverged(loop.diverged(f"the learning rate became {loop.lr}", st.step))
+        check_finite(loop, {**loop.model.params, **(st.state or {})})
         ev = self.evaluator
         val = ev.value if ev is not None and ev.at == st.step else None
         text = None
@@ -252,8 +299,28 @@ class Reporter(Callback):
             "chars_per_sec": speed,
         }
         loop.result.history.append(record)
-        if self.metrics_path:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.write_metrics(record)
         self.report(st.step, {**record, "sample": text})
         loop.new_window()
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        """Append one strict-JSON line; a failed write (full disk) warns once and training goes on."""
+        if not self.metrics_path:
+            return
+        line = json.dumps({**record, "time": time.time()}, allow_nan=False)
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as exc:
+            self.console.log(
+                f"warning: cannot write the metrics file {self.metrics_path}: {exc.strerror or exc}; "
+                "training goes on without it"
+            )
+            self.metrics_path = None
+
+
+def check_finite(loop: Loop, arrays: dict[str, np.ndarray]) -> None:
+    """Raise Diverged if a parameter or the carried state holds NaN or inf (at saves and reports)."""
+    bad = [name for name, value in arrays.items() if not np.isfinite(value).all()]
+    if bad:
+        raise Diverged(loop.diverged(f"{', '.join(sorted(bad))} became non-finite", loop.state.step))

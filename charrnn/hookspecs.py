@@ -94,11 +94,22 @@ def charrnn_schedule(register: Register) -> None:
 
 @hookspec
 def charrnn_train_report(step: int, metrics: dict[str, Any]) -> None:
-    """Called at each training report (every ``train.sample_every`` steps and at the end).
+    """Called at each training report, every implementation once, in the training process.
+
+    Reports come every ``train.sample_every`` steps, every ``train.eval_every`` steps (with a
+    validation split), and once when training ends (at ``train.steps``, Ctrl+C or early
+    stopping) unless a report fell on that step already. A checkpoint due at the same step
+    (the final one, ``save_every``, early stopping) is written *before* the report, so a
+    caller that ends the run at a report (a tuner such as Ray Tune's ASHA) keeps that model.
+    Raising from an implementation stops training; the last good state is saved first.
 
     :param step: the number of training steps completed.
-    :param metrics: ``train_loss`` (smoothed, nats/char), ``val_loss`` (or None),
-        ``chars_per_sec`` and ``sample`` (a short generated text, or None). Return nothing.
+    :param metrics: ``step`` (as above), ``train_loss`` (smoothed training loss, nats/char),
+        ``val_loss`` (loss over the whole validation split, nats/char; None when this report
+        did not evaluate or there is no split), ``lr`` (the optimizer's learning rate, None
+        if it has no ``lr``), ``chars_per_sec`` (training speed since the previous report) and
+        ``sample`` (a ``train.sample_length`` generated text, or None). Every number is
+        finite. Return nothing.
     """
 
 

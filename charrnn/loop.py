@@ -31,6 +31,10 @@ from charrnn.types import Model, Optimizer, Schedule, State
 from charrnn.world import LocalWorld, World, rows
 
 
+class Diverged(TrainingError):
+    """The loss, the validation loss or the parameters became non-finite: nothing is saved."""
+
+
 @dataclass
 class TrainState:
     """Everything besides parameters and optimizer state that exact resume needs.
@@ -90,6 +94,9 @@ class Callback:
     def on_abort(self, loop: Loop) -> None:
         """After a second Ctrl+C or SIGTERM, before the loop raises `Aborted`: save now."""
 
+    def on_exception(self, loop: Loop, exc: Exception) -> None:
+        """A plugin failed inside the loop (one process, parameters intact): keep what is good."""
+
     def on_train_end(self, loop: Loop) -> None:
         """After the last step, or after an error or abort: release what you hold."""
 
@@ -136,6 +143,7 @@ class Loop:
         self.chars_per_step = batches.batch_size * batches.seq_length  # all processes together
         self.result = TrainResult(0, None, None)
         self.stderr: Any = None  # where the caller's console writes
+        self.torn = False  # an optimizer update raised half-way
         # the clock of the current speed window; time spent saving or evaluating is left out
         self.window_start, self.window_steps, self._paused = time.perf_counter(), 0, 0.0
         self._pausing = False
@@ -211,10 +219,14 @@ class Loop:
                         loss, stop = float(shared[0]) / world.size, bool(shared[1])
                         abort = (abort or 130) if shared[2] else None
                     if not math.isfinite(loss):
-                        raise TrainingError(self.diverged(loss, st.step + 1))
+                        raise Diverged(self.diverged(f"loss became {loss}", st.step + 1))
                     if transform is not None:
                         grads = transform(grads)
-                    optimizer.step(params, grads)
+                    try:  # zero-cost unless it raises (Python 3.11+)
+                        optimizer.step(params, grads)
+                    except BaseException:
+                        self.torn = True  # parameters half-updated: never saved
+                        raise
                     st.state, st.position, st.step = new_state, st.position + T, st.step + 1
                     st.smooth_loss = loss if st.smooth_loss is None else 0.99 * st.smooth_loss + 0.01 * loss
                     self.window_steps += 1
@@ -224,6 +236,14 @@ class Loop:
                         self.control.stop("interrupted")
                     for cb in self.callbacks:
                         cb.on_step_end(self)
+        except TrainingError:
+            raise  # the loss or the parameters are bad: the last saved checkpoint stays as it was
+        except Exception as exc:
+            # a plugin (model, schedule, sampler, report hook) failed: keep the last good state
+            if world.size == 1 and not self.torn and st.step > start_step:
+                for cb in self.callbacks:
+                    cb.on_exception(self, exc)
+            raise
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self)
@@ -240,10 +260,13 @@ class Loop:
             cb.on_abort(self)
         raise Aborted(code, f"interrupted at step {self.state.step}")
 
-    def diverged(self, loss: float, step: int) -> str:
-        kept = next((cb.kept() for cb in self.callbacks if hasattr(cb, "kept")), None)
+    def diverged(self, what: str, step: int) -> str:
+        """`what` happened at `step`: the one-line message, saying which checkpoint is kept."""
+        kept = next(
+            (k for cb in self.callbacks if (k := getattr(cb, "kept", lambda: None)()) is not None), None
+        )
         return (
-            f"loss became {loss} at step {step}; training stopped and "
+            f"{what} at step {step}; training stopped and "
             f"{kept or 'no checkpoint was saved before it (train.save_every keeps regular ones)'}; "
             "try a lower learning rate or tighter clipping"
         )

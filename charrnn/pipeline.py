@@ -71,6 +71,8 @@ class Pipeline(Assembly):
         """The train stage: the trained model (ready to generate) and what training reported."""
         world = world or LocalWorld()
         with together(world):  # a failure on any rank ends every rank here, with its message
+            if world.rank == 0:  # before the slow parts: the file rank 0 will write
+                training.check_output(self.config["train"]["checkpoint"], "train.checkpoint")
             data = self.data()
             if "generate" in self.config["stages"]:
                 data.corpus.encode(self.config["generate"]["seed_text"])  # fail before training, not after

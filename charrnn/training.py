@@ -6,6 +6,9 @@ transforms, the world's rows of the batch), restores a run to resume, and runs t
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,7 +22,7 @@ from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.transforms import allreduce_mean, chain
-from charrnn.types import Model
+from charrnn.types import Model, Schedule
 from charrnn.world import LocalWorld, World, agree, rows, together
 
 
@@ -46,7 +49,55 @@ def check_lengths(data: Data, train: dict[str, Any]) -> None:
         )
 
 
-def build_schedule(assembly: Assembly, optimizer: Any, steps: int | None) -> Any:
+def check_output(path: str, key: str) -> None:
+    """Make sure a file the run writes can be written, before the first step rather than after the last.
+
+    Creates the parent folders and creates and removes the file's `.tmp` sibling, so a
+    read-only folder, a folder in the file's place or an over-long name shows up now. Bad
+    paths are a ConfigError naming the setting `key`.
+    """
+    if "\0" in path:
+        raise ConfigError(f"{key}: the path {path!r} contains a NUL byte")
+    if path.endswith(("/", os.sep)) or Path(path).name in ("", ".", ".."):
+        raise ConfigError(f"{key}: {path!r} names a folder; give a file path such as runs/x/model.npz")
+    target = Path(path)
+    probe = target.with_name(target.name + ".tmp")
+    try:
+        if target.is_dir():
+            raise ConfigError(f"{key}: {path} is an existing folder; give a file path")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        existed = probe.exists()
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o644))
+        if not existed:
+            probe.unlink()
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in (path, str(probe)) else ""
+        raise ConfigError(f"{key}: cannot write {path}: {exc.strerror or exc}{where}") from None
+
+
+FAR_STEP = 10**9  # training until Ctrl+C, the start-up check asks the schedule about a step this far on
+
+
+def check_schedule(schedule: Schedule, total_steps: int | None, start_step: int = 0) -> None:
+    """Ask a schedule for its first and last factors at start-up, so it cannot fail hours into a run.
+
+    The last step is `total_steps - 1`, or FAR_STEP when training until Ctrl+C (beyond any
+    warm-up). Raises what the schedule raises, or ValueError for a factor that is not a
+    finite number >= 0.
+    """
+    last = total_steps - 1 if total_steps is not None else FAR_STEP
+    for step in sorted({start_step, max(start_step, last)}):
+        factor = schedule(step, total_steps)
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, numbers.Real)
+            or not math.isfinite(factor)
+            or factor < 0
+        ):
+            raise ValueError(f"gave the factor {factor!r} for step {step}; a finite number >= 0 is needed")
+
+
+def build_schedule(assembly: Assembly, optimizer: Any, steps: int | None) -> Schedule | None:
     """The schedule, or None when it is constant (nothing to do per step); checked once here."""
     schedule = assembly.schedule()
     config = assembly.config
@@ -58,7 +109,7 @@ def build_schedule(assembly: Assembly, optimizer: Any, steps: int | None) -> Any
             f"optimizer {config['optimizer']['type']!r} has none"
         )
     try:
-        schedule(0, steps)  # a schedule that cannot work with these settings says so now
+        check_schedule(schedule, steps)  # a schedule that cannot work with these settings says so now
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{assembly.locate('schedule')} ({config['schedule']['type']}): {exc}") from None
     return schedule
@@ -233,6 +284,12 @@ def prepare(
 
     console = Console(stderr)
     lead = world.rank == 0
+    best_path = sibling(t["checkpoint"], ".best.npz") if t["keep_best"] and data.val_ids is not None else None
+    metrics_path = sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] else None
+    if lead:
+        for path, key in ((best_path, "train.keep_best"), (metrics_path, "train.metrics")):
+            if path is not None:
+                check_output(path, key)
     evaluator = None
     if data.val_ids is not None:
         evaluator = Evaluator(
@@ -248,10 +305,10 @@ def prepare(
         ckpt_io.training_meta(config, data.corpus, data.meta()),
         every=t["save_every"],
         saved=lambda path, step: assembly.pm.hook.charrnn_checkpoint_saved(path=path, step=step),
+        log=console.log,
     )
-    if evaluator is not None and t["keep_best"]:
-        best = sibling(t["checkpoint"], ".best.npz")
-        evaluator.save_best = lambda loop: checkpointer.save(loop, best)
+    if evaluator is not None and best_path is not None:
+        evaluator.save_best = lambda loop: checkpointer.save(loop, best_path)
     reporter = Reporter(
         t["sample_every"],
         console,
@@ -259,7 +316,7 @@ def prepare(
         sampler=sampler,
         vocab=data.corpus,
         sample_length=t["sample_length"],
-        metrics_path=sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] and lead else None,
+        metrics_path=metrics_path if lead else None,
         report=lambda step, metrics: assembly.pm.hook.charrnn_train_report(step=step, metrics=metrics),
         show_lr=schedule is not None,
     )

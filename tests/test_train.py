@@ -16,6 +16,7 @@ import charrnn
 from charrnn import CheckpointError, ConfigError, generate_text, run_pipeline
 from charrnn.cli import main
 from charrnn.interrupts import Aborted
+from charrnn.pipeline import Pipeline
 from conftest import ROOT, TINY_TEXT, FrozenPlugin, charrnn_cmd, params_of
 
 
@@ -31,20 +32,25 @@ def test_same_seed_same_output(tiny_config, tmp_path):
     assert run_pipeline(tiny_config).text != a.text
 
 
-def test_checkpoint_contents(tiny_config):
+def test_checkpoint_contents(tiny_config, tmp_path):
     result = run_pipeline(tiny_config)
     arrays, meta = params_of(tiny_config["train"]["checkpoint"])
     assert {"param/Wxh", "param/Whh", "param/Why", "param/bh", "param/by", "state/h"} <= arrays.keys()
     assert any(k.startswith("optim/") for k in arrays)
     assert meta["step"] == 20 and meta["vocab"] == sorted(set(TINY_TEXT))
-    assert meta["config"]["model"] == {
-        "type": "rnn",
-        **{k: v for k, v in meta["config"]["model"].items() if k != "type"},
-    }
+    # the resolved model section: the YAML's options plus the factory's defaults, as a fresh pipeline resolves it
+    assert meta["config"]["model"]["type"] == "rnn" and meta["config"]["model"]["hidden_size"] == 16
+    assert meta["config"]["model"] == Pipeline(tiny_config).config["model"]
+    assert len(meta["config"]["model"]) > 2  # the defaults are there, not just type and hidden_size
     assert meta["config"]["train"]["steps"] == 20
     assert arrays["param/Wxh"].dtype == np.float32
     assert result.checkpoint == tiny_config["train"]["checkpoint"]
-    assert not list((ROOT / "runs").glob("*.tmp")) if (ROOT / "runs").exists() else True
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.best.npz",
+        "model.metrics.jsonl",
+        "model.npz",
+        "tiny.txt",
+    ]  # no .tmp left behind
 
 
 def test_generate_from_checkpoint_reproduces_run_output(tiny_config):
@@ -305,9 +311,11 @@ def test_best_checkpoint_metrics_and_eval_every(tiny_config, tmp_path):
     model = pipe.load(str(tmp_path / "model.best.npz")).model
     val_ids = pipe.data().val_ids
     assert evaluate(model, val_ids, EVAL_STREAMS, 8) == pytest.approx(best["val_loss"], rel=1e-6)
-    # a second run appends to the metrics file
+    # a second (fresh) run starts the metrics file anew
+    tiny_config["train"]["steps"] = 10
     run_pipeline(tiny_config)
-    assert len((tmp_path / "model.metrics.jsonl").read_text().splitlines()) == 12
+    lines = (tmp_path / "model.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 10]
 
 
 def test_evaluation_does_not_disturb_training(tiny_config, tmp_path):
