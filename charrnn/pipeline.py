@@ -20,7 +20,7 @@ from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import generate
-from charrnn.plugins import INJECTED, Registry, get_plugin_manager
+from charrnn.plugins import INJECTED, Registry, calling, get_plugin_manager
 from charrnn.train import EVAL_STREAMS, Progress, Trainer, TrainResult, TrainSettings
 from charrnn.train import evaluate as evaluate_loss
 from charrnn.types import Corpus, Model
@@ -80,14 +80,20 @@ class Pipeline:
         return {"type": name, **{k: section[k] for k in own if k in section}, **resolved}
 
     def build(self, kind: str, section: dict[str, Any], **injected: Any) -> Any:
-        """Call the factory a section names; its ValueError/TypeError becomes a ConfigError."""
+        """Call the factory a section names.
+
+        Its ValueError/TypeError is the documented answer to bad options: a ConfigError. Any
+        other exception is a bug in the plugin (or, for a loader, e.g. a file it could not
+        open): a `PluginFailure` naming the plugin.
+        """
         component = self.registry.get(kind, section["type"], self.locate(kind, "type"))
         own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
         options = {k: v for k, v in section.items() if k != "type" and k not in own}
-        try:
-            return component.factory(**injected, **options)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{self.locate(kind)} ({section['type']}): {exc}") from None
+        with calling(self.registry.label(kind, component.name)):
+            try:
+                return component.factory(**injected, **options)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{self.locate(kind)} ({section['type']}): {exc}") from None
 
     def model(self, vocab_size: int) -> Model:
         rng = np.random.default_rng([self.config["seed"], 0])
@@ -96,7 +102,8 @@ class Pipeline:
     def sampler(self, vocab: list[str]) -> Any:
         sampler = self.build("sampler", self.config["sampler"])
         if hasattr(sampler, "bind"):
-            sampler.bind(vocab)
+            with calling(self.registry.label("sampler", self.config["sampler"]["type"])):
+                sampler.bind(vocab)
         return sampler
 
     # -- stages ---------------------------------------------------------------------------
@@ -324,6 +331,9 @@ class Pipeline:
             num_samples=g["num_samples"],
             stop=g["stop"],
             on_text=on_text if g["stream"] else None,
+            labels={
+                kind: self.registry.label(kind, self.config[kind]["type"]) for kind in ("model", "sampler")
+            },
         )
 
     def run(self, stdout: TextIO | None = None, stderr: TextIO | None = None) -> RunResult:
