@@ -48,10 +48,14 @@ class Pipeline:
         plugins: Iterable[object] = (),
         overrides: Iterable[str] | Mapping[str, Any] | None = None,
         load_entrypoints: bool = True,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        """`labels` say how keys were given (`{"sampler.k": "-o k"}`), for messages that would
+        otherwise say `--set KEY`; the key `plugins` says how to name a plugin (`--plugin`)."""
         raw, self.lines, self.origin = cfg.load_config(source)
         overridden = cfg.apply_overrides(raw, overrides)
         self.lines.update({tuple(key.split(".")): 0 for key in overridden})  # 0: "from --set"
+        self.lines.update({tuple(key.split(".")): label for key, label in (labels or {}).items()})
         config = cfg.validate(raw, self.lines, self.origin)
         self.pm: pluggy.PluginManager = get_plugin_manager(
             load_entrypoints=load_entrypoints, extra=[*config["plugins"], *plugins]
@@ -68,7 +72,9 @@ class Pipeline:
     def resolve(self, kind: str, section: dict[str, Any]) -> dict[str, Any]:
         """Check a component section against its factory; fill the factory's defaults."""
         name = section["type"]
-        component = self.registry.get(kind, name, self.locate(kind, "type"))
+        how = self.lines.get(("plugins",))
+        how = f"with {how}" if isinstance(how, str) else "in plugins"
+        component = self.registry.get(kind, name, self.locate(kind, "type"), how)
         own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
         options = {k: v for k, v in section.items() if k != "type" and k not in own}
         resolved = cfg.check_options(
@@ -321,6 +327,10 @@ class Pipeline:
         """The generate stage's samples; with `stream: true`, the first is also fed to `on_text`."""
         g = self.config["generate"]
         rng = np.random.default_rng([self.config["seed"], 2])
+        try:
+            vocab.encode(g["seed_text"])
+        except CorpusError as exc:
+            raise CorpusError(f"{self.locate('generate', 'seed_text')}: {exc}") from None
         return generate(
             model,
             self.sampler(vocab.vocab),
@@ -544,27 +554,48 @@ def generate_samples(
     """
     saved = ckpt_io.load(checkpoint_path)
     saved_cfg = saved.meta["config"]
-    overrides: dict[str, Any] = {"stages": ["generate"], "generate.checkpoint": str(checkpoint_path)}
-    for key, value in (("num_chars", num_chars), ("seed_text", seed_text), ("num_samples", num_samples)):
+    where = f"checkpoint {checkpoint_path}"
+    overrides: dict[str, Any] = {
+        "stages": ["generate"],
+        "generate.checkpoint": str(checkpoint_path),
+        "generate.stream": on_text is not None,
+    }
+    # messages locate a value by the flag that set it, or in the checkpoint (never `--set`)
+    labels = {"plugins": "--plugin", **dict.fromkeys(overrides, where)}
+    flags = (
+        ("generate.num_chars", "--num-chars", num_chars),
+        ("generate.seed_text", "--seed-text", seed_text),
+        ("generate.num_samples", "--num-samples", num_samples),
+        ("generate.stop", "--stop", None if stop is None else list(stop)),
+        ("seed", "--seed", seed),
+    )
+    for key, flag, value in flags:
         if value is not None:
-            overrides[f"generate.{key}"] = value
-    if stop is not None:
-        overrides["generate.stop"] = list(stop)
-    overrides["generate.stream"] = on_text is not None
-    if seed is not None:
-        overrides["seed"] = seed
+            overrides[key], labels[key] = value, flag
     section = dict(saved_cfg.get("sampler", {"type": "temperature"}))
-    if isinstance(sampler, str) and sampler != section.get("type"):
-        section = {"type": sampler}
+    typed: list[str] = []
+    if isinstance(sampler, str):
+        if sampler != section.get("type"):
+            section = {"type": sampler}
+        labels["sampler.type"] = "--sampler"
+        typed.append(f"--sampler {sampler}")
     elif isinstance(sampler, Mapping):
         section = dict(sampler)
+        labels.update({f"sampler.{key}": f"sampler[{key!r}]" for key in section})
+        typed.append(f"sampler={section!r}")
     if temperature is not None:
-        section["temperature"] = temperature
-    section.update(sampler_options or {})
+        section["temperature"], labels["sampler.temperature"] = temperature, "--temperature"
+        typed.append(f"--temperature {temperature:g}")
+    for key, value in (sampler_options or {}).items():
+        section[key], labels[f"sampler.{key}"] = value, f"-o {key}"
+        typed.append(f"-o {key}={value}")
+    for key in section:
+        labels.setdefault(f"sampler.{key}", f"{where}: sampler.{key}")
+    labels["sampler"] = " ".join(typed) or f"{where}: sampler"
     overrides["sampler"] = section
     base = {k: saved_cfg[k] for k in ("seed", "generate", "model") if k in saved_cfg}
     # `plugins` is left out on purpose: generation never imports a module because a checkpoint names it
-    pipeline = Pipeline(base, plugins=plugins, overrides=overrides)
+    pipeline = Pipeline(base, plugins=plugins, overrides=overrides, labels=labels)
     model, vocab = pipeline.load_model(str(checkpoint_path), saved)
     texts = pipeline.generate(model, vocab, on_text)
     return RunResult(pipeline.config, pipeline.config["generate"]["separator"].join(texts), texts)

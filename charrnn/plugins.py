@@ -250,8 +250,14 @@ class Registry:
         owner = f"plugin {component.plugin!r}" if component is not None else "plugin"
         return f"{owner} ({kind} {name!r})"
 
-    def get(self, kind: str, name: object, where: str | None = None) -> Component:
-        """The component `name` of `kind`; an unknown name lists the known ones."""
+    def get(
+        self, kind: str, name: object, where: str | None = None, plugins: str = "in plugins"
+    ) -> Component:
+        """The component `name` of `kind`; an unknown name lists the known ones.
+
+        Without a close match the name may well be right and its plugin missing: the message
+        then says how to add one: `plugins` is `in plugins` (the YAML key) or `with --plugin`.
+        """
         known = self.components[kind]
         if isinstance(name, str) and name in known:
             return known[name]
@@ -259,7 +265,10 @@ class Registry:
         names = sorted(known)
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise PluginError(f"{where}: unknown {kind} {name!r}{hint}; available: {', '.join(names) or 'none'}")
+        missing = "" if close else f"; install its plugin or name it {plugins}"
+        raise PluginError(
+            f"{where}: unknown {kind} {name!r}{hint}; available: {', '.join(names) or 'none'}{missing}"
+        )
 
 
 def options_of(factory: Callable[..., Any]) -> dict[str, Any]:
