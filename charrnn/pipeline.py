@@ -18,7 +18,7 @@ import pluggy
 
 from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
-from charrnn.errors import CheckpointError, ConfigError, CorpusError
+from charrnn.errors import CheckpointError, ConfigError, CorpusError, PluginFailure
 from charrnn.generate import generate
 from charrnn.plugins import INJECTED, Registry, calling, get_plugin_manager
 from charrnn.train import EVAL_STREAMS, Progress, Trainer, TrainResult, TrainSettings
@@ -134,6 +134,12 @@ class Pipeline:
         if len(corpus.vocab) < 2:
             raise CorpusError(
                 f"corpus {name} has {len(corpus.vocab)} distinct character(s); at least 2 are needed"
+            )
+        ids, V = corpus.ids, len(corpus.vocab)
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= V:  # once per corpus, not per batch
+            raise PluginFailure(
+                self.registry.label("corpus", self.config["corpus"]["type"]),
+                f"returned a Corpus whose ids are not integers in [0, {V}) (its vocabulary's size)",
             )
         n_val = int(n * self.config["corpus"]["val_fraction"])
         train_ids, val_ids = corpus.ids[: n - n_val], (corpus.ids[n - n_val :] if n_val else None)

@@ -313,3 +313,26 @@ def test_trace_shows_every_registration_hook_and_keeps_ownership(monkeypatch, ca
         assert hook in err, hook
     assert registry.components["model"]["lstm"].plugin == "charrnn_plugins.lstm"
     assert registry.components["sampler"]["beam"].plugin == "charrnn_plugins.beam"
+
+
+class BadIdsLoader:
+    """A loader whose ids do not fit its vocabulary: -1 would silently train on the last symbol."""
+
+    @charrnn.hookimpl
+    def charrnn_corpus_loader(self, register):
+        def load(bad: int = -1):
+            ids = np.tile(np.array([0, 1, 0, 1], dtype=np.int64), 50)
+            ids[7] = bad
+            return charrnn.Corpus(ids, ["a", "b"], "bad ids")
+
+        register("bad_ids", load)
+
+
+@pytest.mark.parametrize("bad", [-1, 2])
+def test_corpus_ids_outside_the_vocabulary_are_a_failure(tiny_config, bad):
+    tiny_config["corpus"] = {"type": "bad_ids", "bad": bad, "val_fraction": 0.1}
+    pipeline = charrnn.Pipeline(tiny_config, plugins=[BadIdsLoader()])
+    with pytest.raises(
+        PluginFailure, match=r"\(corpus 'bad_ids'\) failed: returned a Corpus whose ids .*\[0, 2\)"
+    ):
+        pipeline.load_corpus()
