@@ -39,8 +39,6 @@ class _Stdout:
     def write(self, text: str) -> int:
         from charrnn.pipeline import write_text
 
-        if self.stream is None:
-            raise OutputError("stdout is closed")
         try:
             write_text(self.stream, text)  # type: ignore[arg-type]
         except BrokenPipeError:

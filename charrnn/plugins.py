@@ -242,6 +242,7 @@ class Registry:
                 )
             known[name] = Component(kind, name, factory, plugin)
 
+        register.__qualname__ = f"register[{plugin}]"  # the trace shows whose call it is
         return register
 
     def label(self, kind: str, name: str) -> str:

@@ -311,6 +311,7 @@ def test_trace_shows_every_registration_hook_and_keeps_ownership(monkeypatch, ca
         "charrnn_schedule",
     ):
         assert hook in err, hook
+    assert "register[charrnn_plugins.lstm]" in err
     assert registry.components["model"]["lstm"].plugin == "charrnn_plugins.lstm"
     assert registry.components["sampler"]["beam"].plugin == "charrnn_plugins.beam"
 
