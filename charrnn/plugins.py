@@ -149,16 +149,30 @@ def _source_file(plugin: object) -> Path | None:
 
 
 def _registered_file(pm: pluggy.PluginManager, path: Path | None) -> bool:
-    """Whether a registered module was loaded from `path` (e.g. an installed entry point)."""
-    return path is not None and any(_source_file(p) == path for p in pm.get_plugins())
+    """Whether a registered module was loaded from `path`, or from a copy of it.
+
+    A copy is a file of the same name and bytes: `pip install .` copies `vowel_boost.py`
+    into site-packages, and the README's `--plugin vowel_boost.py` still names the original.
+    """
+    return path is not None and any(_same_source(_source_file(p), path) for p in pm.get_plugins())
+
+
+def _same_source(a: Path | None, b: Path) -> bool:
+    if a is None or a.name != b.name:
+        return False
+    try:
+        return a == b or a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def add_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
     """Register a module, plugin object, import name or `.py` path, once.
 
-    Once means once per module: a `.py` path whose file an already registered module was
-    loaded from (the same file named twice, or the file of an installed entry point) is not
-    imported again, so its components are not registered twice.
+    Once means once per module: a `.py` path whose file (or an identical copy of it, see
+    `_registered_file`) an already registered module was loaded from, such as the same file
+    named twice or an installed entry point's module, is not imported again, so its
+    components are not registered twice.
     """
     name = None
     if isinstance(plugin, (str, os.PathLike)):

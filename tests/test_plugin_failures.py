@@ -273,6 +273,21 @@ def test_installed_plugin_named_again_by_its_file_registers_once(capsys, checkpo
     assert len(capsys.readouterr().out) == len("the ") + 7 + 1
 
 
+def test_an_installed_copy_of_the_file_registers_once_but_an_edited_copy_clashes(tmp_path, monkeypatch):
+    """`pip install .` copies vowel_boost.py into site-packages; the README still names the original."""
+    (tmp_path / "site").mkdir()
+    installed = tmp_path / "site" / "vowel_boost.py"
+    installed.write_text(VOWEL_BOOST)
+    _install_entry_point(monkeypatch, installed)
+    (tmp_path / "vowel_boost.py").write_text(VOWEL_BOOST)
+    monkeypatch.chdir(tmp_path)
+    pm = get_plugin_manager(extra=["vowel_boost.py"])
+    assert Registry(pm).components["sampler"]["vowel_boost"].plugin == "vowel_boost"
+    (tmp_path / "vowel_boost.py").write_text(VOWEL_BOOST + "# edited since it was installed\n")
+    with pytest.raises(charrnn.PluginError, match="registered twice.*'vowel_boost'.*'vowel_boost.py'"):
+        Registry(get_plugin_manager(extra=["vowel_boost.py"]))
+
+
 def test_the_same_file_named_twice_registers_once(tmp_path, monkeypatch):
     path = tmp_path / "vowel_boost.py"
     path.write_text(VOWEL_BOOST)
@@ -287,7 +302,7 @@ def test_the_same_file_named_twice_registers_once(tmp_path, monkeypatch):
 def test_two_different_files_with_one_name_still_clash(tmp_path):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
-        (tmp_path / sub / "vowel_boost.py").write_text(VOWEL_BOOST)
+        (tmp_path / sub / "vowel_boost.py").write_text(VOWEL_BOOST + f"# version {sub}\n")
     pm = get_plugin_manager(
         load_entrypoints=False, extra=[tmp_path / "a" / "vowel_boost.py", tmp_path / "b" / "vowel_boost.py"]
     )
