@@ -102,7 +102,8 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
 
 
 def _is_path(spec: str) -> bool:
-    return spec.endswith(".py") or os.sep in spec or "/" in spec
+    """A `.py` name, anything with a slash, or an existing file (`x.txt`, to say it is not Python)."""
+    return spec.endswith(".py") or os.sep in spec or "/" in spec or os.path.isfile(spec)
 
 
 def _plugin_file(spec: str) -> Path:

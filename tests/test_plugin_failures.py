@@ -190,11 +190,14 @@ def test_a_model_that_raises_while_generating_is_named(tiny_config, checkpoint):
         generate(BrokenModelStep(model), lambda z, r: z.argmax(-1), vocab, np.random.default_rng(0), "", 3)
 
 
-def test_plugin_path_that_is_not_python_is_a_user_error(capsys, checkpoint, tmp_path):
+def test_plugin_path_that_is_not_python_is_a_user_error(capsys, checkpoint, tmp_path, monkeypatch):
     text = tmp_path / "x.txt"
     text.write_text("hello\n")
     line = one_line_failure(capsys, ["generate", checkpoint, "--plugin", str(text)], status=2)
     assert "x.txt is not a .py file" in line
+    monkeypatch.chdir(tmp_path)
+    line = one_line_failure(capsys, ["generate", checkpoint, "--plugin", "x.txt"], status=2)
+    assert line.startswith("error: plugin file x.txt is not a .py file")
 
 
 def test_a_core_bug_is_one_line_with_the_debug_hint(capsys, pipeline_file, monkeypatch):
