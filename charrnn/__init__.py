@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from charrnn.errors import (
     CharrnnError,
     CheckpointError,
     ConfigError,
     CorpusError,
     PluginError,
+    PluginFailure,
     TrainingError,
 )
-from charrnn.hookspecs import hookimpl
-from charrnn.types import Corpus, Model, Optimizer, Sampler, StepResult, ids_dtype
 
 __version__ = "0.1.0"
 
-from charrnn.pipeline import Pipeline, RunResult, generate_samples, generate_text, run_pipeline  # noqa: E402
-from charrnn.plugins import get_plugin_manager  # noqa: E402
+if TYPE_CHECKING:
+    from charrnn.hookspecs import hookimpl
+    from charrnn.pipeline import Pipeline, RunResult, generate_samples, generate_text, run_pipeline
+    from charrnn.plugins import get_plugin_manager
+    from charrnn.types import Corpus, Model, Optimizer, Sampler, StepResult, ids_dtype
+
+#: public name -> its module, imported on first use: `import charrnn.cli` stays free of numpy,
+#: so the CLI is already catching Ctrl+C while the heavy modules load
+_LAZY = {
+    **dict.fromkeys(["hookimpl"], "charrnn.hookspecs"),
+    **dict.fromkeys(
+        ["Pipeline", "RunResult", "generate_samples", "generate_text", "run_pipeline"], "charrnn.pipeline"
+    ),
+    **dict.fromkeys(["get_plugin_manager"], "charrnn.plugins"),
+    **dict.fromkeys(["Corpus", "Model", "Optimizer", "Sampler", "StepResult", "ids_dtype"], "charrnn.types"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'charrnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CharrnnError",
@@ -28,6 +53,7 @@ __all__ = [
     "Optimizer",
     "Pipeline",
     "PluginError",
+    "PluginFailure",
     "RunResult",
     "Sampler",
     "StepResult",

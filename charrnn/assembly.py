@@ -15,7 +15,7 @@ import pluggy
 
 from charrnn import config as cfg
 from charrnn.errors import ConfigError
-from charrnn.plugins import INJECTED, Registry, get_plugin_manager
+from charrnn.plugins import INJECTED, Registry, calling, get_plugin_manager
 from charrnn.types import Model
 
 
@@ -29,10 +29,14 @@ class Assembly:
         plugins: Iterable[object] = (),
         overrides: Iterable[str] | Mapping[str, Any] | None = None,
         load_entrypoints: bool = True,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        """`labels` say how keys were given (`{"sampler.k": "-o k"}`), for messages that would
+        otherwise say `--set KEY`; the key `plugins` says how to name a plugin (`--plugin`)."""
         raw, self.lines, self.origin = cfg.load_config(source)
         overridden = cfg.apply_overrides(raw, overrides)
         self.lines.update({tuple(key.split(".")): 0 for key in overridden})  # 0: "from --set"
+        self.lines.update({tuple(key.split(".")): label for key, label in (labels or {}).items()})
         config = cfg.validate(raw, self.lines, self.origin)
         self.pm: pluggy.PluginManager = get_plugin_manager(
             load_entrypoints=load_entrypoints, extra=[*config["plugins"], *plugins]
@@ -46,42 +50,66 @@ class Assembly:
         """Where a key came from, for messages: `file: line N: a.b` or `--set a.b`."""
         return cfg.where(path, self.lines, self.origin)
 
-    def resolve(self, kind: str, section: dict[str, Any]) -> dict[str, Any]:
-        """Check a component section against its factory; fill the factory's defaults."""
+    def resolve(self, kind: str, section: dict[str, Any], lines: cfg.Lines | None = None) -> dict[str, Any]:
+        """Check a component section against its factory; fill the factory's defaults.
+
+        `lines` locate the section's keys for messages (default: where the pipeline had them).
+        """
+        lines = self.lines if lines is None else lines
+
+        def locate(*path: str) -> str:
+            return cfg.where((kind, *path), lines, self.origin)
+
         name = section["type"]
-        component = self.registry.get(kind, name, self.locate(kind, "type"))
+        how = lines.get(("plugins",), self.lines.get(("plugins",)))
+        how = f"with {how}" if isinstance(how, str) else "in plugins"
+        component = self.registry.get(kind, name, locate("type"), how)
         own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
         options = {k: v for k, v in section.items() if k != "type" and k not in own}
-        resolved = cfg.check_options(
-            component.factory,
-            options,
-            lambda key: self.locate(kind, key),
-            INJECTED if kind == "model" else (),
-        )
+        resolved = cfg.check_options(component.factory, options, locate, INJECTED if kind == "model" else ())
         return {"type": name, **{k: section[k] for k in own if k in section}, **resolved}
 
-    def build(self, kind: str, section: dict[str, Any] | None = None, **injected: Any) -> Any:
-        """Call the factory a section names (default: the pipeline's); its ValueError/TypeError
-        becomes a ConfigError that names the section."""
+    def build(
+        self,
+        kind: str,
+        section: dict[str, Any] | None = None,
+        lines: cfg.Lines | None = None,
+        **injected: Any,
+    ) -> Any:
+        """Call the factory a section names (default: the pipeline's).
+
+        Its ValueError/TypeError is the documented answer to bad options: a ConfigError that
+        names the section. Any other exception is a bug in the plugin (or, for a loader, e.g.
+        a file it could not open): a `PluginFailure` naming the plugin.
+        """
         section = self.config[kind] if section is None else section
         component = self.registry.get(kind, section["type"], self.locate(kind, "type"))
         own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
         options = {k: v for k, v in section.items() if k != "type" and k not in own}
-        try:
-            return component.factory(**injected, **options)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{self.locate(kind)} ({section['type']}): {exc}") from None
+        with calling(self.registry.label(kind, component.name)):
+            try:
+                return component.factory(**injected, **options)
+            except (ValueError, TypeError) as exc:
+                where = cfg.where((kind,), self.lines if lines is None else lines, self.origin)
+                raise ConfigError(f"{where} ({section['type']}): {exc}") from None
+
+    def label(self, kind: str, section: dict[str, Any] | None = None) -> str:
+        """Who to blame when the component of `kind` fails: `plugin 'p' (sampler 'top_k')`."""
+        return self.registry.label(kind, (self.config[kind] if section is None else section)["type"])
 
     def model(self, vocab_size: int, section: dict[str, Any] | None = None) -> Model:
         """The model, initialised from the pipeline's seed."""
         rng = np.random.default_rng([self.config["seed"], 0])
         return self.build("model", section, vocab_size=vocab_size, rng=rng)
 
-    def sampler(self, vocab: list[str], section: dict[str, Any] | None = None) -> Any:
+    def sampler(
+        self, vocab: list[str], section: dict[str, Any] | None = None, lines: cfg.Lines | None = None
+    ) -> Any:
         """The sampler, bound to `vocab` when it wants to see it."""
-        sampler = self.build("sampler", section)
+        sampler = self.build("sampler", section, lines)
         if hasattr(sampler, "bind"):
-            sampler.bind(vocab)
+            with calling(self.label("sampler", section)):
+                sampler.bind(vocab)
         return sampler
 
     def optimizer(self) -> Any:

@@ -1,6 +1,9 @@
 """The `charrnn` command: a thin layer over the Python API.
 
-User errors print one line, `error: ...`, on stderr and exit with status 2.
+User errors print one line, `error: ...`, on stderr and exit with status 2. A failing plugin,
+an unwritable stdout or a bug print one line too and exit with status 1 (`CHARRNN_DEBUG=1`
+shows the traceback of a failure). The heavy modules are imported inside `main`, so a Ctrl+C
+while they load is handled like any other.
 """
 
 from __future__ import annotations
@@ -15,12 +18,38 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from charrnn import __version__
-from charrnn import config as cfg
-from charrnn.errors import CharrnnError
-from charrnn.interrupts import Aborted
-from charrnn.pipeline import Pipeline, generate_samples, write_text
-from charrnn.plugins import get_plugin_manager, list_plugins
-from charrnn.world import SharedFailure, detect, limit_blas_threads
+from charrnn.errors import CharrnnError, PluginFailure
+
+DEBUG_VARIABLE = "CHARRNN_DEBUG"
+
+
+class OutputError(Exception):
+    """stdout is closed or a write to it failed (a full disk, say): nothing more can be shown."""
+
+
+class _Stdout:
+    """sys.stdout as the commands see it: UTF-8 text, and a failed write is an `OutputError`.
+
+    A broken pipe (`charrnn ... | head`) stays a `BrokenPipeError`: the reader is done, not
+    an error.
+    """
+
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from charrnn.pipeline import write_text
+
+        try:
+            write_text(self.stream, text)  # type: ignore[arg-type]
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write to stdout: {exc.strerror or exc}") from exc
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # every write is flushed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,6 +134,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 failure, 2 user error, 130 Ctrl+C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while the modules load or the arguments are parsed
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors: return the status, do not exit
@@ -112,40 +150,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     _utf8(sys.stdout)
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line, no source
     try:
-        return _COMMANDS[args.command](args)
-    except (CharrnnError, Aborted, KeyboardInterrupt, BrokenPipeError) as exc:
+        from charrnn.interrupts import Aborted  # noqa: F401 - the first heavy import: numpy
+    except Exception as exc:  # pragma: no cover - a broken installation
+        print(f"error: cannot load charrnn: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+    try:
+        if sys.stdout is None:
+            raise OutputError("stdout is closed; redirect it to a file or /dev/null instead")
+        return _COMMANDS[args.command](args, _Stdout(sys.stdout))
+    except Exception as exc:
         return _report(exc)
+    except BaseException as exc:  # Aborted (a second Ctrl+C); KeyboardInterrupt goes on to main
+        if type(exc).__name__ == "Aborted":
+            return _report(exc)
+        raise
 
 
 def _report(exc: BaseException) -> int:
-    """Print a handled exception as one line; its exit status."""
+    """Print a failure as one line on stderr; its exit status (2 the user's mistake, 1 a failure).
+
+    With CHARRNN_DEBUG=1 a failure that is not the user's re-raises, for the traceback.
+    """
+    from charrnn.interrupts import Aborted
+
+    debug = bool(os.environ.get(DEBUG_VARIABLE))
+    hint = f" (set {DEBUG_VARIABLE}=1 for the traceback)"
     if isinstance(exc, CharrnnError):
         print(f"error: {_one_line(str(exc))}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(exc, "code", 2)
     if isinstance(exc, Aborted):
         print(str(exc), file=sys.stderr, flush=True)
         return exc.code
-    if isinstance(exc, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
     if isinstance(exc, BrokenPipeError):  # `charrnn run ... | head`: not an error; keep Python quiet at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
-    raise exc
+    if isinstance(exc, OutputError):
+        _silence_stdout()
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if debug or not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, PluginFailure):
+        print(f"error: {_one_line(str(exc))}{hint}", file=sys.stderr, flush=True)
+        return 1
+    # a bug in charrnn itself: one line, the traceback on request
+    print(
+        f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))}{hint}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
 
 
-def _run(args: argparse.Namespace) -> int:
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush of stdout cannot fail again."""
+    if sys.stdout is not None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+def _run(args: argparse.Namespace, out: _Stdout) -> int:
+    from charrnn import config as cfg
+    from charrnn.pipeline import Pipeline
+    from charrnn.world import SharedFailure, detect, limit_blas_threads
+
     pipeline = Pipeline(args.pipeline, overrides=args.overrides)
     if args.print_config:
-        write_text(sys.stdout, cfg.dump(pipeline.config))
+        out.write(cfg.dump(pipeline.config))
         return 0
     world = detect(pipeline.config["train"]["distributed"]) if "train" in pipeline.config["stages"] else None
     if world is None or world.size == 1:
-        pipeline.run(stdout=sys.stdout, stderr=sys.stderr)
+        pipeline.run(stdout=out, stderr=sys.stderr)  # type: ignore[arg-type]
         return 0
     limit_blas_threads()
     try:
-        pipeline.run(stdout=sys.stdout, stderr=sys.stderr, world=world)
+        pipeline.run(stdout=out, stderr=sys.stderr, world=world)  # type: ignore[arg-type]
     except SharedFailure as exc:  # every rank failed alike at start-up: said once, all leave normally
         return _report(exc) if world.rank == 0 else exc.code
     except BaseException as exc:  # one rank failed: end the whole job now, not at the next collective
@@ -159,7 +240,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace, out: _Stdout) -> int:
+    from charrnn import config as cfg
+    from charrnn.pipeline import generate_samples
+
     if args.num_chars is not None and args.num_chars < 0:
         raise CharrnnError(f"--num-chars must be >= 0, got {args.num_chars}")
     if args.num_samples is not None and args.num_samples < 1:
@@ -176,38 +260,42 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_samples=args.num_samples,
         stop=args.stop,
-        on_text=(lambda t: write_text(sys.stdout, t)) if args.stream else None,
+        on_text=out.write if args.stream else None,
         plugins=args.plugins,
     )
     text = result.text or ""
-    write_text(sys.stdout, (text[len(result.texts[0]) :] if args.stream else text) + "\n")
+    out.write((text[len(result.texts[0]) :] if args.stream else text) + "\n")
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, out: _Stdout) -> int:
     from charrnn.bench import bench, format_table
+    from charrnn.pipeline import Pipeline
 
     if not args.seconds > 0:
         raise CharrnnError(f"--seconds must be > 0, got {args.seconds}")
     report = bench(Pipeline(args.pipeline, overrides=args.overrides), seconds=args.seconds)
-    write_text(sys.stdout, (json.dumps(report) if args.json else format_table(report)) + "\n")
+    out.write((json.dumps(report) if args.json else format_table(report)) + "\n")
     return 0
 
 
-def _gradcheck(args: argparse.Namespace) -> int:
+def _gradcheck(args: argparse.Namespace, out: _Stdout) -> int:
     from charrnn.gradcheck import format_rows, gradcheck
+    from charrnn.pipeline import Pipeline
 
     if args.entries < 0:
         raise CharrnnError(f"--entries must be >= 0, got {args.entries}")
     pipeline = Pipeline(args.pipeline, overrides=args.overrides)
     rows = gradcheck(pipeline, entries=args.entries or None)
-    write_text(sys.stdout, format_rows(rows, "float64") + "\n")
+    out.write(format_rows(rows, "float64") + "\n")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
-def _plugins(args: argparse.Namespace) -> int:
+def _plugins(args: argparse.Namespace, out: _Stdout) -> int:
+    from charrnn.plugins import get_plugin_manager, list_plugins
+
     pm = get_plugin_manager(extra=args.plugins)
-    write_text(sys.stdout, json.dumps(list_plugins(pm), indent=2) + "\n")
+    out.write(json.dumps(list_plugins(pm), indent=2) + "\n")
     return 0
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from charrnn.errors import ConfigError
 
-Lines = dict[tuple[str, ...], int]
+Lines = dict[tuple[str, ...], int | str]  # a str: how the value was given, e.g. a command-line flag
 
 STAGES = ("train", "evaluate", "generate")
 COMPONENTS = ("corpus", "model", "optimizer", "sampler", "schedule")
@@ -122,11 +122,14 @@ DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
 
 
 def where(path: Iterable[str], lines: Lines | None, origin: str = "") -> str:
-    """`file: line N: a.b` for messages; line 0 marks a value that came from `--set`."""
+    """`file: line N: a.b` for messages; line 0 marks a value that came from `--set`, a string
+    names how the value was given (`--temperature`)."""
     path = tuple(path)
     dotted = ".".join(path)
     for n in range(len(path), 0, -1):
         line = (lines or {}).get(path[:n])
+        if isinstance(line, str):
+            return line if n == len(path) else f"{line}.{'.'.join(path[n:])}"
         if line == 0:
             return f"--set {dotted}"
         if line is not None:

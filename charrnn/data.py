@@ -14,7 +14,7 @@ import numpy as np
 
 from charrnn import checkpoint as ckpt_io
 from charrnn.assembly import Assembly
-from charrnn.errors import CorpusError
+from charrnn.errors import CorpusError, PluginFailure
 from charrnn.types import Corpus
 
 
@@ -68,6 +68,12 @@ def load_corpus(assembly: Assembly, vocab_of: str | None = None) -> Data:
     if len(corpus.vocab) < 2:
         raise CorpusError(
             f"corpus {name} has {len(corpus.vocab)} distinct character(s); at least 2 are needed"
+        )
+    ids, V = corpus.ids, len(corpus.vocab)
+    if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= V:  # once per corpus, not per batch
+        raise PluginFailure(
+            assembly.label("corpus"),
+            f"returned a Corpus whose ids are not integers in [0, {V}) (its vocabulary's size)",
         )
     n_val = int(n * section["val_fraction"])
     train_ids, val_ids = corpus.ids[: n - n_val], (corpus.ids[n - n_val :] if n_val else None)

@@ -25,3 +25,16 @@ class CheckpointError(CharrnnError):
 
 class TrainingError(CharrnnError):
     """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+class PluginFailure(Exception):
+    """Code inside a plugin raised, or returned something unusable: a bug in that plugin.
+
+    Deliberately not a `CharrnnError`: the user's input is fine, so the CLI exits with
+    status 1, naming the plugin (`label`) and its exception (`error`, also the `__cause__`).
+    """
+
+    def __init__(self, label: str, error: BaseException | str) -> None:
+        self.label, self.error = label, error
+        detail = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+        super().__init__(f"{label} failed: {detail}")

@@ -9,11 +9,12 @@ to which a sampler that needs the model itself (beam search) hands the whole gen
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from charrnn.errors import PluginError
+from charrnn.errors import CharrnnError, PluginFailure
+from charrnn.plugins import calling
 from charrnn.types import Corpus, Model, Sampler, State
 
 OnText = Callable[[str], None]
@@ -46,19 +47,35 @@ def stepper(model: Model, state: State) -> Callable[[np.ndarray], np.ndarray]:
     return make(state) if make is not None else StepAdapter(model, state)
 
 
-def prime(model: Model, ids: np.ndarray, k: int, observe: Callable[[np.ndarray], None] | None = None):
+def prime(
+    model: Model,
+    ids: np.ndarray,
+    k: int,
+    observe: Callable[[np.ndarray], None] | None = None,
+    labels: Mapping[str, str] | None = None,
+):
     """Feed all ids but the last to one stream; `observe` sees every seed id, as k streams.
 
     Returns that stream's stepper (one stream goes on with it; k streams copy its state) and
-    the (k,) last ids, the first input of the sampling loop.
+    the (k,) last ids, the first input of the sampling loop. `labels` name the model's and
+    the sampler's plugins when they raise (see `generate`).
     """
-    step = stepper(model, model.init_state(1))
-    for row in np.asarray(ids[:-1]).reshape(-1, 1):  # (1,) views, no array built per id
-        step(row)
+    labels = labels or {}
+    with calling(labels.get("model") or _label("model", model)):
+        step = stepper(model, model.init_state(1))
+        for row in np.asarray(ids[:-1]).reshape(-1, 1):  # (1,) views, no array built per id
+            step(row)
     if observe is not None:
-        for i in ids:
-            observe(np.full(k, i))
+        with calling(labels.get("sampler") or _label("sampler", observe)):
+            for i in ids:
+                observe(np.full(k, i))
     return step, np.repeat(ids[-1:], k)
+
+
+def _label(kind: str, component: object) -> str:
+    """`sampler 'greedy'`: a component's name when no plugin name is known (direct API use)."""
+    name = getattr(component, "__name__", None) or type(component).__name__
+    return f"{kind} {name!r}"
 
 
 def _copies(state: State, k: int) -> State:
@@ -76,19 +93,30 @@ def generate(
     stop: Sequence[str] = (),
     on_text: OnText | None = None,
     chunk_chars: int = 256,
+    labels: Mapping[str, str] | None = None,
 ) -> list[str]:
     """`num_samples` texts, each `seed_text` followed by `num_chars` generated characters.
 
     A text ends early, just before the first occurrence of any `stop` string in its generated
     part. With `on_text`, the first text is also handed over as it is produced (seed text
     first), in chunks of about `chunk_chars` characters, so streaming costs no speed.
+
+    An exception raised by the model or the sampler, or ids outside [0, V) from the sampler,
+    become a `PluginFailure` named by `labels["model"]` / `labels["sampler"]` (the pipeline
+    passes `plugin 'p' (sampler 'top_k')`; by default the class or function name is used).
     """
     k = num_samples
+    V = len(vocab.vocab)
     stop = [s for s in stop if s]
+    labels = {
+        "model": (labels or {}).get("model") or _label("model", model),
+        "sampler": (labels or {}).get("sampler") or _label("sampler", sampler),
+    }
     observe = getattr(sampler, "observe", None)
     if hasattr(sampler, "reset"):
-        sampler.reset(k)  # type: ignore[union-attr]
-    step, x = prime(model, start_ids(vocab, seed_text), k, observe)
+        with calling(labels["sampler"]):
+            sampler.reset(k)  # type: ignore[union-attr]
+    step, x = prime(model, start_ids(vocab, seed_text), k, observe, labels)
     streams = [_Stream(stop, vocab) for _ in range(k)]
     if on_text is not None:
         on_text(seed_text)
@@ -96,47 +124,74 @@ def generate(
     search = getattr(sampler, "search", None)
     if search is not None:
         state = _copies(step.state(), k)
-        out = np.asarray(search(model, state, x, num_chars, rng), dtype=np.int64).reshape(k, num_chars)
+        with calling(labels["sampler"]):
+            out = search(model, state, x, num_chars, rng)
+        out = _checked_ids(out, (k, num_chars), V, labels["sampler"], "search returned")
         for stream, row in zip(streams, out, strict=True):
             stream.add(row)
     else:
         done = 0
         if k > 1:
-            step = stepper(model, _copies(step.state(), k))
+            with calling(labels["model"]):
+                step = stepper(model, _copies(step.state(), k))
         while done < num_chars and not all(st.stopped for st in streams):
             n = min(chunk_chars, num_chars - done)
-            chunk, x = _steps(step, sampler, rng, x, n, observe, len(vocab.vocab))
+            chunk, x = _steps(step, sampler, rng, x, n, observe, V, labels)
             for stream, row in zip(streams, chunk, strict=True):
                 stream.add(row)
             done += n
     return [seed_text + stream.finish() for stream in streams]
 
 
-def _steps(step, sampler, rng, x, n, observe, V):
+def _checked_ids(ids: object, shape: tuple[int, ...], V: int, label: str, what: str) -> np.ndarray:
+    """`ids` as int64 of `shape` with every id in [0, V); else the plugin that made them failed.
+
+    Called once per chunk, never per character: numpy would wrap a negative id around to
+    the last character without a word, and an id >= V fails somewhere far from its cause.
+    """
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError):  # ragged rows
+        arr = np.asarray(None)
+    if arr.shape != shape or arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= V)):
+        shown = np.array2string(arr, threshold=8) if arr.dtype.kind != "O" else repr(ids)[:80]
+        raise PluginFailure(
+            label, f"{what} {_one_line(shown)}: expected integer ids in [0, {V}) of shape {shape}"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def _steps(step, sampler, rng, x, n, observe, V, labels):
     """n sampling steps for k streams: the hot loop, with nothing in it but the model and sampler.
 
-    A sampler's bad return value shows up as an exception in the model; it is named then, at
-    no cost to the loop.
+    The ids are checked once per chunk (`_checked_ids`), not per step; the `try` blocks cost
+    nothing until something raises. A sampler's bad ids usually make the model raise first: the
+    last ids are checked then, so the sampler, not the model, is named.
     """
     out, k = [], len(x)
-    try:
-        if observe is None:
-            for _ in range(n):
-                x = sampler(step(x), rng)  # (k,)
-                out.append(x)
-        else:
-            for _ in range(n):
-                x = sampler(step(x), rng)
-                out.append(x)
+    for _ in range(n):
+        try:
+            logits = step(x)
+        except CharrnnError:
+            raise
+        except Exception as exc:
+            _checked_ids(x, (k,), V, labels["sampler"], "returned")
+            raise PluginFailure(labels["model"], exc) from exc
+        try:
+            x = sampler(logits, rng)  # (k,)
+            if observe is not None:
                 observe(x)
-        return np.concatenate(out).reshape(n, -1).T.astype(np.int64), x  # (k, n)
-    except (IndexError, ValueError, TypeError):
-        ids = np.asarray(x)
-        if ids.shape != (k,) or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= V:
-            raise PluginError(
-                f"sampler {type(sampler).__name__} returned {x!r}: expected {k} integer ids in [0, {V}), shape ({k},)"
-            ) from None
-        raise
+        except CharrnnError:
+            raise
+        except Exception as exc:
+            raise PluginFailure(labels["sampler"], exc) from exc
+        out.append(x)
+    chunk = _checked_ids(out, (n, k), V, labels["sampler"], "returned")
+    return chunk.T, x  # (k, n)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 class _Stream:

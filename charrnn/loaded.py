@@ -17,7 +17,7 @@ import numpy as np
 from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
 from charrnn.assembly import Assembly
-from charrnn.errors import CheckpointError, ConfigError
+from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import generate
 from charrnn.types import Corpus, Model
 
@@ -28,13 +28,26 @@ GENERATION_SECTIONS = ("seed", "sampler", "generate")
 class LoadedModel:
     """A model with its vocabulary and the pipeline it was trained with (sampler defaults included)."""
 
-    def __init__(self, model: Model, vocab: Corpus, assembly: Assembly, path: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        vocab: Corpus,
+        assembly: Assembly,
+        path: str | None = None,
+        model_type: str | None = None,
+    ) -> None:
         self.model, self.vocab, self.assembly, self.path = model, vocab, assembly, path
         self.config = assembly.config
+        self.model_label = assembly.registry.label("model", model_type or assembly.config["model"]["type"])
 
     @classmethod
     def load(
-        cls, path: str | Path, *, plugins: Iterable[object] = (), load_entrypoints: bool = True
+        cls,
+        path: str | Path,
+        *,
+        plugins: Iterable[object] = (),
+        load_entrypoints: bool = True,
+        labels: Mapping[str, str] | None = None,
     ) -> LoadedModel:
         """Read a checkpoint and rebuild its model with the plugins loaded here.
 
@@ -44,7 +57,9 @@ class LoadedModel:
         path = str(path)
         saved_cfg = ckpt_io.read_meta(path)["config"]
         base = {k: copy.deepcopy(saved_cfg[k]) for k in GENERATION_SECTIONS if k in saved_cfg}
-        assembly = Assembly(base, plugins=plugins, load_entrypoints=load_entrypoints)
+        where = f"checkpoint {path}"
+        labels = {**{f"{k}": f"{where}: {k}" for k in base}, **(labels or {})}
+        assembly = Assembly(base, plugins=plugins, load_entrypoints=load_entrypoints, labels=labels)
         return cls.from_path(path, assembly)
 
     @classmethod
@@ -66,7 +81,7 @@ class LoadedModel:
         corpus = Corpus(
             np.zeros(0, np.uint8), list(saved.meta["vocab"]), path, saved.meta.get("encoding", "utf-8")
         )
-        return cls(model, corpus, assembly, path)
+        return cls(model, corpus, assembly, path, saved.meta["config"]["model"]["type"])
 
     def options(
         self,
@@ -79,11 +94,15 @@ class LoadedModel:
         sampler: str | Mapping[str, Any] | None = None,
         temperature: float | None = None,
         sampler_options: Mapping[str, Any] | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any], int]:
-        """The generate section, the sampler section and the seed for one call, validated.
+        labels: Mapping[str, str] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], int, cfg.Lines]:
+        """The generate section, the sampler section and the seed for one call, validated, and
+        where each value came from (for the messages of what is built from them).
 
         `None` means the value saved with the model. A sampler name other than the saved one
-        starts from that sampler's defaults; `temperature` and `sampler_options` then set options.
+        starts from that sampler's defaults; `temperature` and `sampler_options` then set
+        options. `labels` say how the caller's values were given (`{"sampler.k": "-o k"}`), so
+        a bad one is named in the caller's words.
         """
         g = dict(self.config["generate"])
         for key, value in (("num_chars", num_chars), ("seed_text", seed_text), ("num_samples", num_samples)):
@@ -99,18 +118,28 @@ class LoadedModel:
         if temperature is not None:
             section["temperature"] = temperature
         section.update(sampler_options or {})
-        checked = cfg.validate(
-            {"seed": self.config["seed"] if seed is None else seed, "generate": g, "sampler": section}
-        )
-        return checked["generate"], self.assembly.resolve("sampler", checked["sampler"]), checked["seed"]
+        lines: cfg.Lines = dict(self.assembly.lines)
+        if self.path is not None and not lines:  # loaded from a checkpoint: its values are named so
+            for name, keys in (("generate", g), ("sampler", section)):
+                lines.update({(name, key): f"checkpoint {self.path}: {name}.{key}" for key in keys})
+            lines[("seed",)] = f"checkpoint {self.path}: seed"
+        lines.update({tuple(key.split(".")): label for key, label in (labels or {}).items()})
+        raw = {"seed": self.config["seed"] if seed is None else seed, "generate": g, "sampler": section}
+        checked = cfg.validate(raw, lines)
+        try:
+            self.vocab.encode(checked["generate"]["seed_text"])
+        except CorpusError as exc:
+            raise CorpusError(f"{cfg.where(('generate', 'seed_text'), lines)}: {exc}") from None
+        sampler_section = self.assembly.resolve("sampler", checked["sampler"], lines)
+        return checked["generate"], sampler_section, checked["seed"], lines
 
     def generate(self, *, on_text: Callable[[str], None] | None = None, **options: Any) -> list[str]:
         """Samples of `generate.num_chars` characters after the seed text (see `options`).
 
         `on_text` receives the first sample as it is produced (streaming).
         """
-        g, section, seed = self.options(**options)
-        sampler = self.assembly.sampler(self.vocab.vocab, section)
+        g, section, seed, lines = self.options(**options)
+        sampler = self.assembly.sampler(self.vocab.vocab, section, lines)
         return generate(
             self.model,
             sampler,
@@ -121,6 +150,7 @@ class LoadedModel:
             num_samples=g["num_samples"],
             stop=g["stop"],
             on_text=on_text,
+            labels={"model": self.model_label, "sampler": self.assembly.label("sampler", section)},
         )
 
     def separator(self) -> str:

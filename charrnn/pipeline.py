@@ -225,7 +225,32 @@ def generate_samples(
     options. `on_text` receives the first sample as it is produced (streaming). The result
     has every sample in `texts` and them joined by `generate.separator` in `text`.
     """
-    loaded = LoadedModel.load(checkpoint_path, plugins=plugins)
+    # messages locate a value by the flag that set it, or in the checkpoint (never `--set`)
+    labels = {"plugins": "--plugin"}
+    flags = (
+        ("generate.num_chars", "--num-chars", num_chars),
+        ("generate.seed_text", "--seed-text", seed_text),
+        ("generate.num_samples", "--num-samples", num_samples),
+        ("generate.stop", "--stop", stop),
+        ("seed", "--seed", seed),
+    )
+    labels.update({key: flag for key, flag, value in flags if value is not None})
+    typed: list[str] = []
+    if isinstance(sampler, str):
+        labels["sampler.type"] = "--sampler"
+        typed.append(f"--sampler {sampler}")
+    elif isinstance(sampler, Mapping):
+        labels.update({f"sampler.{key}": f"sampler[{key!r}]" for key in sampler})
+        typed.append(f"sampler={dict(sampler)!r}")
+    if temperature is not None:
+        labels["sampler.temperature"] = "--temperature"
+        typed.append(f"--temperature {temperature:g}")
+    for key, value in (sampler_options or {}).items():
+        labels[f"sampler.{key}"] = f"-o {key}"
+        typed.append(f"-o {key}={value}")
+    if typed:
+        labels["sampler"] = " ".join(typed)
+    loaded = LoadedModel.load(checkpoint_path, plugins=plugins, labels={"plugins": "--plugin"})
     texts = loaded.generate(
         on_text=on_text,
         num_chars=num_chars,
@@ -236,6 +261,7 @@ def generate_samples(
         seed=seed,
         num_samples=num_samples,
         stop=stop,
+        labels=labels,
     )
     return RunResult(loaded.config, loaded.separator().join(texts), texts)
 

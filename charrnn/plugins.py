@@ -14,7 +14,8 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +24,7 @@ from typing import Any
 import pluggy
 
 from charrnn import hookspecs
-from charrnn.errors import PluginError
+from charrnn.errors import CharrnnError, PluginError, PluginFailure
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.text",
@@ -100,22 +101,39 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
                 raise PluginError(f"plugin {ep.name!r} is invalid: {exc}") from None
 
 
+def _is_path(spec: str) -> bool:
+    """A `.py` name, anything with a slash, or an existing file (`x.txt`, to say it is not Python)."""
+    return spec.endswith(".py") or os.sep in spec or "/" in spec or os.path.isfile(spec)
+
+
+def _plugin_file(spec: str) -> Path:
+    """The resolved `.py` file a path names; anything else is the user's error, said plainly."""
+    path = Path(spec)
+    if not path.is_file():
+        raise PluginError(f"plugin file not found: {spec}")
+    if path.suffix != ".py":
+        raise PluginError(f"plugin file {spec} is not a .py file (a plugin is a Python module)")
+    return path.resolve()
+
+
+def _import_file(path: Path, spec: str) -> ModuleType:
+    name = "charrnn_local_" + path.stem
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:  # pragma: no cover - `.py` is checked above
+        raise PluginError(f"plugin file {spec} cannot be imported")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise PluginError(f"plugin file {spec} failed to import: {type(exc).__name__}: {exc}") from None
+    sys.modules[name] = module
+    return module
+
+
 def load_module(spec: str) -> ModuleType:
     """Import a plugin module by import name, or from a path ending in `.py`."""
-    if spec.endswith(".py") or os.sep in spec or "/" in spec:
-        path = Path(spec)
-        if not path.is_file():
-            raise PluginError(f"plugin file not found: {spec}")
-        name = "charrnn_local_" + path.stem
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise PluginError(f"plugin file {spec} failed to import: {type(exc).__name__}: {exc}") from None
-        sys.modules[name] = module
-        return module
+    if _is_path(spec):
+        return _import_file(_plugin_file(spec), spec)
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
@@ -126,13 +144,50 @@ def load_module(spec: str) -> ModuleType:
         raise PluginError(f"plugin module {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
 
 
+def _source_file(plugin: object) -> Path | None:
+    file = getattr(plugin, "__file__", None) if isinstance(plugin, ModuleType) else None
+    return Path(file).resolve() if file else None
+
+
+def _registered_file(pm: pluggy.PluginManager, path: Path | None) -> bool:
+    """Whether a registered module was loaded from `path`, or from a copy of it.
+
+    A copy is a file of the same name and bytes: `pip install .` copies `vowel_boost.py`
+    into site-packages, and the README's `--plugin vowel_boost.py` still names the original.
+    """
+    return path is not None and any(_same_source(_source_file(p), path) for p in pm.get_plugins())
+
+
+def _same_source(a: Path | None, b: Path) -> bool:
+    if a is None or a.name != b.name:
+        return False
+    try:
+        return a == b or a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
 def add_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
-    """Register a module, plugin object, import name or `.py` path, once."""
+    """Register a module, plugin object, import name or `.py` path, once.
+
+    Once means once per module: a `.py` path whose file (or an identical copy of it, see
+    `_registered_file`) an already registered module was loaded from, such as the same file
+    named twice or an installed entry point's module, is not imported again, so its
+    components are not registered twice.
+    """
+    name = None
     if isinstance(plugin, (str, os.PathLike)):
-        plugin = load_module(os.fspath(plugin))
-    if pm.is_registered(plugin):
+        spec = os.fspath(plugin)
+        if _is_path(spec):
+            path = _plugin_file(spec)
+            if _registered_file(pm, path):
+                return
+            plugin, name = _import_file(path, spec), spec  # named as the user wrote it, for messages
+        else:
+            plugin = load_module(spec)
+    if pm.is_registered(plugin) or _registered_file(pm, _source_file(plugin)):
         return
-    name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin)}"
+    name = name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin)}"
     _register(pm, plugin, name if pm.get_plugin(name) is None else f"{name}-{id(plugin)}")
 
 
@@ -141,6 +196,21 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {name!r} is invalid: {exc}") from None
+
+
+@contextmanager
+def calling(label: str) -> Iterator[None]:
+    """Run plugin code: an exception it raises becomes a `PluginFailure` that names it.
+
+    A `CharrnnError` passes unchanged (hookspecs ask plugins to raise those for bad input),
+    as do `KeyboardInterrupt` and `SystemExit`, which are not `Exception`s.
+    """
+    try:
+        yield
+    except (CharrnnError, PluginFailure):
+        raise
+    except Exception as exc:
+        raise PluginFailure(label, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -154,14 +224,24 @@ class Component:
 
 
 class Registry:
-    """The named components of every kind, collected once from a plugin manager."""
+    """The named components of every kind, collected once from a plugin manager.
+
+    Each registration hook is called through the plugin manager, so `CHARRNN_TRACE_PLUGINS`
+    and hook-call monitoring see it, but once per implementing plugin, through
+    `pm.subset_hook_caller` with every other plugin removed: that call is the only place
+    that knows which plugin a `register(name, factory)` comes from (for duplicate-name
+    errors and listings) and which plugin to blame when a hook raises.
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         for kind, hook_name in KINDS.items():
-            for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                register = self._registrar(kind, impl.plugin_name)
-                impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
+            impls = getattr(pm.hook, hook_name).get_hookimpls()
+            for impl in impls:
+                others = [i.plugin for i in impls if i.plugin is not impl.plugin]
+                call = pm.subset_hook_caller(hook_name, remove_plugins=others)
+                with calling(f"plugin {impl.plugin_name!r} ({hook_name})"):
+                    call(register=self._registrar(kind, impl.plugin_name))
 
     def _registrar(self, kind: str, plugin: str) -> Callable[[str, Callable[..., Any]], None]:
         def register(name: str, factory: Callable[..., Any]) -> None:
@@ -177,10 +257,23 @@ class Registry:
                 )
             known[name] = Component(kind, name, factory, plugin)
 
+        register.__qualname__ = f"register[{plugin}]"  # the trace shows whose call it is
         return register
 
-    def get(self, kind: str, name: object, where: str | None = None) -> Component:
-        """The component `name` of `kind`; an unknown name lists the known ones."""
+    def label(self, kind: str, name: str) -> str:
+        """`plugin 'p' (sampler 'top_k')`: who to blame when component `name` fails."""
+        component = self.components[kind].get(name)
+        owner = f"plugin {component.plugin!r}" if component is not None else "plugin"
+        return f"{owner} ({kind} {name!r})"
+
+    def get(
+        self, kind: str, name: object, where: str | None = None, plugins: str = "in plugins"
+    ) -> Component:
+        """The component `name` of `kind`; an unknown name lists the known ones.
+
+        Without a close match the name may well be right and its plugin missing: the message
+        then says how to add one: `plugins` is `in plugins` (the YAML key) or `with --plugin`.
+        """
         known = self.components[kind]
         if isinstance(name, str) and name in known:
             return known[name]
@@ -188,7 +281,10 @@ class Registry:
         names = sorted(known)
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise PluginError(f"{where}: unknown {kind} {name!r}{hint}; available: {', '.join(names) or 'none'}")
+        missing = "" if close else f"; install its plugin or name it {plugins}"
+        raise PluginError(
+            f"{where}: unknown {kind} {name!r}{hint}; available: {', '.join(names) or 'none'}{missing}"
+        )
 
 
 def options_of(factory: Callable[..., Any]) -> dict[str, Any]:

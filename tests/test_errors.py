@@ -251,3 +251,47 @@ def test_print_config(capsys, pipeline):
         "clip_norm": None,
     }
     assert resolved["generate"]["checkpoint"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--temperature", "0"], "error: --temperature 0 (temperature): temperature must be > 0"),
+        (["--sampler", "top_k", "-o", "k=0"], "error: --sampler top_k -o k=0 (top_k): k must be"),
+        (["--sampler", "top_k", "-o", "kk=3"], "error: -o kk: unknown option (did you mean 'k'?)"),
+        (["-o", "temperature=abc"], "error: -o temperature: expected float, got 'abc'"),
+        (["--sampler", "nope"], "error: --sampler: unknown sampler 'nope'"),
+        (["--seed-text", "héllo"], "error: --seed-text: character 'é'"),
+        (["--seed", "-3"], "error: --seed: must be >= 0"),
+    ],
+)
+def test_generate_errors_name_the_flag_that_was_typed(capsys, checkpoint, args, expected):
+    line = run_error(capsys, ["generate", str(checkpoint), *args])
+    assert line.startswith(expected), line
+    assert "--set" not in line
+
+
+class BoostSampler:
+    def __init__(self, boost: float = 1.0):
+        self.boost = boost
+
+    def __call__(self, logits, rng):
+        return logits.argmax(-1)
+
+
+class BoostPlugin:
+    @charrnn.hookimpl
+    def charrnn_sampler(self, register):
+        register("vowel_boost", BoostSampler)
+
+
+def test_checkpoint_whose_sampler_plugin_is_not_loaded_says_how_to_load_it(capsys, pipeline, tmp_path):
+    config = yaml.safe_load(pipeline.read_text())
+    config.update(stages=["train"], sampler={"type": "vowel_boost"})
+    charrnn.run_pipeline(config, plugins=[BoostPlugin()])
+    capsys.readouterr()
+    line = run_error(capsys, ["generate", config["train"]["checkpoint"]])
+    assert f"checkpoint {config['train']['checkpoint']}: sampler.type: unknown sampler 'vowel_boost'" in line
+    assert line.endswith("install its plugin or name it with --plugin")
+    text = charrnn.generate_text(config["train"]["checkpoint"], 5, "the ", plugins=[BoostPlugin()])
+    assert len(text) == len("the ") + 5

@@ -204,14 +204,17 @@ def test_pipeline_generate_options(tiny_config, capsys, tmp_path):
     assert first.startswith("the ") and len(first) == 54 and len(second) == 54
 
 
-@pytest.mark.parametrize("returned", [np.int64(1), [[1]], np.array([0.5]), "a", np.array([10**6])])
-def test_a_sampler_returning_no_id_array_is_a_plugin_error(loaded, returned):
+@pytest.mark.parametrize(
+    "returned",
+    [np.int64(1), [[1]], np.array([0.5]), "a", np.array([10**6]), np.array([-1]), np.array([1, 2])],
+)
+def test_a_sampler_returning_no_id_array_is_a_plugin_failure(loaded, returned):
     model, vocab = loaded
 
     def bad(logits, rng):
         return returned
 
     with pytest.raises(
-        charrnn.PluginError, match=r"sampler function returned .*expected 1 integer ids in \[0, \d+\)"
+        charrnn.PluginFailure, match=r"sampler 'bad' failed: returned .*expected integer ids in \[0, \d+\)"
     ):
         generate(model, bad, vocab, np.random.default_rng(0), "the ", 5)
