@@ -21,6 +21,7 @@ from charrnn import config as cfg
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import generate
 from charrnn.plugins import INJECTED, Registry, get_plugin_manager
+from charrnn.textfile import encode_file
 from charrnn.train import EVAL_STREAMS, Progress, Trainer, TrainResult, TrainSettings
 from charrnn.train import evaluate as evaluate_loss
 from charrnn.types import Corpus, Model
@@ -369,19 +370,8 @@ class Pipeline:
             )
         path = self.config["evaluate"]["path"]
         if path is not None:
-            try:
-                raw = Path(path).read_bytes()
-            except OSError as exc:
-                raise CorpusError(f"evaluate.path: cannot read {path}: {exc.strerror}") from None
-            try:
-                ids = (
-                    vocab.encode(raw.decode("utf-8"))
-                    if vocab.encoding != "bytes"
-                    else vocab.encode(raw.decode("latin-1"))
-                )
-            except UnicodeDecodeError as exc:
-                raise CorpusError(f"evaluate.path: {path} is not valid UTF-8 (byte {exc.start})") from None
-            source = path
+            # read as the loaders read: BOM dropped, bytes kept as bytes, a FIFO refused unopened
+            ids, source = encode_file(path, vocab.vocab, vocab.encoding, what="evaluate.path"), path
         elif val_ids is not None:
             ids, source = val_ids, "validation split"
         else:
