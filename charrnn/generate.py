@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from charrnn.errors import PluginError
+from charrnn.memory import check as check_memory
 from charrnn.types import Corpus, Model, Sampler, State
 
 OnText = Callable[[str], None]
@@ -84,6 +85,12 @@ def generate(
     first), in chunks of about `chunk_chars` characters, so streaming costs no speed.
     """
     k = num_samples
+    check_memory(  # the texts are kept whole (and joined, and encoded for output)
+        held_text_bytes(vocab, num_chars, k),
+        f"generate.num_chars={num_chars}" + (f" with num_samples={k}" if k > 1 else ""),
+        "the generated text, kept whole also when streamed",
+        "; ask for fewer characters",
+    )
     stop = [s for s in stop if s]
     observe = getattr(sampler, "observe", None)
     if hasattr(sampler, "reset"):
@@ -110,6 +117,14 @@ def generate(
                 stream.add(row)
             done += n
     return [seed_text + stream.finish() for stream in streams]
+
+
+def held_text_bytes(vocab: Corpus, num_chars: int, num_samples: int) -> int:
+    """About the memory that `generate` needs for its texts: the pieces, the joined texts, their
+    join and their UTF-8 encoding for output, at 1, 2 or 4 bytes per character (CPython's str)."""
+    top = max((ord(c) for c in vocab.vocab), default=0) if vocab.encoding != "bytes" else 0xFFFF
+    width = 1 if top < 0x100 else 2 if top < 0x10000 else 4
+    return num_chars * num_samples * (4 * width + 8)  # + 8: the ids of a searching sampler
 
 
 def _steps(step, sampler, rng, x, n, observe, V):

@@ -20,6 +20,7 @@ from charrnn import checkpoint as ckpt_io
 from charrnn import config as cfg
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.generate import generate
+from charrnn.memory import check as check_memory
 from charrnn.plugins import INJECTED, Registry, get_plugin_manager
 from charrnn.textfile import encode_file
 from charrnn.train import EVAL_STREAMS, Progress, Trainer, TrainResult, TrainSettings
@@ -91,8 +92,23 @@ class Pipeline:
             raise ConfigError(f"{self.locate(kind)} ({section['type']}): {exc}") from None
 
     def model(self, vocab_size: int) -> Model:
+        """The model to train; refused with one line when training it would not fit in memory.
+
+        The factory checks its own size before allocating; a model with `memory_bytes(batch_size,
+        seq_length)` is then checked with the training batch's work arrays too.
+        """
         rng = np.random.default_rng([self.config["seed"], 0])
-        return self.build("model", self.config["model"], vocab_size=vocab_size, rng=rng)
+        model = self.build("model", self.config["model"], vocab_size=vocab_size, rng=rng)
+        estimate = getattr(model, "memory_bytes", None)
+        if callable(estimate):
+            B, T = self.config["train"]["batch_size"], self.config["train"]["seq_length"]
+            check_memory(
+                estimate(B, T),
+                f"training model {self.config['model']['type']!r} with train.batch_size={B} "
+                f"and train.seq_length={T}",
+                "parameters, gradients, optimizer state, activations",
+            )
+        return model
 
     def sampler(self, vocab: list[str]) -> Any:
         sampler = self.build("sampler", self.config["sampler"])
