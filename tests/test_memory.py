@@ -56,8 +56,13 @@ def test_format_bytes():
     assert format_bytes(1 << 60) == "1,024 PiB"
 
 
-def test_check_passes_what_fits_and_names_what_does_not(eight_gib):
+def test_check_passes_what_fits_and_names_what_does_not(eight_gib, monkeypatch):
     check(8 * GiB, "anything")
+    monkeypatch.setattr(charrnn.memory, "available_bytes", lambda: 1000)
+    check(charrnn.memory.ALWAYS_FITS - 1, "small")  # never refused, never looked up
+    with pytest.raises(ConfigError, match="this machine has 1000 bytes available"):
+        check(charrnn.memory.ALWAYS_FITS, "large")
+    monkeypatch.setattr(charrnn.memory, "available_bytes", lambda: 8 * GiB)
     with pytest.raises(ConfigError) as exc:
         check(120 * GiB, "model.hidden_size=100000", "parameters, gradients", "; use less")
     assert str(exc.value) == (
@@ -115,6 +120,7 @@ def test_training_batch_is_estimated_with_its_activations(tiny_config, monkeypat
     model = RNN(vocab_size=13, rng=rng, hidden_size=256)  # the tiny text has 13 characters
     assert model.memory_bytes(4, 150) > model.memory_bytes(0, 0) + 2_000_000
     monkeypatch.setattr(charrnn.memory, "available_bytes", lambda: model.memory_bytes(0, 0) + 1_000_000)
+    monkeypatch.setattr(charrnn.memory, "ALWAYS_FITS", 0)  # megabytes: checked only for this test
     with pytest.raises(
         ConfigError,
         match=r"^training model 'rnn' with train.batch_size=4 and train.seq_length=150 needs about [\d.]+ MiB "
