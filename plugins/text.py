@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from charrnn import Corpus, hookimpl
-from charrnn.textfile import check_regular
 from charrnn_plugins.cache import check_encoding, read_file
 
 
@@ -18,8 +17,7 @@ def load_text(path: str, encoding: str = "utf-8", cache: bool = False) -> Corpus
     is rebuilt when the file's size or mtime changes (see `charrnn_plugins.cache`).
     """
     encoding = check_encoding(encoding)
-    file = Path(path)
-    check_regular(file)  # not found, a folder, a FIFO or a device: one line, before opening it
+    file = Path(path)  # not found, a folder, a FIFO or a device: `read_file` says so before opening it
     return read_file(file, source=str(file), encoding=encoding, cache=cache)
 
 
