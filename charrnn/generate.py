@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from charrnn.errors import CharrnnError, PluginFailure
+from charrnn.memory import check as check_memory
 from charrnn.plugins import calling
 from charrnn.types import Corpus, Model, Sampler, State
 
@@ -107,6 +108,12 @@ def generate(
     """
     k = num_samples
     V = len(vocab.vocab)
+    check_memory(  # the texts are kept whole (and joined, and encoded for output)
+        held_text_bytes(vocab, num_chars, k),
+        f"generate.num_chars={num_chars}" + (f" with num_samples={k}" if k > 1 else ""),
+        "the generated text, kept whole also when streamed",
+        "; ask for fewer characters",
+    )
     stop = [s for s in stop if s]
     labels = {
         "model": (labels or {}).get("model") or _label("model", model),
@@ -159,6 +166,14 @@ def _checked_ids(ids: object, shape: tuple[int, ...], V: int, label: str, what: 
             label, f"{what} {_one_line(shown)}: expected integer ids in [0, {V}) of shape {shape}"
         )
     return arr.astype(np.int64, copy=False)
+
+
+def held_text_bytes(vocab: Corpus, num_chars: int, num_samples: int) -> int:
+    """About the memory that `generate` needs for its texts: the pieces, the joined texts, their
+    join and their UTF-8 encoding for output, at 1, 2 or 4 bytes per character (CPython's str)."""
+    top = max((ord(c) for c in vocab.vocab), default=0) if vocab.encoding != "bytes" else 0xFFFF
+    width = 1 if top < 0x100 else 2 if top < 0x10000 else 4
+    return num_chars * num_samples * (4 * width + 8)  # + 8: the ids of a searching sampler
 
 
 def _steps(step, sampler, rng, x, n, observe, V, labels):

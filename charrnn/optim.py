@@ -112,7 +112,6 @@ class BaseOptimizer:
         self.lr, self.clip, self.clip_norm = float(lr), clip, clip_norm
         self.state: dict[str, Params] = {}  # name -> parameter -> array, filled on first use
         self._buffers: dict[str, np.ndarray] = {}
-        self._grads: Params = {}  # what `clipped` returns, reused across steps
         self._packed: _Packed | None = None
 
     def buffer(self, name: str, like: np.ndarray) -> np.ndarray:
@@ -130,14 +129,8 @@ class BaseOptimizer:
         if packed is None:
             grads = self.clipped(grads)
             return [Slot(key, p, grads[key], self._state_of(key, p)) for key, p in params.items()]
-        g = packed.flat_g
-        if self.clip is not None:
-            g = np.clip(g, -self.clip, self.clip, out=self.buffer("grad.*", g))
-        if self.clip_norm is not None:
-            # summed per parameter, as unpacked, so that the norm is the same number
-            scale = self._norm_scale(g[start:stop] for start, stop in packed.spans)
-            if scale < 1:
-                g = np.multiply(g, scale, out=self.buffer("grad.*", g))
+        # the norm is summed per parameter, as unpacked, so that it is the same number
+        g = self.clipped({"*": packed.flat_g}, lambda flat: (flat[a:b] for a, b in packed.spans))["*"]
         return [Slot("*", packed.flat_p, g, packed.state)]
 
     def _norm_scale(self, grads: Iterable[np.ndarray]) -> float:
@@ -176,17 +169,25 @@ class BaseOptimizer:
             self.state[name] = views
         return packed
 
-    def clipped(self, grads: Params) -> Params:
-        """`grads` clipped elementwise to [-clip, clip], then scaled by clip_norm / max(norm, clip_norm)."""
+    def clipped(
+        self, grads: Params, parts: Callable[[np.ndarray], Iterable[np.ndarray]] | None = None
+    ) -> Params:
+        """`grads` clipped elementwise to [-clip, clip], then scaled by clip_norm / max(norm, clip_norm).
+
+        The one place where gradients are clipped (`slots` calls it once per step). `parts` splits
+        each gradient into the pieces whose squared norms are summed (default: the whole array),
+        so that a flat buffer gets the same global norm as the parameters it packs.
+        """
         if self.clip is None and self.clip_norm is None:
             return grads
-        out = self._grads
+        out = {}
         for key, g in grads.items():
             if self.clip is not None:
                 g = np.clip(g, -self.clip, self.clip, out=self.buffer(f"grad.{key}", g))
             out[key] = g
         if self.clip_norm is not None:
-            scale = self._norm_scale(out.values())  # over all parameters together
+            pieces = (piece for g in out.values() for piece in (parts(g) if parts else (g,)))
+            scale = self._norm_scale(pieces)  # over all parameters together
             if scale < 1:
                 for key, g in out.items():
                     out[key] = np.multiply(g, scale, out=self.buffer(f"grad.{key}", g))

@@ -23,6 +23,7 @@ from charrnn.evaluation import EVAL_STREAMS, evaluate, format_evaluation, ngram_
 from charrnn.interrupts import Interrupts
 from charrnn.loaded import LoadedModel
 from charrnn.loop import TrainResult
+from charrnn.textfile import encode_file
 from charrnn.world import LocalWorld, World, together
 
 
@@ -142,19 +143,8 @@ class Pipeline(Assembly):
             )
         path = self.config["evaluate"]["path"]
         if path is not None:
-            try:
-                raw = Path(path).read_bytes()
-            except OSError as exc:
-                raise CorpusError(f"evaluate.path: cannot read {path}: {exc.strerror}") from None
-            try:
-                ids = (
-                    vocab.encode(raw.decode("utf-8"))
-                    if vocab.encoding != "bytes"
-                    else vocab.encode(raw.decode("latin-1"))
-                )
-            except UnicodeDecodeError as exc:
-                raise CorpusError(f"evaluate.path: {path} is not valid UTF-8 (byte {exc.start})") from None
-            source = path
+            # read as the loaders read: BOM dropped, bytes kept as bytes, a FIFO refused unopened
+            ids, source = encode_file(path, vocab.vocab, vocab.encoding, what="evaluate.path"), path
         elif data.val_ids is not None:
             ids, source = data.val_ids, "validation split"
         else:

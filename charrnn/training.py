@@ -21,6 +21,7 @@ from charrnn.data import Data
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
+from charrnn.memory import check as check_memory
 from charrnn.transforms import allreduce_mean, chain
 from charrnn.types import Model, Schedule
 from charrnn.world import LocalWorld, World, agree, rows, together
@@ -277,6 +278,15 @@ def prepare(
     check_lengths(data, t)
     rows(world, t["batch_size"])  # divisible by the number of processes
     model = assembly.model(len(data.corpus.vocab))
+    estimate = getattr(model, "memory_bytes", None)
+    if callable(estimate):  # the factory checked its own size; now with the training batch's work arrays
+        B, T = t["batch_size"] // world.size, t["seq_length"]
+        check_memory(
+            estimate(B, T),
+            f"training model {config['model']['type']!r} with train.batch_size={t['batch_size']} "
+            f"and train.seq_length={T}",
+            "parameters, gradients, optimizer state, activations",
+        )
     optimizer = assembly.optimizer()
     schedule = build_schedule(assembly, optimizer, t["steps"])
     sampler = assembly.sampler(data.corpus.vocab)

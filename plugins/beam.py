@@ -20,6 +20,7 @@ import numbers
 import numpy as np
 
 from charrnn import Model, hookimpl
+from charrnn.memory import check as check_memory
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -39,6 +40,13 @@ class Beam:
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return logits.argmax(axis=-1)  # (k,)
 
+    def memory_bytes(self, state: dict[str, np.ndarray], k: int, num_chars: int, V: int) -> int:
+        """About the memory `search` needs: back-pointers and ids for every character, the
+        states of k * beam_width candidates (three copies at a step) and a step's (k, W, V) scores."""
+        W = self.beam_width
+        row = sum(a[:1].nbytes for a in state.values())  # one stream's state
+        return num_chars * k * (W * 8 + 8) + 3 * k * W * row + 4 * k * W * V * 8
+
     def search(
         self,
         model: Model,
@@ -53,6 +61,12 @@ class Beam:
         k * beam_width candidates advance in one `model.step` call per character.
         """
         k, W = len(last_ids), self.beam_width
+        check_memory(
+            self.memory_bytes(state, k, num_chars, getattr(model, "vocab_size", 0)),
+            f"beam search with beam_width={W} over {num_chars} characters"
+            + (f" for {k} streams" if k > 1 else ""),
+            "beam states, scores and back-pointers",
+        )
         ids = np.repeat(np.asarray(last_ids), W)  # (k*W,) row s*W + b is beam b of stream s
         state = {name: np.repeat(a, W, axis=0) for name, a in state.items()}
         scores = np.full((k, W), -np.inf)  # (k, W) total log-probability of each beam

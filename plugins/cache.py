@@ -16,7 +16,6 @@ unlike writes through a memory map, do not count towards the process's resident 
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
@@ -32,10 +31,9 @@ import numpy as np
 from charrnn import Corpus, CorpusError
 from charrnn.checkpoint import atomic_write
 from charrnn.encoding import NotUTF8, ids_dtype, lookup, mark
-from charrnn.encoding import utf8_codes as decode_utf8
+from charrnn.textfile import CHUNK_SIZE, byte_codes, check_regular, utf8_codes
 
 ENCODINGS = ("utf-8", "bytes")
-CHUNK_SIZE = 1 << 20  # bytes read at a time while streaming
 FORMAT = "charrnn-ids-1"  # change when the cache layout or the encoding rules change
 BYTE_VOCAB = tuple(chr(i) for i in range(256))
 
@@ -66,6 +64,7 @@ def cache_dir(*parts: str) -> Path:
 
 def read_file(path: Path, *, source: str, encoding: str, cache: bool = False) -> Corpus:
     """One file as a Corpus, in memory or (`cache`) memory-mapped; errors name it as `source`."""
+    check_regular(path)  # before opening: a FIFO or a device would block or never end
     try:
         if cache:
             identity = {"path": str(path.resolve())}
@@ -79,35 +78,7 @@ def read_file(path: Path, *, source: str, encoding: str, cache: bool = False) ->
         raise CorpusError(f"cannot read corpus file {source}: {exc.strerror}") from None
 
 
-# -- streaming ------------------------------------------------------------------------------
-
-
-def _chunks(path: Path, chunk_size: int, skip_bom: bool = False) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) of the file, `chunk_size` at a time; the last chunk is empty."""
-    try:
-        with open(path, "rb") as f:
-            offset = 3 if skip_bom and f.read(3) == codecs.BOM_UTF8 else 0
-            f.seek(offset)
-            while True:
-                chunk = f.read(chunk_size)
-                yield offset, chunk
-                if not chunk:
-                    return
-                offset += len(chunk)
-    except OSError as exc:
-        raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from None
-
-
-def utf8_codes(path: Path, chunk_size: int = CHUNK_SIZE) -> Iterator[np.ndarray]:
-    """Code points of a UTF-8 file, chunk by chunk (see `charrnn.encoding.utf8_codes`), BOM dropped."""
-    return decode_utf8(_chunks(path, chunk_size, skip_bom=True), str(path))
-
-
-def byte_codes(path: Path, chunk_size: int = CHUNK_SIZE) -> Iterator[np.ndarray]:
-    """The bytes of a file, chunk by chunk, as (n,) uint8."""
-    for _, chunk in _chunks(path, chunk_size):
-        if chunk:
-            yield np.frombuffer(chunk, dtype=np.uint8)
+# -- streaming (the reading itself is `charrnn.textfile`'s) ---------------------------------
 
 
 @dataclass

@@ -98,6 +98,7 @@ class GRU(Recurrent):
     gates = 3
     sigmoid_gates = 2
     feature_major = True
+    work_arrays = (4, 3)  # xs, dx, du, acts of 3H; hs, dh_above, un of H (memory estimate)
 
     def __init__(
         self,

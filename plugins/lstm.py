@@ -108,6 +108,7 @@ class LSTM(Recurrent):
     state_names = ("h", "c")
     sigmoid_gates = 3
     feature_major = True
+    work_arrays = (3, 4)  # xs, dx, acts of 4H; hs, dh_above, cs, tcs of H (memory estimate)
 
     def __init__(
         self,

@@ -125,7 +125,6 @@ class Adam(BaseOptimizer):
         self.t = 0
 
     def step(self, params: Params, grads: Params) -> None:
-        grads = self.clipped(grads)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         step_size = self.lr / (1 - b1**self.t)  # bias corrections folded into scalars, as in torch

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from charrnn import StepResult
+from charrnn.memory import check as check_memory
 from charrnn.optim import pack
 
 MAX_CACHED_SHAPES = 4  # work buffers kept for this many (B, T) shapes (train and validation)
@@ -205,6 +206,7 @@ class Recurrent:
     state_names: tuple[str, ...] = ("h",)
     sigmoid_gates = 0
     feature_major = False
+    work_arrays = (4, 4)  # per layer and position: work arrays of G and of H values (memory estimate)
 
     def __init__(
         self,
@@ -226,6 +228,11 @@ class Recurrent:
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         self.vocab_size, self.hidden_size, self.num_layers = V, H, L
         self.dropout, self.dtype = float(dropout), np.dtype(dtype)
+        check_memory(  # before allocating anything: a huge size is one line, not a MemoryError
+            self.memory_bytes(0, 0),
+            f"model.hidden_size={H}" + (f", num_layers={L}" if L > 1 else "") + f" (vocabulary of {V})",
+            "parameters, gradients, optimizer state",
+        )
         self._buffers: dict[tuple[int, int], Buffers] = {}
         self._dense_scatter = V <= DENSE_SCATTER_MAX_VOCAB
         G = self.gates * H
@@ -237,6 +244,24 @@ class Recurrent:
             self._gate_scale[: self.sigmoid_gates * H] = 0.5
             self._w_in = [np.empty((H, G), self.dtype) for _ in range(L - 1)]  # scaled Wxh{l}
             self._b_in = [np.empty(G, self.dtype) for _ in range(L - 1)]  # scaled bh{l}
+
+    def memory_bytes(self, batch_size: int, seq_length: int) -> int:
+        """About the memory training needs at (batch_size, seq_length): parameters, gradients,
+        optimizer state (up to Adam's two moments and two scratch arrays), work arrays.
+
+        Needs only the sizes, so `__init__` checks it (with no work arrays) before allocating.
+        """
+        V, H, L, size = self.vocab_size, self.hidden_size, self.num_layers, self.dtype.itemsize
+        G = self.gates * H
+        P = V * G + (L - 1) * H * G + L * (H * G + G + H) + H * V + V  # parameters (GRU's bhn included)
+        train = P * size * 6 + (V * G + L * H * G) * size  # + gathered input table, transposed Whh
+        build = P * (8 + 2 * size) + V * G * 8  # float64 init arrays while packing
+        N = batch_size * seq_length
+        g_arrays, h_arrays = self.work_arrays
+        logits = (2 if V <= DENSE_SCATTER_MAX_VOCAB else 1) * V  # logits, and the one-hot when dense
+        per_position = L * (g_arrays * G + h_arrays * H + (3 * H if self.dropout else 0)) + logits + 4
+        per_step = L * 3072  # prebuilt per-step views: Python objects, not arrays
+        return max(train + N * per_position * size + 16 * N, build) + seq_length * per_step
 
     def _finish_init(self, params: Arrays) -> None:
         """Adopt copies of `params` in the model's dtype and allocate the gradient arrays.

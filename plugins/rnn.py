@@ -75,6 +75,8 @@ class RNN(Recurrent):
     arrays and `step` logits are fresh, and incoming state is never modified.
     """
 
+    work_arrays = (3, 0)  # xs, hs, dhr: (T, B, H) each (memory estimate)
+
     def __init__(
         self,
         vocab_size: int,

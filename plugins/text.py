@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from charrnn import Corpus, CorpusError, hookimpl
+from charrnn import Corpus, hookimpl
 from charrnn_plugins.cache import check_encoding, read_file
 
 
@@ -17,11 +17,7 @@ def load_text(path: str, encoding: str = "utf-8", cache: bool = False) -> Corpus
     is rebuilt when the file's size or mtime changes (see `charrnn_plugins.cache`).
     """
     encoding = check_encoding(encoding)
-    file = Path(path)
-    if not file.exists():
-        raise CorpusError(f"corpus file not found: {path}")
-    if not file.is_file():
-        raise CorpusError(f"corpus path is not a file: {path}")
+    file = Path(path)  # not found, a folder, a FIFO or a device: `read_file` says so before opening it
     return read_file(file, source=str(file), encoding=encoding, cache=cache)
 
 

@@ -365,8 +365,9 @@ def test_packed_updates_are_bit_identical_to_per_parameter_ones(cls, options, dt
         b.step(packed, packed_grads)
         for k in plain:
             assert np.array_equal(plain[k], packed[k]), k
-    assert [s.key for s in b.slots(packed, packed_grads)] == ["*"]  # one update over the flat buffers
-    assert [s.key for s in a.slots(plain, grads[0])] == list(plain)
+    for name in b.state_names:  # after `step` (not a direct `slots` call): the state is one flat buffer
+        assert packed_buffer(list(b.state[name].values())) is not None, name
+        assert packed_buffer(list(a.state[name].values())) is None, name
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -415,3 +416,47 @@ def test_weights_replaced_by_other_arrays_fall_back_to_per_parameter_updates(rng
     opt.step(packed, pack(grads[0]))
     packed["W"] = packed["W"].copy()  # no longer a view of the flat buffer
     assert [s.key for s in opt.slots(packed, pack(grads[1]))] == list(packed)
+
+
+def clip_by_hand(grads, clip, clip_norm):
+    """Elementwise clip, then one global-norm rescale: the reference for every optimizer."""
+    out = {k: np.clip(g, -clip, clip) if clip is not None else g.copy() for k, g in grads.items()}
+    if clip_norm is not None:
+        norm = np.sqrt(sum(float((g**2).sum()) for g in out.values()))
+        if norm > clip_norm:
+            out = {k: g * (clip_norm / norm) for k, g in out.items()}
+    return out
+
+
+STEP_OPTIONS = [
+    (Adagrad, {"clip": 0.5, "clip_norm": 2.0}),
+    (SGD, {"momentum": 0.9, "clip": 0.5, "clip_norm": 2.0}),
+    (RMSprop, {"clip": 0.5, "clip_norm": 2.0}),
+    (Adam, {"clip_norm": 2.0}),
+    (Adam, {"clip": 0.5, "clip_norm": 2.0}),
+    (AdamW, {"clip": 0.5, "clip_norm": 2.0}),
+]
+
+
+@pytest.mark.parametrize(("cls", "options"), STEP_OPTIONS)
+def test_step_clips_packed_gradients_once_and_stays_packed(cls, options, rng, monkeypatch):
+    """Through `step`: clipping engages, is applied exactly once, and the update stays on the flat buffers."""
+    params, grads = packed_pair(rng)
+    packed = pack(params)
+    reference, ref = fresh(params), cls(**{**options, "clip": None, "clip_norm": None})
+    opt = cls(**options)
+    calls = []
+    norm_scale = opt._norm_scale  # the global norm is computed once per clipping
+    monkeypatch.setattr(opt, "_norm_scale", lambda parts: calls.append(1) or norm_scale(parts))
+    for i, g in enumerate(grads[:3], start=1):
+        by_hand = clip_by_hand(g, options.get("clip"), options["clip_norm"])
+        assert not all(np.array_equal(by_hand[k], g[k]) for k in g)  # clipping engages
+        opt.step(packed, pack(g))
+        ref.step(reference, by_hand)
+        assert len(calls) == i  # one clipping per step
+        for k in params:
+            np.testing.assert_allclose(packed[k], reference[k], rtol=1e-13, atol=1e-15)
+    for name in opt.state_names:  # the state lives in one flat buffer: the packed update was used
+        assert packed_buffer(list(opt.state[name].values())) is not None, name
+    for k, v in ref.state_dict().items():
+        np.testing.assert_allclose(opt.state_dict()[k], v, rtol=1e-13, atol=1e-15)
