@@ -146,7 +146,21 @@ def where(path: Iterable[str], lines: Lines | None, origin: str = "") -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write `1e-3`)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write `1e-3`),
+    and stops nesting at `MAX_DEPTH` (the composer recurses once per level: Python's limit is near).
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH + 1:  # +1: the scalars inside the deepest collection
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -189,7 +203,6 @@ def parse_yaml(text: str, origin: str = "") -> tuple[Any, Lines]:
     (`no:` is false in YAML 1.1), duplicate keys and integers too long to convert.
     """
     try:
-        _check_depth(text, origin)  # before composing: the composer recurses once per level
         loader = _Loader(text)
         try:
             node = loader.get_single_node()
@@ -207,19 +220,6 @@ def parse_yaml(text: str, origin: str = "") -> tuple[Any, Lines]:
     except ValueError as exc:  # a value the checks above let through and Python cannot convert
         raise ConfigError(f"{origin}malformed YAML: {exc}") from None
     return data, lines
-
-
-def _check_depth(text: str, origin: str) -> None:
-    depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise ConfigError(
-                    f"{origin}line {event.start_mark.line + 1}: nesting deeper than {MAX_DEPTH} levels"
-                )
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
 
 
 _STR, _MERGE, _INT = (f"tag:yaml.org,2002:{t}" for t in ("str", "merge", "int"))
@@ -386,18 +386,21 @@ def check_value(opt: Opt, value: Any, place: str) -> Any:
     if opt.check is not None and not opt.check(value):
         raise ConfigError(f"{place}: {opt.must}, got {_show(value)}")
     if opt.path is not None and isinstance(value, str):
-        check_path(value, place, opt.path)
+        check_path(value, place, opt.path, file=True)
     return value
 
 
-def check_path(path: str, place: str, reserve: int = 0) -> str:
+def check_path(path: str, place: str, reserve: int = 0, file: bool = False) -> str:
     """Refuse a path no system call can take: a NUL byte, or a name longer than the file system allows.
 
     Checked where the config is read, so a bad `train.checkpoint` fails before training, not
-    at the first save. `reserve`: bytes the last name must leave for files named after it.
+    at the first save. `reserve`: bytes the last name must leave for files named after it;
+    `file`: the path must end in a file name (not `.`, `..` or `/`).
     """
     if "\0" in path:
         raise ConfigError(f"{place}: a path cannot contain a NUL byte, got {path!r}")
+    if file and Path(path).name in ("", ".", ".."):
+        raise ConfigError(f"{place}: expected a file path, got the folder {path!r}")
     limit = _name_max()
     parts = Path(path).parts
     for i, part in enumerate(parts):

@@ -118,7 +118,7 @@ def test_recursive_aliases_deep_nesting_and_alias_bombs_are_refused():
         cfg.parse_yaml("seed: &a {x: *a}\n")
     with pytest.raises(ConfigError, match=r"line 1: .*recursive YAML alias"):
         cfg.parse_yaml("a: &a [*a]\n")
-    with pytest.raises(ConfigError, match=r"line 1: nesting deeper than 64 levels"):
+    with pytest.raises(ConfigError, match=r"line 1: malformed YAML: nesting deeper than 64 levels"):
         cfg.parse_yaml("x: " + "[" * 5000 + "]" * 5000)
     chain = "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 3000))
     with pytest.raises(ConfigError, match=r"nesting deeper than 64 levels \(through aliases\)"):
@@ -182,6 +182,9 @@ def test_a_checkpoint_name_leaves_room_for_the_files_named_after_it(tmp_path, co
     path = write_pipeline(tmp_path, corpus_file)
     err = run_error(capsys, ["run", str(path), "--set", f"train.checkpoint={tmp_path}/{'x' * 245}.npz"])
     assert "is 249 bytes long; the file system allows 239 (255 less 16" in err
+    for folder in (".", "/", "..", "runs/.."):
+        err = run_error(capsys, ["run", str(path), "--set", f"train.checkpoint={folder}"])
+        assert f"--set train.checkpoint: expected a file path, got the folder '{folder}'" in err
     with pytest.raises(ConfigError, match=r"plugins\[0\]: a path cannot contain a NUL byte"):
         cfg.validate({"plugins": ["a\0b.py"]})
     with pytest.raises(ConfigError, match=r"corpus.glob: a path cannot contain a NUL byte"):
@@ -199,3 +202,11 @@ def test_files_with_a_non_ascii_separator_and_one_ascii_file(tmp_path, monkeypat
     (tmp_path / "b.txt").write_text("more\n", encoding="utf-8")
     corpus = load_files(str(tmp_path / "*.txt"), separator="é")
     assert corpus.decode(corpus.ids) == "plain ascii text\né" + "more\n"
+
+
+def test_a_finite_timeout_too_long_for_a_socket_is_refused(tiny_config, capsys):
+    corpus = {"type": "url", "url": "http://127.0.0.1:9/x.txt", "timeout": 10**23}
+    with pytest.raises(
+        ConfigError, match=r"corpus \(url\): timeout must be a number of seconds > 0 and <= 9"
+    ):
+        Pipeline({**tiny_config, "corpus": corpus}).load_corpus()
