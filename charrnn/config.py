@@ -381,12 +381,20 @@ def check_value(opt: Opt, value: Any, place: str) -> Any:
         ok = True
     if not ok:
         raise ConfigError(f"{place}: expected {opt.describe()}, got {_show(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{place}: expected a finite number, got {value}")
+    check_number(value, place)
     if opt.check is not None and not opt.check(value):
         raise ConfigError(f"{place}: {opt.must}, got {_show(value)}")
     if opt.path is not None and isinstance(value, str):
         check_path(value, place, opt.path, file=True)
+    return value
+
+
+def check_number(value: Any, place: str) -> Any:
+    """A number must be finite and an integer fit in 64 bits: no option means inf, nan or more."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{place}: expected a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{place}: {_clip(str(value), 24)} is out of range (integers fit in 64 bits)")
     return value
 
 
@@ -611,8 +619,8 @@ def check_options(
                     f"{locate(name)}: expected {_describe_annotation(annotation)}, got {_show(options[name])}"
                 )
             value = options[name]
-            if isinstance(value, float) and not math.isfinite(value) and _wants_float(annotation):
-                raise ConfigError(f"{locate(name)}: expected a finite number, got {value}")
+            if _wants_float(annotation) or not isinstance(value, float):
+                check_number(value, locate(name))
             if name in PATH_OPTIONS and isinstance(value, str):
                 check_path(value, locate(name))
     resolved = {}

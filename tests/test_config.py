@@ -205,8 +205,22 @@ def test_files_with_a_non_ascii_separator_and_one_ascii_file(tmp_path, monkeypat
 
 
 def test_a_finite_timeout_too_long_for_a_socket_is_refused(tiny_config, capsys):
-    corpus = {"type": "url", "url": "http://127.0.0.1:9/x.txt", "timeout": 10**23}
+    corpus = {"type": "url", "url": "http://127.0.0.1:9/x.txt", "timeout": 1e23}
     with pytest.raises(
         ConfigError, match=r"corpus \(url\): timeout must be a number of seconds > 0 and <= 9"
     ):
         Pipeline({**tiny_config, "corpus": corpus}).load_corpus()
+
+
+def test_integers_beyond_64_bits_are_refused(tiny_config):
+    for kind, key in (("train", "sample_length"), ("model", "hidden_size"), ("sampler", "temperature")):
+        for bad in (2**63, -(2**63) - 1, 10**23):
+            config = {**tiny_config, kind: {**tiny_config[kind], key: bad}}
+            with pytest.raises(
+                ConfigError, match=rf"{kind}.{key}: -?\d+.* is out of range \(integers fit in 64 bits\)"
+            ):
+                Pipeline(config)
+    config = {**tiny_config, "sampler": {"type": "beam", "beam_width": 10**23}}
+    with pytest.raises(ConfigError, match=r"sampler.beam_width: 1000.* is out of range"):
+        Pipeline(config)
+    assert Pipeline({**tiny_config, "seed": 2**63 - 1}).config["seed"] == 2**63 - 1

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,8 @@ import yaml
 
 from charrnn import checkpoint as ckpt_io
 from charrnn.cli import main
+
+pytestmark = pytest.mark.slow  # each family runs for seconds
 
 SEED = 20261201
 GUARD_SECONDS = 4.0
@@ -99,8 +102,12 @@ def _vm_size() -> int:
     return int(kb) * 1024
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _on_alarm(signum, frame):
-    raise Guarded(f"ran over {GUARD_SECONDS} s")
+    raise Guarded("ran over its time guard")
 
 
 def _summary(exc: BaseException) -> str:
@@ -113,14 +120,14 @@ def _summary(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _guard() -> Iterator[None]:
+def _guard(seconds: float) -> Iterator[None]:
     handler = signal.signal(signal.SIGALRM, _on_alarm)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = _vm_size() + GUARD_BYTES
     resource.setrlimit(
         resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard)
     )
-    signal.setitimer(signal.ITIMER_REAL, GUARD_SECONDS)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
@@ -129,7 +136,7 @@ def _guard() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def run_cli(argv: list[str], folder: Path) -> Outcome:
+def run_cli(argv: list[str], folder: Path, guard: float = GUARD_SECONDS) -> Outcome:
     """`charrnn ARGV` in-process with `folder` as the working directory."""
     out, err = io.StringIO(), io.StringIO()
     here, formatwarning = os.getcwd(), warnings.formatwarning
@@ -140,9 +147,10 @@ def run_cli(argv: list[str], folder: Path) -> Outcome:
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
             warnings.catch_warnings(),
-            _guard(),
+            _guard(guard),
         ):
             warnings.simplefilter("always")  # the suite turns warnings into errors; the command prints them
+            warnings.showwarning = _show_warning
             code = main(argv)
     except Guarded as exc:
         crash = f"guard: {exc}"
@@ -194,13 +202,18 @@ def judge(outcome: Outcome, folder: Path, codes: tuple[int, ...] = (0, 2), namin
     return outcome
 
 
-def check_family(world: World, variants: list[tuple[str, Callable[[Path], list[str]]]], **judging) -> None:
+def check_family(
+    world: World,
+    variants: list[tuple[str, Callable[[Path], list[str]]]],
+    guard: float = GUARD_SECONDS,
+    **judging,
+) -> None:
     """Run every variant in a fresh folder; fail listing each variant that broke a rule."""
     failures = []
     for label, build in variants:
         folder = world.folder()
         argv = build(folder)
-        outcome = judge(run_cli(argv, folder), folder, **judging)
+        outcome = judge(run_cli(argv, folder, guard), folder, **judging)
         if outcome.problems:
             failures.append(f"{label}\n    argv: {_clip(argv)}\n    " + "\n    ".join(outcome.problems))
     assert not failures, f"{len(failures)} of {len(variants)} variants failed:\n" + "\n".join(failures)
@@ -279,13 +292,13 @@ def test_fuzz_print_config_keys(world):
     keys = []
     for section, value in world.printed.items():
         if isinstance(value, dict):
-            keys += [f"{section}.{key}" for key in value if key != "type"]
+            keys += [f"{section}.{key}" for key in value]
         else:
             keys.append(section)
     assert {"seed", "train.steps", "generate.num_chars", "model.hidden_size"} <= set(keys)
     variants = []
     for key in keys:
-        for edge in rnd.sample(EDGES, 4):
+        for edge in rnd.sample(EDGES, 3):
             variants.append(
                 (f"{key}={edge}", lambda f, k=key, e=edge: ["run", str(world.base), "--set", f"{k}={e}"])
             )
@@ -319,6 +332,65 @@ def test_fuzz_every_component_name(world):
             section = {"type": name, **{k: dump_value(v) for k, v in required(world, kind, name).items()}}
             text = f"{kind}={flow(section)}"
             variants.append((text, lambda f, t=text: ["run", str(world.base), "--set", t]))
+    check_family(world, variants)
+
+
+HUGE = 2**40  # within 64 bits; no count or size in a run on one machine comes near
+
+
+@pytest.mark.xfail(
+    strict=False, reason="sizes that cannot fit in memory: the memory estimate is on another branch"
+)
+def test_fuzz_huge_sizes(world):
+    """Integer options set to sizes no run can afford must be refused up front, not fail (or run) later.
+
+    `train.steps` is left out: a long run is what `steps: null` (until Ctrl+C) asks for too.
+    """
+    variants = []
+    sections = {k: v for k, v in world.printed.items() if isinstance(v, dict)}
+    for section, options in sections.items():
+        for key, default in options.items():
+            counts = isinstance(default, int) and not isinstance(default, bool) or default is None
+            if counts and f"{section}.{key}" != "train.steps":
+                item = f"{section}.{key}={HUGE}"
+                variants.append((item, lambda f, i=item: ["run", str(world.base), "--set", i]))
+    for kind, names in components(world).items():
+        for name, options in names.items():
+            for option, default in options.items():
+                if isinstance(default, int) and not isinstance(default, bool) and kind != "model":
+                    section = {
+                        "type": name,
+                        **{k: dump_value(v) for k, v in required(world, kind, name).items()},
+                    }
+                    item = f"{kind}={flow({**section, option: HUGE})}"
+                    variants.append((item, lambda f, i=item: ["run", str(world.base), "--set", i]))
+    check_family(world, variants, guard=1.0)
+
+
+def test_fuzz_generate_options(world):
+    """`charrnn generate` on a good checkpoint with every sampler and its options set to edge values."""
+    rnd = random.Random(SEED + 4)
+    variants = []
+    ckpt = str(world.checkpoint)
+    for name, options in components(world)["sampler"].items():
+        for option in options:
+            for edge in rnd.sample(EDGES, 2):
+                argv = ["generate", ckpt, "--num-chars", "5", "--sampler", name, "-o", f"{option}={edge}"]
+                variants.append((" ".join(argv[4:]), lambda f, a=argv: a))
+    for flag, values in (
+        ("--temperature", ["inf", "nan", "-1", "0", "1e-300"]),
+        ("--seed", ["-1", "99999999999"]),
+    ):
+        for value in values:
+            argv = ["generate", ckpt, "--num-chars", "5", flag, value]
+            variants.append((f"{flag} {value}", lambda f, a=argv: a))
+    for bad in ["=", "x", "=1", "no=1", "temperature=[", "temperature=" + "9" * 5000]:
+        argv = ["generate", ckpt, "--num-chars", "5", "-o", bad]
+        variants.append((f"-o {bad[:20]}", lambda f, a=argv: a))
+    variants.append(("--stop ''", lambda f: ["generate", ckpt, "--num-chars", "5", "--stop", ""]))
+    variants.append(
+        ("--seed-text unknown", lambda f: ["generate", ckpt, "--num-chars", "5", "--seed-text", "\u2603"])
+    )
     check_family(world, variants)
 
 
@@ -623,18 +695,21 @@ def test_fuzz_sample_through_the_real_command(world, cli_env):
     """Five sampled variants give the same exit status and error line through `python -m charrnn`."""
     rnd = random.Random(SEED + 3)
     items = rnd.sample(BAD_SETS, 3) + [f"model.hidden_size={rnd.choice(EDGES)}", "train.steps=2"]
-    for item in items:
+    runs = []
+    for item in items:  # started together: the interpreter start-up dominates
         folder = world.folder()
         argv = ["run", str(world.base), "--set", item]
-        inside = run_cli(argv, folder)
-        real = subprocess.run(
-            [sys.executable, "-m", "charrnn", *argv],
-            cwd=folder,
-            env=cli_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        command = [sys.executable, "-m", "charrnn", *argv]
+        process = subprocess.Popen(
+            command, cwd=folder, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+        runs.append((item, folder, argv, process))
+    for item, folder, argv, process in runs:
+        _, stderr = process.communicate(timeout=120)
+        real = subprocess.CompletedProcess(argv, process.returncode, "", stderr.decode("utf-8"))
+        shutil.rmtree(folder)
+        folder.mkdir()
+        inside = run_cli(argv, folder)
         assert real.returncode == inside.code, (item, real.stderr[-500:], inside.err[-500:])
         errors = [line for line in real.stderr.splitlines() if line.startswith("error:")]
         assert errors == [line for line in inside.err.splitlines() if line.startswith("error:")], item
