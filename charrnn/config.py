@@ -81,7 +81,7 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "save_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null)"),
         # 16 bytes: `.metrics.jsonl` and `.best.npz.tmp` replace `.npz` in files named after it
         "checkpoint": Opt((str,), "runs/default/final_model.npz", bool, "must not be empty", path=16),
-        "resume": Opt((bool, str), False, lambda v: v != "", "must be true, false or a path", path=16),
+        "resume": Opt((bool, str), False, lambda v: v != "", "must be true, false or a path", path=0),
         "init_from": Opt((str,) + NONE, None, lambda v: v != "", "must be a checkpoint path or null", path=0),
         "eval_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null: at each sample_every)"),
         "patience": Opt(INT + NONE, None, _positive, "must be > 0 (or null: no early stopping)"),
