@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
+import os
 import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -38,6 +40,7 @@ class Opt:
     default: Any
     check: Callable[[Any], bool] | None = None
     must: str = ""
+    path: int | None = None  # a file path: bytes its last component must leave for derived names
 
     def describe(self) -> str:
         names = {
@@ -76,9 +79,10 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "sample_every": Opt(INT + NONE, 100, _positive, "must be > 0 (or null for no samples)"),
         "sample_length": Opt(INT, 200, _non_negative, "must be >= 0"),
         "save_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null)"),
-        "checkpoint": Opt((str,), "runs/default/final_model.npz", bool, "must not be empty"),
-        "resume": Opt((bool, str), False, lambda v: v != "", "must be true, false or a path"),
-        "init_from": Opt((str,) + NONE, None, lambda v: v != "", "must be a checkpoint path or null"),
+        # 16 bytes: `.metrics.jsonl` and `.best.npz.tmp` replace `.npz` in files named after it
+        "checkpoint": Opt((str,), "runs/default/final_model.npz", bool, "must not be empty", path=16),
+        "resume": Opt((bool, str), False, lambda v: v != "", "must be true, false or a path", path=0),
+        "init_from": Opt((str,) + NONE, None, lambda v: v != "", "must be a checkpoint path or null", path=0),
         "eval_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null: at each sample_every)"),
         "patience": Opt(INT + NONE, None, _positive, "must be > 0 (or null: no early stopping)"),
         "keep_best": Opt((bool,), True),
@@ -90,7 +94,7 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
     "generate": {
         "num_chars": Opt(INT, 1000, _non_negative, "must be >= 0"),
         "seed_text": Opt((str,), "The "),
-        "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null"),
+        "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null", path=0),
         "num_samples": Opt(INT, 1, _positive, "must be >= 1"),
         "stop": Opt(
             (list, str),
@@ -102,8 +106,10 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "separator": Opt((str,), "\n---\n"),
     },
     "evaluate": {
-        "path": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null (the validation split)"),
-        "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null"),
+        "path": Opt(
+            (str,) + NONE, None, lambda v: v != "", "must be a path or null (the validation split)", path=0
+        ),
+        "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null", path=0),
     },
 }
 
@@ -111,6 +117,14 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
 PIPELINE_COMPONENT_OPTIONS: dict[str, dict[str, Opt]] = {
     "corpus": {"val_fraction": Opt((float, int), 0.0, _fraction, "must be in [0, 1)")},
 }
+
+#: component options holding a file path or glob, checked like the pipeline's paths
+PATH_OPTIONS = ("path", "glob")
+
+#: YAML nesting (mappings and lists, aliases followed) beyond any real pipeline, well within recursion
+MAX_DEPTH = 64
+#: values a YAML text may expand to through aliases (a "billion laughs" text stops here)
+MAX_VALUES = 100_000
 
 DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
     "corpus": {"type": "text", "path": "data/input.txt"},
@@ -138,7 +152,21 @@ def where(path: Iterable[str], lines: Lines | None, origin: str = "") -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write `1e-3`)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write `1e-3`),
+    and stops nesting at `MAX_DEPTH` (the composer recurses once per level: Python's limit is near).
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH + 1:  # +1: the scalars inside the deepest collection
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -163,8 +191,8 @@ _Loader.yaml_implicit_resolvers = {
 
 
 def safe_load(text: str) -> Any:
-    """`yaml.safe_load` with `_Loader`'s float rule."""
-    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
+    """YAML text as Python values, with `parse_yaml`'s checks (ConfigError without an origin)."""
+    return parse_yaml(text)[0]
 
 
 def suggest(name: str, known: Iterable[str]) -> str:
@@ -174,10 +202,20 @@ def suggest(name: str, known: Iterable[str]) -> str:
 
 
 def parse_yaml(text: str, origin: str = "") -> tuple[Any, Lines]:
-    """Parse YAML safely and record the 1-based line of every mapping key."""
+    """Parse YAML safely and record the 1-based line of every mapping key.
+
+    Refused with the line: nesting deeper than `MAX_DEPTH`, recursive aliases, more than
+    `MAX_VALUES` values once aliases expand, keys that YAML reads as anything but a string
+    (`no:` is false in YAML 1.1), duplicate keys and integers too long to convert.
+    """
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = safe_load(text)
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            lines = _Checker(origin).check(node)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}: " if mark is not None else ""
@@ -185,17 +223,102 @@ def parse_yaml(text: str, origin: str = "") -> tuple[Any, Lines]:
         raise ConfigError(f"{origin}{line}malformed YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}malformed YAML: {exc}") from None
-    lines: Lines = {}
-
-    def walk(n: yaml.Node | None, path: tuple[str, ...]) -> None:
-        if isinstance(n, yaml.MappingNode):
-            for key, value in n.value:
-                sub = (*path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-
-    walk(node, ())
+    except ValueError as exc:  # a value the checks above let through and Python cannot convert
+        raise ConfigError(f"{origin}malformed YAML: {exc}") from None
     return data, lines
+
+
+_STR, _MERGE, _INT = (f"tag:yaml.org,2002:{t}" for t in ("str", "merge", "int"))
+
+
+class _Checker:
+    """One pass over a composed YAML document: key lines, key types, duplicates, aliases, sizes."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self.lines: Lines = {}
+        self.walked: set[int] = set()
+        self.open: set[int] = set()  # nodes being measured: meeting one again is a recursive alias
+        self.measured: dict[int, tuple[int, int]] = {}  # node -> (depth, values) with aliases expanded
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def fail(self, node: yaml.Node, path: tuple[str, ...], problem: str) -> NoReturn:
+        place = f"{'.'.join(path)}: " if path else ""
+        raise ConfigError(f"{self.origin}line {node.start_mark.line + 1}: {place}{problem}")
+
+    def check(self, node: yaml.Node | None) -> Lines:
+        if node is not None:
+            self.measure(node, 1, ())
+            self.walk(node, ())
+        return self.lines
+
+    def measure(self, node: yaml.Node, level: int, path: tuple[str, ...]) -> tuple[int, int]:
+        key = id(node)
+        if key in self.open:
+            self.fail(node, path, "recursive YAML alias (a value that contains itself)")
+        if key not in self.measured:
+            children = _children(node)
+            if children and level > MAX_DEPTH:
+                self.fail(node, path, f"nesting deeper than {MAX_DEPTH} levels (through aliases)")
+            self.open.add(key)
+            depth, values = 0, 1
+            for child in children:
+                d, n = self.measure(child, level + 1, path)
+                depth, values = max(depth, d), values + n
+                if values > MAX_VALUES:
+                    self.fail(node, path, f"the YAML expands to more than {MAX_VALUES:,} values (aliases)")
+            self.open.discard(key)
+            self.measured[key] = (depth + 1 if children else 0, values)
+        depth, values = self.measured[key]
+        if level - 1 + depth > MAX_DEPTH:
+            self.fail(node, path, f"nesting deeper than {MAX_DEPTH} levels (through aliases)")
+        return depth, values
+
+    def walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in self.walked:  # an alias: its keys were recorded where it was defined
+            return
+        self.walked.add(id(node))
+        if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
+            try:
+                self.constructor.construct_yaml_int(node)
+            except ValueError:
+                self.fail(
+                    node, path, f"the integer {node.value[:20]}... has {len(node.value)} digits, too many"
+                )
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self.walk(item, path)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                if key.tag == _MERGE:
+                    self.walk(value, path)
+                    continue
+                if not isinstance(key, yaml.ScalarNode) or key.tag != _STR:
+                    named = (*path, key.value) if isinstance(key, yaml.ScalarNode) else path
+                    self.fail(key, named, _key_problem(key, self.constructor))
+                line = key.start_mark.line + 1
+                sub = (*path, key.value)
+                if key.value in first:
+                    self.fail(key, sub, f"duplicate key (first at line {first[key.value]})")
+                first[key.value] = self.lines[sub] = line
+                self.walk(value, sub)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _key_problem(key: yaml.Node, constructor: yaml.constructor.SafeConstructor) -> str:
+    if not isinstance(key, yaml.ScalarNode):
+        return f"a key must be a name, got a {'list' if isinstance(key, yaml.SequenceNode) else 'mapping'}"
+    try:
+        value = _show(constructor.construct_object(key))
+    except (yaml.YAMLError, ValueError):
+        value = "not a string"
+    return f"YAML reads this key as {value}, not as a name; quote it: {_clip(key.value)!r}"
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Lines, str]:
@@ -237,9 +360,9 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str] | Mapping[s
             if not sep or not key.strip():
                 raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.steps=200")
             try:
-                value = safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+                value = parse_yaml(raw)[0] if raw.strip() else None
+            except ConfigError as exc:
+                raise ConfigError(f"--set {_clip(item)!r}: the value is not valid YAML: {exc}") from None
             items.append((key.strip(), value))
     for key, value in items:
         parts = key.split(".")
@@ -264,9 +387,60 @@ def check_value(opt: Opt, value: Any, place: str) -> Any:
         ok = True
     if not ok:
         raise ConfigError(f"{place}: expected {opt.describe()}, got {_show(value)}")
+    check_number(value, place)
     if opt.check is not None and not opt.check(value):
         raise ConfigError(f"{place}: {opt.must}, got {_show(value)}")
+    if opt.path is not None and isinstance(value, str):
+        check_path(value, place, opt.path, file=True)
     return value
+
+
+def check_number(value: Any, place: str) -> Any:
+    """A number must be finite and an integer fit in 64 bits: no option means inf, nan or more."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{place}: expected a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{place}: {_clip(str(value), 24)} is out of range (integers fit in 64 bits)")
+    return value
+
+
+def check_path(path: str, place: str, reserve: int = 0, file: bool = False) -> str:
+    """Refuse a path no system call can take: a NUL byte, or a name longer than the file system allows.
+
+    Checked where the config is read, so a bad `train.checkpoint` fails before training, not
+    at the first save. `reserve`: bytes the last name must leave for files named after it;
+    `file`: the path must end in a file name (not `.`, `..` or `/`).
+    """
+    if "\0" in path:
+        raise ConfigError(f"{place}: a path cannot contain a NUL byte, got {path!r}")
+    if file and Path(path).name in ("", ".", ".."):
+        raise ConfigError(f"{place}: expected a file path, got the folder {path!r}")
+    limit = _name_max()
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        try:
+            size = len(os.fsencode(part))
+        except UnicodeEncodeError:
+            raise ConfigError(f"{place}: the path {path!r} cannot be encoded for the file system") from None
+        room = limit - (reserve if i == len(parts) - 1 else 0)
+        if size > room:
+            raise ConfigError(
+                f"{place}: the name {_clip(part)!r} is {size} bytes long; the file system allows {room}"
+                + (f" ({limit} less {reserve} for the files named after it)" if room < limit else "")
+            )
+    return path
+
+
+def _clip(text: str, most: int = 40) -> str:
+    """`text` cut to `most` characters for a message."""
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def _name_max() -> int:
+    try:
+        return min(os.pathconf(".", "PC_NAME_MAX"), 255)
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
+        return 255
 
 
 def _show(value: Any) -> str:
@@ -304,6 +478,7 @@ def _check_section(
 def validate(raw: dict[str, Any], lines: Lines | None = None, origin: str = "") -> dict[str, Any]:
     """Check the pipeline-owned keys and fill their defaults; component options stay as given."""
     lines = lines or {}
+    _check_keys(raw, (), lines, origin)
     known = [*SCHEMA, *COMPONENTS]
     for key in raw:
         if key not in known:
@@ -326,6 +501,7 @@ def validate(raw: dict[str, Any], lines: Lines | None = None, origin: str = "") 
     for i, plugin in enumerate(config["plugins"]):
         if not isinstance(plugin, str) or not plugin:
             raise ConfigError(f"{where(['plugins'], lines, origin)}[{i}]: expected a module name or .py path")
+        check_path(plugin, f"{where(['plugins'], lines, origin)}[{i}]")
     stages = config["stages"]
     for stage in stages:
         if stage not in STAGES:
@@ -360,6 +536,20 @@ def validate(raw: dict[str, Any], lines: Lines | None = None, origin: str = "") 
     return config
 
 
+def _check_keys(value: Any, path: tuple[str, ...], lines: Lines, origin: str, level: int = 1) -> None:
+    """Keys must be names and nesting bounded, also in a dict handed to the API (YAML is checked as parsed)."""
+    if isinstance(value, (dict, list, tuple)) and level > MAX_DEPTH:
+        raise ConfigError(f"{where(path, lines, origin)}: nesting deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where(path, lines, origin)}: the key {key!r} is not a name (a string)")
+            _check_keys(item, (*path, key), lines, origin, level + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_keys(item, path, lines, origin, level + 1)
+
+
 def _type_ok(value: Any, annotation: Any) -> bool | None:
     """Whether `value` fits a simple annotation; None when the annotation is too complex to judge."""
     if annotation is inspect.Parameter.empty or annotation is Any:
@@ -383,6 +573,13 @@ def _type_ok(value: Any, annotation: Any) -> bool | None:
     if origin is dict or annotation is dict:
         return isinstance(value, dict)
     return None
+
+
+def _wants_float(annotation: Any) -> bool:
+    """Whether an annotation takes floats; none of the builtin options means anything by inf or nan."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_wants_float(a) for a in typing.get_args(annotation))
+    return annotation is float
 
 
 def _describe_annotation(annotation: Any) -> str:
@@ -427,6 +624,11 @@ def check_options(
                 raise ConfigError(
                     f"{locate(name)}: expected {_describe_annotation(annotation)}, got {_show(options[name])}"
                 )
+            value = options[name]
+            if _wants_float(annotation) or not isinstance(value, float):
+                check_number(value, locate(name))
+            if name in PATH_OPTIONS and isinstance(value, str):
+                check_path(value, locate(name))
     resolved = {}
     for name in named:
         if name in options:

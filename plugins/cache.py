@@ -140,6 +140,8 @@ def scan(
     if len(kept) > 1:
         seen = mark(seen, sep)
         count += len(sep) * (len(kept) - 1)
+    else:
+        sep = sep[:0]  # never written, so not in the vocabulary: nothing to look up
     vocab, lut = lookup(seen)
     return Plan(kept, sep, vocab, lut, count, encoding, skipped)
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -44,8 +45,10 @@ def load_url(
         raise ValueError(f"url must start with http:// or https://, got {url!r}")
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    if isinstance(timeout, bool) or not timeout > 0:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if isinstance(timeout, bool) or not 0 < timeout <= threading.TIMEOUT_MAX:  # beyond: the socket overflows
+        raise ValueError(
+            f"timeout must be a number of seconds > 0 and <= {threading.TIMEOUT_MAX:g}, got {timeout!r}"
+        )
     path = fetch(url, sha256.lower() if sha256 else None, float(timeout))
     return read_file(path, source=url, encoding=encoding, cache=cache)
 
