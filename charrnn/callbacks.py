@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from charrnn import checkpoint as ckpt_io
-from charrnn.errors import ConfigError
+from charrnn.errors import ConfigError, PluginFailure
 from charrnn.evaluation import EVAL_STREAMS, evaluate
 from charrnn.generate import generate
 from charrnn.loop import Callback, Diverged, Loop
@@ -196,12 +196,8 @@ class Checkpointer(Callback):
                 }
                 if world.size > 1:
                     meta["rng_ranks"] = rng_states
-                ckpt_io.save(
-                    path,
-                    ckpt_io.Checkpoint(
-                        params=params, meta=meta, optim=loop.optimizer.state_dict(), state=state
-                    ),
-                )
+                optim = optimizer_state(loop)
+                ckpt_io.save(path, ckpt_io.Checkpoint(params=params, meta=meta, optim=optim, state=state))
                 self.saving = False
                 self.saved(path, st.step)
         if path == self.path:
@@ -276,7 +272,10 @@ class Reporter(Callback):
         text = None
         if with_sample and self.sample_length and self.sampler is not None and self.vocab is not None:
             rng = np.random.default_rng([loop.seed, 3, st.step])
-            text = generate(loop.model, self.sampler, self.vocab, rng, "", self.sample_length)[0]
+            labels = {k: v for k, v in loop.labels.items() if k in ("model", "sampler")}
+            text = generate(loop.model, self.sampler, self.vocab, rng, "", self.sample_length, labels=labels)[
+                0
+            ]
         smooth = st.smooth_loss
         parts = [f"step {st.step}" + (f"/{loop.steps}" if loop.steps else "")]
         if smooth is not None:
@@ -324,3 +323,23 @@ def check_finite(loop: Loop, arrays: dict[str, np.ndarray]) -> None:
     bad = [name for name, value in arrays.items() if not np.isfinite(value).all()]
     if bad:
         raise Diverged(loop.diverged(f"{', '.join(sorted(bad))} became non-finite", loop.state.step))
+
+
+def optimizer_state(loop: Loop) -> dict[str, np.ndarray]:
+    """The optimizer's `state_dict()`, checked: arrays of numbers only, so the checkpoint loads."""
+    label = loop.labels.get("optimizer", "optimizer")
+    try:
+        state = loop.optimizer.state_dict()
+    except Exception as exc:
+        raise PluginFailure(label, exc) from exc
+    if not isinstance(state, dict):
+        raise PluginFailure(label, f"state_dict() returned {type(state).__name__}, not a dict of arrays")
+    for name, value in state.items():
+        kind = (
+            np.asarray(value).dtype.kind if isinstance(value, (np.ndarray, np.generic, int, float)) else "O"
+        )
+        if not isinstance(name, str) or kind not in "fiub":
+            raise PluginFailure(
+                label, f"state_dict() holds {name!r}: {type(value).__name__}, not an array of numbers"
+            )
+    return state

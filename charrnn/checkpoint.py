@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 import zipfile
 import zlib
@@ -173,9 +174,15 @@ def _damage(path: Path) -> Iterator[None]:
 @contextmanager
 def _open(path: Path) -> Iterator[tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]]:
     """The zip archive and its `.npy` members by key."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except (OSError, ValueError) as exc:  # a name too long or with a NUL byte, no permission
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if not stat.S_ISREG(mode):
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     with ExitStack() as stack:
         with _damage(path):

@@ -58,7 +58,9 @@ def load_corpus(assembly: Assembly, vocab_of: str | None = None) -> Data:
     section = assembly.config["corpus"]
     corpus = assembly.build("corpus")
     if not isinstance(corpus, Corpus):
-        raise CorpusError(f"corpus loader {section['type']!r} did not return a charrnn.Corpus")
+        raise PluginFailure(
+            assembly.label("corpus"), f"returned {type(corpus).__name__}, not a charrnn.Corpus"
+        )
     if vocab_of is not None:
         corpus = ckpt_io.vocabulary_for_init(corpus, vocab_of)
     n = len(corpus.ids)

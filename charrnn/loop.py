@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from charrnn.errors import TrainingError
+from charrnn.errors import CharrnnError, PluginFailure, TrainingError
 from charrnn.interrupts import Aborted, Interrupts, NoInterrupts
 from charrnn.transforms import Transform
 from charrnn.types import Model, Optimizer, Schedule, State
@@ -129,8 +129,12 @@ class Loop:
         callbacks: Sequence[Callback] = (),
         world: World | None = None,
         interrupts: Interrupts | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
+        """`labels` name the plugin behind each component (`model`, `optimizer`, `schedule`,
+        `sampler`) in failure messages: `plugin 'p' (model 'rnn')`."""
         self.model, self.optimizer, self.batches = model, optimizer, batches
+        self.labels = labels or {}
         self.steps, self.seed = steps, seed
         self.transform, self.schedule = transform, schedule
         self.callbacks = list(callbacks)
@@ -207,11 +211,18 @@ class Loop:
                     if st.position + T > L:
                         st.position, st.state = 0, model.init_state(B)  # new epoch
                     if schedule is not None:
-                        self.lr = optimizer.lr = base_lr * schedule(st.step, self.steps)  # type: ignore[attr-defined]
+                        try:
+                            self.lr = optimizer.lr = base_lr * schedule(st.step, self.steps)  # type: ignore[attr-defined]
+                        except Exception as exc:
+                            raise self.failure("schedule", exc) from exc
                     chunk = slice(st.position, st.position + T)
-                    loss, grads, new_state = model.train_step(
-                        inputs[:, chunk], targets[:, chunk], st.state, **step_kwargs
-                    )
+                    try:  # zero-cost unless it raises (Python 3.11+)
+                        loss, grads, new_state = model.train_step(
+                            inputs[:, chunk], targets[:, chunk], st.state, **step_kwargs
+                        )
+                        loss = float(loss)
+                    except Exception as exc:
+                        raise self.failure("model", exc) from exc
                     stop, abort = interrupts.stop, interrupts.abort
                     if shared is not None:  # one decision for all ranks, taken from the same numbers
                         shared[:] = loss, stop, abort is not None
@@ -222,10 +233,12 @@ class Loop:
                         raise Diverged(self.diverged(f"loss became {loss}", st.step + 1))
                     if transform is not None:
                         grads = transform(grads)
-                    try:  # zero-cost unless it raises (Python 3.11+)
+                    try:
                         optimizer.step(params, grads)
-                    except BaseException:
+                    except BaseException as exc:
                         self.torn = True  # parameters half-updated: never saved
+                        if isinstance(exc, Exception):
+                            raise self.failure("optimizer", exc) from exc
                         raise
                     st.state, st.position, st.step = new_state, st.position + T, st.step + 1
                     st.smooth_loss = loss if st.smooth_loss is None else 0.99 * st.smooth_loss + 0.01 * loss
@@ -254,6 +267,12 @@ class Loop:
         result.seconds = time.perf_counter() - started
         result.chars = (st.step - start_step) * self.chars_per_step
         return result
+
+    def failure(self, kind: str, exc: Exception) -> Exception:
+        """`exc`, raised by the `kind` component, as the failure of the plugin that provides it."""
+        if isinstance(exc, (CharrnnError, PluginFailure)):
+            return exc
+        return PluginFailure(self.labels.get(kind, kind), exc)
 
     def _abort(self, code: int) -> None:
         for cb in self.callbacks:

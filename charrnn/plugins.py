@@ -91,10 +91,10 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
                 continue
             try:
                 ep.load()  # import first, so a broken plugin is named in the error
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {ep.name!r} (entry point {ep.value}) failed to load: {type(exc).__name__}: {exc}"
-                ) from None
+            except Exception as exc:  # an installed plugin whose import raises: a bug in it
+                raise PluginFailure(
+                    f"plugin {ep.name!r} (entry point {ep.value}, importing it)", exc
+                ) from exc
             try:
                 pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
             except pluggy.PluginValidationError as exc:
@@ -124,8 +124,8 @@ def _import_file(path: Path, spec: str) -> ModuleType:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
-        raise PluginError(f"plugin file {spec} failed to import: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # the plugin's own code raised: a bug in it, not the user's input
+        raise PluginFailure(f"plugin file {spec} (importing it)", exc) from exc
     sys.modules[name] = module
     return module
 
@@ -139,9 +139,9 @@ def load_module(spec: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name and spec.startswith(exc.name):
             raise PluginError(f"plugin module {spec!r} not found (is it installed?)") from None
-        raise PluginError(f"plugin module {spec!r} failed to import: {exc}") from None
-    except Exception as exc:
-        raise PluginError(f"plugin module {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+        raise PluginFailure(f"plugin module {spec!r} (importing it)", exc) from exc
+    except Exception as exc:  # the plugin's own code raised: a bug in it, not the user's input
+        raise PluginFailure(f"plugin module {spec!r} (importing it)", exc) from exc
 
 
 def _source_file(plugin: object) -> Path | None:
@@ -329,3 +329,20 @@ def list_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
         entry["components"] = {k: v for k, v in components.items() if v}
         result.append(entry)
     return result
+
+
+def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> list[Any]:
+    """Call event hook `name` through the manager (so tracing sees it); an implementation that
+    raises is a `PluginFailure` naming its plugin (found in the traceback, at no cost otherwise)."""
+    hook = getattr(pm.hook, name)
+    try:
+        return hook(**kwargs)
+    except (CharrnnError, PluginFailure):
+        raise
+    except Exception as exc:
+        owners = {impl.function.__code__: impl.plugin_name for impl in hook.get_hookimpls()}
+        tb, owner = exc.__traceback__, None
+        while tb is not None and owner is None:
+            owner = owners.get(tb.tb_frame.f_code)
+            tb = tb.tb_next
+        raise PluginFailure(f"plugin {owner!r} ({name})" if owner else f"a {name} hook", exc) from exc

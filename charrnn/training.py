@@ -22,6 +22,7 @@ from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.memory import check as check_memory
+from charrnn.plugins import call_hook
 from charrnn.transforms import allreduce_mean, chain
 from charrnn.types import Model, Schedule
 from charrnn.world import LocalWorld, World, agree, rows, together
@@ -314,7 +315,7 @@ def prepare(
         t["checkpoint"],
         ckpt_io.training_meta(config, data.corpus, data.meta()),
         every=t["save_every"],
-        saved=lambda path, step: assembly.pm.hook.charrnn_checkpoint_saved(path=path, step=step),
+        saved=lambda path, step: call_hook(assembly.pm, "charrnn_checkpoint_saved", path=path, step=step),
         log=console.log,
     )
     if evaluator is not None and best_path is not None:
@@ -327,7 +328,9 @@ def prepare(
         vocab=data.corpus,
         sample_length=t["sample_length"],
         metrics_path=metrics_path if lead else None,
-        report=lambda step, metrics: assembly.pm.hook.charrnn_train_report(step=step, metrics=metrics),
+        report=lambda step, metrics: call_hook(
+            assembly.pm, "charrnn_train_report", step=step, metrics=metrics
+        ),
         show_lr=schedule is not None,
     )
     chain_ = [ProgressBar(console)] if lead else []
@@ -346,6 +349,7 @@ def prepare(
         interrupts=interrupts
         if interrupts is not None
         else SignalInterrupts(console.log if lead else print_nothing),
+        labels={kind: assembly.label(kind) for kind in ("model", "optimizer", "schedule", "sampler")},
     )
     loop.stderr = console.stream
     return loop, saved

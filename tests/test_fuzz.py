@@ -338,9 +338,6 @@ def test_fuzz_every_component_name(world):
 HUGE = 2**40  # within 64 bits; no count or size in a run on one machine comes near
 
 
-@pytest.mark.xfail(
-    strict=False, reason="sizes that cannot fit in memory: the memory estimate is on another branch"
-)
 def test_fuzz_huge_sizes(world):
     """Integer options set to sizes no run can afford must be refused up front, not fail (or run) later.
 
@@ -503,9 +500,6 @@ def test_fuzz_bad_set_syntax(world):
     check_family(world, variants)
 
 
-@pytest.mark.xfail(
-    strict=False, reason="training outputs: train.py writes metrics before any save made the folder"
-)
 def test_fuzz_outputs_in_a_new_folder(world):
     """Checkpoint paths in folders that do not exist yet, with and without a validation split."""
     variants = []
@@ -606,9 +600,6 @@ def _damaged_variants(world: World, argv: Callable[[Path], list[str]]):
     return variants
 
 
-@pytest.mark.xfail(
-    strict=False, reason="damaged checkpoints: checkpoint.py/generate.py, fixed on another branch"
-)
 def test_fuzz_damaged_checkpoint_generate(world):
     variants = _damaged_variants(world, lambda p: ["generate", str(p), "--num-chars", "5"])
     for label, path in (
@@ -622,9 +613,6 @@ def test_fuzz_damaged_checkpoint_generate(world):
     check_family(world, variants)
 
 
-@pytest.mark.xfail(
-    strict=False, reason="damaged checkpoints on resume: checkpoint.py/pipeline.py, another branch"
-)
 def test_fuzz_damaged_checkpoint_resume(world):
     def argv(p):
         return ["run", str(world.base), "--set", f"train.resume={p}", "--set", "train.steps=5"]
@@ -697,9 +685,6 @@ BAD_PLUGINS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=False, reason="a plugin's own bug is exit 1 naming it: plugins.py/pipeline.py, another branch"
-)
 def test_fuzz_plugins_that_raise_or_return_garbage(world):
     variants = []
     for label, (kind, body) in BAD_PLUGINS.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import charrnn
-from charrnn import ConfigError, TrainingError, run_pipeline
+from charrnn import ConfigError, PluginFailure, TrainingError, run_pipeline
 from charrnn.cli import main
 from charrnn_plugins.rnn import RNN
 from conftest import ROOT, params_of
@@ -130,7 +130,7 @@ def test_a_plugin_failing_inside_the_loop_saves_the_last_good_state_first(
 ):
     tiny_config["schedule"] = {"type": "failing"}
     tiny_config["train"].update(steps=30, sample_every=10)
-    with pytest.raises(RuntimeError, match=f"{kind} bug"):
+    with pytest.raises(PluginFailure, match=f"failed: RuntimeError: {kind} bug"):
         run_pipeline(tiny_config, plugins=[Failing(kind, 7 if kind == "schedule" else 10)])
     arrays, meta = params_of(tiny_config["train"]["checkpoint"])
     assert meta["step"] == saved
@@ -190,7 +190,7 @@ class Optimizers:
 def test_an_optimizer_failing_half_way_saves_nothing(tiny_config):
     tiny_config["optimizer"] = {"type": "torn", "at": 5}
     tiny_config["train"].update(save_every=3)
-    with pytest.raises(RuntimeError, match="optimizer bug"):
+    with pytest.raises(PluginFailure, match="failed: RuntimeError: optimizer bug"):
         run_pipeline(tiny_config, plugins=[Optimizers()])
     assert (
         params_of(tiny_config["train"]["checkpoint"])[1]["step"] == 3

@@ -10,7 +10,7 @@ import pytest
 
 import charrnn
 from charrnn import checkpoint as ckpt_io
-from charrnn.errors import CharrnnError, ConfigError
+from charrnn.errors import CharrnnError, ConfigError, PluginFailure
 from charrnn.interrupts import NoInterrupts
 from charrnn.pipeline import Pipeline
 from charrnn.world import (
@@ -192,7 +192,9 @@ def test_an_error_on_one_rank_ends_the_run(tiny_config, tmp_path):
     def replica(world):
         Pipeline(config, plugins=[Breaks()]).train(io.StringIO(), world=world, interrupts=NoInterrupts())
 
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(
+        PluginFailure, match=r"\(charrnn_checkpoint_saved\) failed: RuntimeError: disk on fire"
+    ):
         ThreadWorld.run(2, replica)
 
 
