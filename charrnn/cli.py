@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     grad.add_argument("--entries", type=int, default=30, help="entries checked per parameter (0: all)")
     _add_set(grad)
 
+    plot = sub.add_parser("plot", help="draw train and validation loss against step (SVG, or PNG)")
+    plot.add_argument("metrics", nargs="+", help="metrics .jsonl files written by training (runs overlaid)")
+    plot.add_argument(
+        "-o", "--output", help="FILE.svg or FILE.png (default: <run>.loss.svg beside the first)"
+    )
+    plot.add_argument("--title", help="the picture's title")
+
     plugins = sub.add_parser("plugins", help="list plugins and their components as JSON")
     _add_plugin(plugins)
     return parser
@@ -180,6 +187,14 @@ def _gradcheck(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from charrnn.plot import default_output, write_loss_plot
+
+    out = args.output or default_output(args.metrics[0])
+    write_text(sys.stdout, f"{write_loss_plot(args.metrics, out, title=args.title)}\n")
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     pm = get_plugin_manager(extra=args.plugins)
     write_text(sys.stdout, json.dumps(list_plugins(pm), indent=2) + "\n")
@@ -191,6 +206,7 @@ _COMMANDS = {
     "generate": _generate,
     "bench": _bench,
     "gradcheck": _gradcheck,
+    "plot": _plot,
     "plugins": _plugins,
 }
 
