@@ -35,6 +35,7 @@ PALETTE = (
 )
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 Y_LABEL = "loss (nats/char)"
+KEY_COLOR = "#555555"  # legend entries that name a line style, not a run
 PLOT_EXTRA = "PNG output needs matplotlib: pip install 'charrnn[plot]' (or write .svg, which needs nothing)"
 
 Records = Sequence[Mapping[str, Any]]
@@ -178,8 +179,8 @@ def write_loss_plot(
     `runs` is a metrics file, a list of records (training passes its in-memory history), or a
     sequence of either. Labels default to the files' names; a single in-memory run has none.
     """
-    series = _runs_series(runs, labels)
-    write_plot(series, out_path, title=title if title is not None else _default_title(series), fmt=fmt)
+    series, legend, default_title = _loss_plot(runs, labels)
+    write_plot(series, out_path, title=default_title if title is None else title, legend=legend, fmt=fmt)
     return Path(out_path)
 
 
@@ -194,7 +195,10 @@ def write_loss_svg(
     return write_loss_plot(runs, out_path, labels=labels, title=title, fmt="svg")
 
 
-def _runs_series(runs: Run | Sequence[Run], labels: Sequence[str] | None) -> list[Series]:
+def _loss_plot(
+    runs: Run | Sequence[Run], labels: Sequence[str] | None
+) -> tuple[list[Series], list[Series] | None, str]:
+    """The series, the legend (one run: per line; several: a colour per run and a line-style key), a title."""
     if isinstance(runs, (str, os.PathLike)) or (
         isinstance(runs, Sequence) and runs and isinstance(runs[0], Mapping)
     ):
@@ -210,18 +214,18 @@ def _runs_series(runs: Run | Sequence[Run], labels: Sequence[str] | None) -> lis
             labels = [label or f"run {i + 1}" for i, label in enumerate(labels)]
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
-    series = []
+    series, legend = [], []
     for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
         records = read_metrics(run) if isinstance(run, (str, os.PathLike)) else run
-        series += loss_series(records, label, PALETTE[i % len(PALETTE)])
+        color = PALETTE[i % len(PALETTE)]
+        series += loss_series(records, label if len(runs) > 1 else "", color)
+        legend.append(Series(label, [], [], color))
     if not series:
         raise CharrnnError("nothing to plot: the metrics hold no loss values")
-    return series
-
-
-def _default_title(series: Sequence[Series]) -> str:
-    runs = {s.color for s in series}
-    return "Training loss" if len(runs) == 1 else f"Training loss, {len(runs)} runs"
+    if len(runs) == 1:
+        return series, None, f"Training loss: {labels[0]}" if labels[0] else "Training loss"
+    key = [Series("train", [], [], KEY_COLOR), Series("validation", [], [], KEY_COLOR, dashed=True)]
+    return series, legend + key, f"Training loss, {len(runs)} runs"
 
 
 def write_plot(
@@ -231,16 +235,20 @@ def write_plot(
     title: str = "",
     x_label: str = "step",
     y_label: str = Y_LABEL,
+    legend: Sequence[Series] | None = None,
     fmt: str | None = None,
 ) -> None:
-    """Write `series` as SVG (no dependency) or PNG (matplotlib), atomically; `fmt` defaults to the suffix."""
+    """Write `series` as SVG (no dependency) or PNG (matplotlib), atomically; `fmt` defaults to the suffix.
+
+    The legend lists the labelled series unless `legend` gives its own entries (series without points).
+    """
     out = Path(out_path)
     suffix = f".{fmt}" if fmt else out.suffix.lower()
     if suffix == ".svg":
-        svg = render_svg(series, title=title, x_label=x_label, y_label=y_label)
+        svg = render_svg(series, title=title, x_label=x_label, y_label=y_label, legend=legend)
         _write_atomic(out, lambda f: f.write(svg.encode("utf-8")))
     elif suffix == ".png":
-        _write_png(series, out, title=title, x_label=x_label, y_label=y_label)
+        _write_png(series, out, title=title, x_label=x_label, y_label=y_label, legend=legend)
     else:
         raise CharrnnError(f"plot output must end in .svg or .png, got {str(out)!r}")
 
@@ -281,10 +289,16 @@ def render_svg(
     y_label: str = Y_LABEL,
     width: int = WIDTH,
     height: int = HEIGHT,
+    legend: Sequence[Series] | None = None,
 ) -> str:
     """The SVG document: axes with round ticks, grid, one path per series, a legend on the right."""
     colors = _colors(series)
-    labels = [_shorten(s.label) for s in series]
+    entries = (
+        [(s, c) for s, c in zip(series, colors, strict=True) if s.label]
+        if legend is None
+        else [(s, s.color or KEY_COLOR) for s in legend if s.label]
+    )
+    labels = [_shorten(s.label) for s, _ in entries]
     legend_w = 0 if not any(labels) else 40 + int(6.6 * max(len(lb) for lb in labels))
     left, top = MARGIN_LEFT, MARGIN_TOP if title else 20
     right, bottom = width - MARGIN_RIGHT - legend_w, height - MARGIN_BOTTOM
@@ -342,7 +356,7 @@ def render_svg(
         out.extend(_series_svg(s, color, sx, sy))
     out.append("</g>")
     if legend_w:
-        out.extend(_legend_svg(series, labels, colors, right + 14, top, bottom))
+        out.extend(_legend_svg(entries, labels, right + 14, top, bottom))
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -373,14 +387,9 @@ def _series_svg(s: Series, color: str, sx: Any, sy: Any) -> list[str]:
 
 
 def _legend_svg(
-    series: Sequence[Series],
-    labels: Sequence[str],
-    colors: Sequence[str],
-    x: float,
-    top: float,
-    bottom: float,
+    entries: Sequence[tuple[Series, str]], labels: Sequence[str], x: float, top: float, bottom: float
 ) -> list[str]:
-    rows = [(s, lb, c) for s, lb, c in zip(series, labels, colors, strict=True) if lb]
+    rows = [(s, label, color) for (s, color), label in zip(entries, labels, strict=True)]
     fits = max(1, int((bottom - top) // LEGEND_ROW))
     hidden = 0
     if len(rows) > fits:
@@ -450,10 +459,19 @@ def _finite(value: Any) -> bool:
 # ---- PNG ----
 
 
-def _write_png(series: Sequence[Series], out: Path, *, title: str, x_label: str, y_label: str) -> None:
+def _write_png(
+    series: Sequence[Series],
+    out: Path,
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    legend: Sequence[Series] | None,
+) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
     except ImportError:
         raise CharrnnError(PLOT_EXTRA) from None
     fig = Figure(figsize=(WIDTH / 100, HEIGHT / 100), dpi=150)
@@ -470,12 +488,21 @@ def _write_png(series: Sequence[Series], out: Path, *, title: str, x_label: str,
                 ax.plot(*seg[0], marker="o", **style)
         if s.end_marker and segments:
             ax.plot(*segments[-1][-1], marker="x", markersize=7, markeredgewidth=2, **style)
+    if all(x >= 0 for s in series for x in s.steps):
+        ax.set_xlim(left=0)  # as the SVG: the axis starts where training starts
     ax.set_title(title)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.grid(True, color="#e6e6e6")
     ax.set_axisbelow(True)
-    if any(s.label for s in series):
+    if legend is not None:
+        handles = [
+            Line2D([], [], color=s.color or KEY_COLOR, linestyle="--" if s.dashed else "-", label=s.label)
+            for s in legend
+            if s.label
+        ]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    elif any(s.label for s in series):
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     _write_atomic(out, lambda f: fig.savefig(f, format="png"))

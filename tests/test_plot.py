@@ -75,15 +75,17 @@ def test_svg_is_valid_xml_with_axes_grid_legend_and_styles(tmp_path):
     assert root.tag == f"{SVG}svg"
     words = texts(root)
     assert "two runs" in words and "step" in words and "loss (nats/char)" in words
-    # same-named files are told apart by their folders
-    assert {"small/final_model train", "small/final_model validation"} <= set(words)
-    assert {"big/final_model train", "big/final_model validation"} <= set(words)
+    # legend: a colour per run (same-named files told apart by their folders) and a line-style key
+    assert {"small/final_model", "big/final_model", "train", "validation"} <= set(words)
     assert "1,000" in words  # x ticks: round values up to the last step (1000)
     lines = paths_of(root)
     assert len(lines) == 4  # train and validation per run (validation has 2+ points in each)
     train_a, val_a, train_b, val_b = lines
     assert "stroke-dasharray" not in train_a and "stroke-dasharray" in val_a
     assert train_a["stroke"] == val_a["stroke"] != train_b["stroke"] == val_b["stroke"]
+    keys = root.findall(f"{SVG}g/{SVG}line")  # legend swatches, in the order of the entries
+    assert [k.get("stroke") for k in keys[:2]] == [train_a["stroke"], train_b["stroke"]]
+    assert "stroke-dasharray" not in keys[2].attrib and "stroke-dasharray" in keys[3].attrib
     assert len(path_points(train_a["d"])) == 6 and len(path_points(val_a["d"])) == 3
 
 
@@ -121,10 +123,9 @@ def test_end_marker_draws_a_cross_at_the_last_point():
 
 def test_text_is_escaped(tmp_path):
     nasty = 'a<b>&"c"\x01'
-    out = write_loss_svg(records(3), tmp_path / "x.svg", labels=[nasty], title=nasty)
+    out = write_loss_svg([records(3), records(4)], tmp_path / "x.svg", labels=[nasty, "ok"], title=nasty)
     words = texts(parse(out))  # parses: escaped, and the control character XML cannot hold is replaced
-    assert 'a<b>&"c"\ufffd' in words
-    assert 'a<b>&"c"\ufffd train' in words
+    assert words.count('a<b>&"c"\ufffd') == 2  # the title and the run's legend entry
 
 
 def test_resumed_run_shows_the_continuation():
@@ -203,7 +204,8 @@ def test_cli_default_output_beside_the_metrics(tmp_path, capsys):
     assert main(["plot", str(metrics)]) == 0
     out = tmp_path / "run" / "final_model.loss.svg"
     assert capsys.readouterr().out == f"{out}\n"
-    assert "final_model train" in texts(parse(out))
+    words = texts(parse(out))
+    assert "Training loss: final_model" in words and {"train", "validation"} <= set(words)
 
 
 def test_cli_overlays_runs_and_sets_title(tmp_path, capsys):
@@ -212,7 +214,7 @@ def test_cli_overlays_runs_and_sets_title(tmp_path, capsys):
     out = tmp_path / "pics" / "both.svg"
     assert main(["plot", str(a), str(b), "-o", str(out), "--title", "a vs b"]) == 0
     root = parse(out)
-    assert "a vs b" in texts(root) and {"a train", "b validation"} <= set(texts(root))
+    assert "a vs b" in texts(root) and {"a", "b", "train", "validation"} <= set(texts(root))
     assert len({p["stroke"] for p in paths_of(root)}) == 2
 
 
@@ -258,3 +260,15 @@ def test_run_labels_are_short_and_distinct():
         "lr2/final_model",
     ]
     assert run_labels(["m.jsonl", "m.jsonl"]) == ["m.jsonl", "m.jsonl"]
+
+
+def test_legend_that_does_not_fit_says_how_many_more():
+    many = [Series(f"trial {i}", [1, 2], [3.0, 2.0 + i / 100]) for i in range(40)]
+    words = texts(ET.fromstring(render_svg(many)))
+    shown = [w for w in words if w.startswith("trial ")]
+    assert 5 < len(shown) < 40 and f"and {40 - len(shown)} more" in words
+
+
+def test_training_history_is_drawn_as_svg_whatever_the_name(tmp_path):
+    out = write_loss_svg(records(4), tmp_path / "run.loss.png")  # write_loss_svg never needs matplotlib
+    assert parse(out).tag == f"{SVG}svg"
