@@ -7,6 +7,7 @@ validation curve per trial with `end_marker=True` on the ones stopped early.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -115,7 +116,7 @@ def _record_problem(record: Any) -> str | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def loss_series(
@@ -302,7 +303,8 @@ def render_svg(
     legend_w = 0 if not any(labels) else 40 + int(6.6 * max(len(lb) for lb in labels))
     left, top = MARGIN_LEFT, MARGIN_TOP if title else 20
     right, bottom = width - MARGIN_RIGHT - legend_w, height - MARGIN_BOTTOM
-    points = [p for s in series for seg in s.segments() for p in seg]
+    drawn = [s.segments() for s in series]
+    points = [p for segments in drawn for seg in segments for p in seg]
     if not points:
         raise CharrnnError("nothing to plot: no finite values")
     x_ticks = nice_ticks(min(0.0, min(p[0] for p in points)), max(p[0] for p in points))
@@ -352,8 +354,8 @@ def render_svg(
         f'fill="#222">{_esc(y_label)}</text>'
     )
     out.append('<g clip-path="url(#plot-area)" fill="none" stroke-linejoin="round" stroke-linecap="round">')
-    for s, color in zip(series, colors, strict=True):
-        out.extend(_series_svg(s, color, sx, sy))
+    for s, segments, color in zip(series, drawn, colors, strict=True):
+        out.extend(_series_svg(s, segments, color, sx, sy))
     out.append("</g>")
     if legend_w:
         out.extend(_legend_svg(entries, labels, right + 14, top, bottom))
@@ -361,8 +363,8 @@ def render_svg(
     return "\n".join(out) + "\n"
 
 
-def _series_svg(s: Series, color: str, sx: Any, sy: Any) -> list[str]:
-    segments = [[(sx(x), sy(y)) for x, y in seg] for seg in s.segments()]
+def _series_svg(s: Series, data: list[list[tuple[float, float]]], color: str, sx: Any, sy: Any) -> list[str]:
+    segments = [_thin([(sx(x), sy(y)) for x, y in seg]) for seg in data]
     style = f'stroke="{_esc(color)}" stroke-width="{s.width:g}"'
     if s.dashed:
         style += f' stroke-dasharray="{3 * s.width:g} {2 * s.width:g}"'
@@ -384,6 +386,23 @@ def _series_svg(s: Series, color: str, sx: Any, sy: Any) -> list[str]:
             f'L{x + r:.1f} {y - r:.1f}" stroke="{_esc(color)}" stroke-width="2"/>'
         )
     return parts
+
+
+def _thin(seg: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Keep the first, lowest, highest and last point of each pixel column: the same picture, bounded size.
+
+    A long run's history has far more points than the plot has pixels; without this, each report's
+    redraw and the file would grow with the run.
+    """
+    if len(seg) < 4 * (seg[-1][0] - seg[0][0] + 1):
+        return seg
+    out: list[tuple[float, float]] = []
+    for _, group in itertools.groupby(seg, key=lambda p: int(p[0])):
+        column = list(group)
+        ys = [y for _, y in column]
+        keep = {0, len(column) - 1, ys.index(min(ys)), ys.index(max(ys))}
+        out += [column[i] for i in sorted(keep)]
+    return out
 
 
 def _legend_svg(

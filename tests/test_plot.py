@@ -272,3 +272,19 @@ def test_legend_that_does_not_fit_says_how_many_more():
 def test_training_history_is_drawn_as_svg_whatever_the_name(tmp_path):
     out = write_loss_svg(records(4), tmp_path / "run.loss.png")  # write_loss_svg never needs matplotlib
     assert parse(out).tag == f"{SVG}svg"
+
+
+def test_long_history_is_thinned_to_the_pixels_but_keeps_its_spikes():
+    n = 20_000
+    values = [2.0 + (i % 7) / 100 for i in range(n)]
+    values[12_345] = 5.0  # one spike must survive the thinning
+    root = ET.fromstring(render_svg([Series("train", list(range(n)), values)]))
+    (line,) = paths_of(root)
+    points = path_points(line["d"])
+    assert len(points) < 4 * 800  # at most four per pixel column
+    xs = [x for x, _ in points]
+    assert xs == sorted(xs)
+    top = min(y for _, y in points)
+    spike = [x for x, y in points if y == top]
+    assert len(spike) == 1 and spike[0] == pytest.approx(xs[0] + (xs[-1] - xs[0]) * 12_345 / (n - 1), abs=1)
+    assert max(y for _, y in points) - top > 100  # the spike reaches well above the rest
