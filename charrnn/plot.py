@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -116,7 +117,8 @@ def _record_problem(record: Any) -> str | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool))
+    """A float or int (NumPy's too), not a bool: what a step or a loss may be."""
+    return isinstance(value, float) or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
 def loss_series(
@@ -256,17 +258,15 @@ def write_plot(
 
 def _write_atomic(path: Path, write: Any) -> None:
     """Readers (a browser refreshing the picture mid-training) see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # unique: writers may race
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
     except OSError as exc:
         raise CharrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is as readable as any file
         os.replace(tmp, path)
     except OSError as exc:
         raise CharrnnError(f"cannot write {path}: {exc.strerror or exc}") from None

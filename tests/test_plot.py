@@ -108,6 +108,14 @@ def test_missing_values_break_the_line_and_a_lone_point_is_a_dot():
     assert len(group.findall(f"{SVG}circle")) == 1
 
 
+def test_numpy_steps_and_values_are_drawn():
+    import numpy as np
+
+    s = Series("x", np.arange(1, 6) * 100, np.linspace(3.0, 2.0, 5, dtype=np.float32))
+    (line,) = paths_of(ET.fromstring(render_svg([s])))
+    assert len(path_points(line["d"])) == 5
+
+
 def test_end_marker_draws_a_cross_at_the_last_point():
     plain = Series("trial 1", [1, 2, 3], [3.0, 2.5, 2.2])
     cut = Series("trial 2", [1, 2], [3.1, 2.9], end_marker=True, opacity=0.6)
@@ -152,7 +160,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     assert out.read_text().startswith("<svg") and os.listdir(tmp_path) == ["loss.svg"]
     umask = os.umask(0)
     os.umask(umask)
-    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not mkstemp's private 0o600
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file (a private temp file is not)
 
 
 @pytest.mark.parametrize(
