@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from charrnn import checkpoint as ckpt_io
-from charrnn.errors import ConfigError, PluginFailure
+from charrnn.errors import CharrnnError, ConfigError, PluginFailure
 from charrnn.evaluation import EVAL_STREAMS, evaluate
 from charrnn.generate import generate
 from charrnn.loop import Callback, Diverged, Loop
@@ -219,10 +219,12 @@ class Reporter(Callback):
         metrics_path: str | None = None,
         report: Callable[[int, dict[str, Any]], None] = lambda step, metrics: None,
         show_lr: bool = False,
+        plot_path: str | None = None,
     ) -> None:
         self.every, self.console, self.evaluator = every, console, evaluator
         self.sampler, self.vocab, self.sample_length = sampler, vocab, sample_length
         self.metrics_path, self.report, self.show_lr = metrics_path, report, show_lr
+        self.plot_path = plot_path
 
     def on_train_begin(self, loop: Loop) -> None:
         """A fresh run starts the metrics file anew; a resumed one keeps the lines up to its step.
@@ -299,6 +301,7 @@ class Reporter(Callback):
         }
         loop.result.history.append(record)
         self.write_metrics(record)
+        self.write_plot(loop)
         self.report(st.step, {**record, "sample": text})
         loop.new_window()
 
@@ -316,6 +319,23 @@ class Reporter(Callback):
                 "training goes on without it"
             )
             self.metrics_path = None
+
+    def write_plot(self, loop: Loop) -> None:
+        """Redraw `<checkpoint>.loss.svg` from the metrics file (the whole run, resumes included)
+        or this run's history; a failed write warns once and training goes on."""
+        if not self.plot_path:
+            return
+        from charrnn.plot import write_loss_svg
+
+        try:
+            write_loss_svg(
+                self.metrics_path or loop.result.history,
+                self.plot_path,
+                labels=[Path(self.plot_path).name.removesuffix(".loss.svg")],
+            )
+        except (OSError, CharrnnError) as exc:
+            self.console.log(f"warning: cannot draw {self.plot_path}: {exc}; training goes on without it")
+            self.plot_path = None
 
 
 def check_finite(loop: Loop, arrays: dict[str, np.ndarray]) -> None:

@@ -128,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     grad.add_argument("--entries", type=int, default=30, help="entries checked per parameter (0: all)")
     _add_set(grad)
 
+    plot = sub.add_parser("plot", help="draw train and validation loss against step (SVG, or PNG)")
+    plot.add_argument("metrics", nargs="+", help="metrics .jsonl files written by training (runs overlaid)")
+    plot.add_argument(
+        "-o", "--output", help="FILE.svg or FILE.png (default: <run>.loss.svg beside the first)"
+    )
+    plot.add_argument("--title", help="the picture's title")
+
     plugins = sub.add_parser("plugins", help="list plugins and their components as JSON")
     _add_plugin(plugins)
     return parser
@@ -291,6 +298,14 @@ def _gradcheck(args: argparse.Namespace, out: _Stdout) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def _plot(args: argparse.Namespace, out: _Stdout) -> int:
+    from charrnn.plot import default_output, write_loss_plot
+
+    path = args.output or default_output(args.metrics[0])
+    out.write(f"{write_loss_plot(args.metrics, path, title=args.title)}\n")
+    return 0
+
+
 def _plugins(args: argparse.Namespace, out: _Stdout) -> int:
     from charrnn.plugins import get_plugin_manager, list_plugins
 
@@ -304,6 +319,7 @@ _COMMANDS = {
     "generate": _generate,
     "bench": _bench,
     "gradcheck": _gradcheck,
+    "plot": _plot,
     "plugins": _plugins,
 }
 

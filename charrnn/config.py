@@ -87,6 +87,7 @@ SCHEMA: dict[str, dict[str, Opt] | Opt] = {
         "patience": Opt(INT + NONE, None, _positive, "must be > 0 (or null: no early stopping)"),
         "keep_best": Opt((bool,), True),
         "metrics": Opt((bool,), True),
+        "plot": Opt((bool,), True),
         "distributed": Opt(
             (str, bool), "auto", lambda v: v in ("auto", "off", "mpi", False), "must be auto, off or mpi"
         ),

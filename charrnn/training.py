@@ -297,8 +297,13 @@ def prepare(
     lead = world.rank == 0
     best_path = sibling(t["checkpoint"], ".best.npz") if t["keep_best"] and data.val_ids is not None else None
     metrics_path = sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] else None
+    plot_path = sibling(t["checkpoint"], ".loss.svg") if t["plot"] else None
     if lead:
-        for path, key in ((best_path, "train.keep_best"), (metrics_path, "train.metrics")):
+        for path, key in (
+            (best_path, "train.keep_best"),
+            (metrics_path, "train.metrics"),
+            (plot_path, "train.plot"),
+        ):
             if path is not None:
                 check_output(path, key)
     evaluator = None
@@ -332,6 +337,7 @@ def prepare(
             assembly.pm, "charrnn_train_report", step=step, metrics=metrics
         ),
         show_lr=schedule is not None,
+        plot_path=plot_path if lead else None,
     )
     chain_ = [ProgressBar(console)] if lead else []
     chain_ += [cb for cb in (evaluator, checkpointer) if cb is not None]

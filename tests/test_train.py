@@ -47,10 +47,14 @@ def test_checkpoint_contents(tiny_config, tmp_path):
     assert result.checkpoint == tiny_config["train"]["checkpoint"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "model.best.npz",
+        "model.loss.svg",
         "model.metrics.jsonl",
         "model.npz",
         "tiny.txt",
     ]  # no .tmp left behind
+    svg = (tmp_path / "model.loss.svg").read_text()  # the picture of the run, redrawn at each report
+    assert svg.startswith("<svg") or svg.startswith("<?xml")
+    assert "validation" in svg
 
 
 def test_generate_from_checkpoint_reproduces_run_output(tiny_config):
@@ -340,9 +344,16 @@ def test_early_stopping(tiny_config):
 
 
 def test_no_files_beside_the_checkpoint_when_turned_off(tiny_config, tmp_path):
-    tiny_config["train"].update(keep_best=False, metrics=False)
+    tiny_config["train"].update(keep_best=False, metrics=False, plot=False)
     run_pipeline(tiny_config)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt") == ["model.npz"]
+
+
+def test_the_loss_picture_without_a_metrics_file_draws_this_run(tiny_config, tmp_path):
+    tiny_config["train"].update(metrics=False, sample_every=5)
+    run_pipeline(tiny_config)
+    svg = (tmp_path / "model.loss.svg").read_text()
+    assert "<title>Training loss: model</title>" in svg and svg.count("<path") == 2  # train and val
 
 
 def test_init_from_fine_tunes_from_a_checkpoint(tiny_config, tmp_path):

@@ -280,6 +280,7 @@ def test_output_folders_are_created_and_the_probe_leaves_nothing(tiny_config, tm
     run_pipeline(tiny_config)
     assert sorted(p.name for p in ckpt.parent.iterdir()) == [
         "model.best.npz",
+        "model.loss.svg",
         "model.metrics.jsonl",
         "model.npz",
     ]
@@ -428,11 +429,17 @@ def test_gitignore_covers_what_the_classic_config_writes(tmp_path, monkeypatch, 
         main(["run", str(ROOT / "configs" / "classic.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
     )
     written = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
-    assert written == ["final_model.best.npz", "final_model.metrics.jsonl", "final_model.npz"]
+    assert written == [
+        "final_model.best.npz",
+        "final_model.loss.svg",
+        "final_model.metrics.jsonl",
+        "final_model.npz",
+    ]
     patterns = [line for line in (ROOT / ".gitignore").read_text().splitlines() if line and "/" not in line]
     for name in [
         *written,
-        "final_model.npz.tmp",
-        "final_model.metrics.jsonl.tmp",
-    ]:  # and the atomic writers' files
+        "final_model.npz.tmp",  # the start-up probe of a writable folder
+        ".final_model.npz.x1y2z3.tmp",  # the atomic writers' temporaries
+        ".final_model.loss.svg.x1y2z3.tmp",
+    ]:
         assert any(fnmatch(name, pattern) for pattern in patterns), name
