@@ -93,6 +93,20 @@ def charrnn_schedule(register: Register) -> None:
 
 
 @hookspec
+def charrnn_command(register: Register) -> None:
+    """Register subcommands of the `charrnn` command line. Collect-all.
+
+    :param register: call ``register(name, factory)``; ``factory()`` returns a command: an
+        object with ``help`` (one line), ``add_arguments(parser)`` (an ``argparse`` parser of
+        its own) and ``__call__(args, out) -> int`` (the exit status; ``out`` writes UTF-8 to
+        stdout). Raise :class:`charrnn.CharrnnError` for the user's mistakes: the CLI prints
+        them as one line with status 2. ``charrnn.commands.add_set`` and ``add_plugin`` add the
+        usual ``--set`` and ``--plugin`` options. The builtin ``run``, ``generate``, ``bench``,
+        ``gradcheck``, ``plot`` and ``plugins`` are registered this way (``charrnn.commands``).
+    """
+
+
+@hookspec
 def charrnn_train_report(step: int, metrics: dict[str, Any]) -> None:
     """Called at each training report, every implementation once, in the training process.
 

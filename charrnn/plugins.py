@@ -27,6 +27,7 @@ from charrnn import hookspecs
 from charrnn.errors import CharrnnError, PluginError, PluginFailure
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "charrnn.commands",
     "charrnn_plugins.text",
     "charrnn_plugins.files",
     "charrnn_plugins.url",
@@ -52,6 +53,7 @@ KINDS: dict[str, str] = {
     "optimizer": "charrnn_optimizer",
     "sampler": "charrnn_sampler",
     "schedule": "charrnn_schedule",
+    "command": "charrnn_command",
 }
 
 

@@ -366,3 +366,49 @@ def test_hook_charrnn_schedule(tiny_config):
     result = run_pipeline(tiny_config, plugins=[SchedulePlugin()])
     assert seen[-4:] == [(0, 4), (1, 4), (2, 4), (3, 4)]  # after a check of step 0 before training
     assert [h["lr"] for h in result.train.history] == [0.1, 0.05, 0.025, 0.0125]
+
+
+class Hello:
+    """A third-party command: `charrnn hello NAME [--shout]`."""
+
+    help = "say hello"
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("--shout", action="store_true")
+
+    def __call__(self, args, out):
+        if args.name == "nobody":
+            raise charrnn.CharrnnError("hello: nobody is not a name")
+        out.write(("HELLO " if args.shout else "hello ") + args.name + "\n")
+        return 0
+
+
+def test_hook_charrnn_command(monkeypatch, capsys):
+    module = types.ModuleType("charrnn_hello_test")
+
+    @charrnn.hookimpl
+    def charrnn_command(register):
+        register("hello", Hello)
+
+    module.charrnn_command = charrnn_command
+    _fake_distribution(monkeypatch, "charrnn_hello_test", module)
+    monkeypatch.delenv("CHARRNN_LOAD_PLUGINS", raising=False)
+    assert main(["hello", "ada", "--shout"]) == 0
+    assert capsys.readouterr().out == "HELLO ada\n"
+    assert main(["hello", "nobody"]) == 2  # its user errors are one line, status 2, as the builtins'
+    assert capsys.readouterr().err == "error: hello: nobody is not a name\n"
+    assert main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "hello" in help_text and "say hello" in help_text
+    listing = {p["name"]: p for p in list_plugins(get_plugin_manager())}
+    assert listing["vowels"]["components"] == {"command": {"hello": {}}}
+    monkeypatch.setenv("CHARRNN_LOAD_PLUGINS", "")  # turned off, the command is gone
+    assert main(["hello", "ada"]) == 2
+    assert "invalid choice: 'hello'" in capsys.readouterr().err
+
+
+def test_builtin_commands_are_registered_plugins():
+    commands = Registry(get_plugin_manager(load_entrypoints=False)).components["command"]
+    assert set(commands) >= {"run", "generate", "bench", "gradcheck", "plot", "plugins"}
+    assert {c.plugin for c in commands.values()} == {"charrnn.commands"}
