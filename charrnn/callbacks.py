@@ -338,6 +338,35 @@ class Reporter(Callback):
             self.plot_path = None
 
 
+class RunHooks(Callback):
+    """The `charrnn_train_start` and `charrnn_train_end` hooks, for loggers (rank 0)."""
+
+    def __init__(self, call: Callable[..., Any], config: dict[str, Any], checkpoint: str) -> None:
+        self.call, self.config, self.checkpoint = call, config, checkpoint
+        self.started = False
+
+    def on_train_begin(self, loop: Loop) -> None:
+        self.call("charrnn_train_start", config=self.config, checkpoint=self.checkpoint, step=loop.state.step)
+        self.started = True
+
+    def on_train_end(self, loop: Loop) -> None:
+        if not self.started:
+            return
+        st, result = loop.state, loop.result
+        finished = loop.steps is not None and st.step >= loop.steps
+        reason = (
+            "error" if loop.error is not None else loop.control.reason or ("steps" if finished else "error")
+        )
+        metrics = {"train_loss": st.smooth_loss, "val_loss": result.val_loss, "best_val_loss": st.best_val}
+        try:
+            self.call(
+                "charrnn_train_end", checkpoint=self.checkpoint, step=st.step, metrics=metrics, reason=reason
+            )
+        except Exception:
+            if reason != "error":
+                raise  # during an error, that error is the one to report
+
+
 def check_finite(loop: Loop, arrays: dict[str, np.ndarray]) -> None:
     """Raise Diverged if a parameter or the carried state holds NaN or inf (at saves and reports)."""
     bad = [name for name, value in arrays.items() if not np.isfinite(value).all()]

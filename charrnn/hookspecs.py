@@ -107,6 +107,30 @@ def charrnn_command(register: Register) -> None:
 
 
 @hookspec
+def charrnn_train_start(config: dict[str, Any], checkpoint: str, step: int) -> None:
+    """Called once when a training run starts, before its first step (on rank 0 only).
+
+    For loggers (TensorBoard, a sweep's reporter): open what the run writes to here.
+
+    :param config: the resolved pipeline (every default filled in), as checkpoints store it.
+    :param checkpoint: the path of the run's checkpoint (``train.checkpoint``).
+    :param step: the step the run starts from (0, or the checkpoint's step when resuming).
+    """
+
+
+@hookspec
+def charrnn_train_end(checkpoint: str, step: int, metrics: dict[str, Any], reason: str) -> None:
+    """Called once when a training run ends, after its final checkpoint and report (rank 0 only).
+
+    :param checkpoint: the path of the run's checkpoint, written by then.
+    :param step: the last step trained.
+    :param metrics: ``train_loss``, ``val_loss`` (last evaluation or None), ``best_val_loss``.
+    :param reason: ``"steps"`` (train.steps reached), ``"interrupted"`` (Ctrl+C),
+        ``"early stopping"``, or ``"error"`` (then the error is raised after this call).
+    """
+
+
+@hookspec
 def charrnn_train_report(step: int, metrics: dict[str, Any]) -> None:
     """Called at each training report, every implementation once, in the training process.
 

@@ -148,6 +148,7 @@ class Loop:
         self.result = TrainResult(0, None, None)
         self.stderr: Any = None  # where the caller's console writes
         self.torn = False  # an optimizer update raised half-way
+        self.error: BaseException | None = None  # what ended the run, if something did
         # the clock of the current speed window; time spent saving or evaluating is left out
         self.window_start, self.window_steps, self._paused = time.perf_counter(), 0, 0.0
         self._pausing = False
@@ -249,9 +250,11 @@ class Loop:
                         self.control.stop("interrupted")
                     for cb in self.callbacks:
                         cb.on_step_end(self)
-        except TrainingError:
+        except TrainingError as exc:
+            self.error = exc
             raise  # the loss or the parameters are bad: the last saved checkpoint stays as it was
         except Exception as exc:
+            self.error = exc
             # a plugin (model, schedule, sampler, report hook) failed: keep the last good state
             if world.size == 1 and not self.torn and st.step > start_step:
                 for cb in self.callbacks:
@@ -275,6 +278,7 @@ class Loop:
         return PluginFailure(self.labels.get(kind, kind), exc)
 
     def _abort(self, code: int) -> None:
+        self.control.stop("interrupted")
         for cb in self.callbacks:
             cb.on_abort(self)
         raise Aborted(code, f"interrupted at step {self.state.step}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from charrnn import checkpoint as ckpt_io
 from charrnn.assembly import Assembly
-from charrnn.callbacks import Checkpointer, Console, Evaluator, ProgressBar, Reporter
+from charrnn.callbacks import Checkpointer, Console, Evaluator, ProgressBar, Reporter, RunHooks
 from charrnn.data import Data
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
@@ -342,6 +342,10 @@ def prepare(
     chain_ = [ProgressBar(console)] if lead else []
     chain_ += [cb for cb in (evaluator, checkpointer) if cb is not None]
     chain_ += [reporter] if lead else []
+    if lead:
+        chain_.append(
+            RunHooks(lambda name, **kw: call_hook(assembly.pm, name, **kw), config, t["checkpoint"])
+        )
     loop = Loop(
         model,
         optimizer,

@@ -16,7 +16,7 @@ from charrnn.cli import main
 from charrnn.errors import PluginError, PluginFailure
 from charrnn.pipeline import Pipeline, run_pipeline
 from charrnn.plugins import DEFAULT_PLUGINS, Registry, get_plugin_manager, list_plugins
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, FrozenPlugin
 
 
 class FirstChar:
@@ -412,3 +412,35 @@ def test_builtin_commands_are_registered_plugins():
     commands = Registry(get_plugin_manager(load_entrypoints=False)).components["command"]
     assert set(commands) >= {"run", "generate", "bench", "gradcheck", "plot", "plugins"}
     assert {c.plugin for c in commands.values()} == {"charrnn.commands"}
+
+
+class RunLog:
+    def __init__(self):
+        self.events = []
+
+    @charrnn.hookimpl
+    def charrnn_train_start(self, config, checkpoint, step):
+        self.events.append(("start", config["train"]["steps"], checkpoint, step))
+
+    @charrnn.hookimpl
+    def charrnn_train_end(self, checkpoint, step, metrics, reason):
+        self.events.append(("end", step, reason, metrics["val_loss"] is not None))
+
+
+def test_hook_charrnn_train_start(tiny_config):
+    log = RunLog()
+    run_pipeline(tiny_config, plugins=[log])
+    path = tiny_config["train"]["checkpoint"]
+    assert log.events == [("start", 20, path, 0), ("end", 20, "steps", True)]
+    tiny_config["train"].update(resume=True, steps=30)
+    log.events.clear()
+    run_pipeline(tiny_config, plugins=[log])
+    assert log.events[0] == ("start", 30, path, 20)
+
+
+def test_hook_charrnn_train_end(tiny_config):
+    log = RunLog()
+    tiny_config["train"].update(patience=1, sample_every=2, steps=400)
+    tiny_config["optimizer"] = {"type": "frozen"}
+    run_pipeline(tiny_config, plugins=[log, FrozenPlugin()])  # the val loss cannot improve
+    assert log.events[-1][0] == "end" and log.events[-1][2] == "early stopping"
