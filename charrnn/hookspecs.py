@@ -59,7 +59,10 @@ def charrnn_optimizer(register: Register) -> None:
     :param register: call ``register(name, factory)``; ``factory(**options)`` receives the YAML
         ``optimizer`` section minus ``type`` and returns a :class:`charrnn.Optimizer`, whose
         ``step(params, grads)`` updates the arrays in place and whose ``state_dict`` holds
-        everything needed to resume exactly. Raise ``ValueError`` for bad options.
+        everything needed to resume exactly. Raise ``ValueError`` for bad options. An optimizer
+        with ``clip``/``clip_norm`` attributes (as ``charrnn.optim.BaseOptimizer`` has) gets its
+        gradients clipped by the training loop before ``step``, as a gradient transform; ``step``
+        itself must not clip.
     """
 
 

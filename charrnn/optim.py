@@ -7,7 +7,7 @@ builtin ones do.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,13 +94,17 @@ class _Packed:
 
 
 class BaseOptimizer:
-    """Learning rate, gradient clipping, per-parameter state and scratch buffers for optimizers.
+    """Learning rate, clipping settings, per-parameter state and scratch buffers for optimizers.
 
     A subclass names its per-parameter state arrays in `state_names` (saved as `"<name>.<param>"`)
     and updates in `step` by looping over `self.slots(params, grads)`: one slot per parameter, or
     a single slot over flat buffers when the model packs its parameters and gradients (see `pack`);
     elementwise updates give bit-identical results either way. `self.buffer(name, like)` gives a
     scratch array allocated once.
+
+    `clip` and `clip_norm` are settings only: no optimizer clips on its own. The training loop
+    reads them and clips the gradients before `step` as a gradient transform
+    (`charrnn.transforms.clipping`), after averaging them over processes, for every optimizer alike.
     """
 
     state_names: tuple[str, ...] = ()
@@ -122,21 +126,13 @@ class BaseOptimizer:
         return buf
 
     def slots(self, params: Params, grads: Params) -> list[Slot]:
-        """The clipped gradients with their parameters and state (created as zeros on first use)."""
+        """The gradients with their parameters and state (created as zeros on first use)."""
         packed = self._packed
         if packed is None or not packed.matches(params, grads):
             packed = self._packed = self._pack(params, grads)
         if packed is None:
-            grads = self.clipped(grads)
             return [Slot(key, p, grads[key], self._state_of(key, p)) for key, p in params.items()]
-        # the norm is summed per parameter, as unpacked, so that it is the same number
-        g = self.clipped({"*": packed.flat_g}, lambda flat: (flat[a:b] for a, b in packed.spans))["*"]
-        return [Slot("*", packed.flat_p, g, packed.state)]
-
-    def _norm_scale(self, grads: Iterable[np.ndarray]) -> float:
-        """The factor that brings the global L2 norm of `grads` down to `clip_norm` (1.0 if below)."""
-        norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-        return self.clip_norm / norm if self.clip_norm is not None and norm > self.clip_norm else 1.0
+        return [Slot("*", packed.flat_p, packed.flat_g, packed.state)]
 
     def _state_of(self, key: str, like: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
@@ -168,30 +164,6 @@ class BaseOptimizer:
                     view[...] = old[key]
             self.state[name] = views
         return packed
-
-    def clipped(
-        self, grads: Params, parts: Callable[[np.ndarray], Iterable[np.ndarray]] | None = None
-    ) -> Params:
-        """`grads` clipped elementwise to [-clip, clip], then scaled by clip_norm / max(norm, clip_norm).
-
-        The one place where gradients are clipped (`slots` calls it once per step). `parts` splits
-        each gradient into the pieces whose squared norms are summed (default: the whole array),
-        so that a flat buffer gets the same global norm as the parameters it packs.
-        """
-        if self.clip is None and self.clip_norm is None:
-            return grads
-        out = {}
-        for key, g in grads.items():
-            if self.clip is not None:
-                g = np.clip(g, -self.clip, self.clip, out=self.buffer(f"grad.{key}", g))
-            out[key] = g
-        if self.clip_norm is not None:
-            pieces = (piece for g in out.values() for piece in (parts(g) if parts else (g,)))
-            scale = self._norm_scale(pieces)  # over all parameters together
-            if scale < 1:
-                for key, g in out.items():
-                    out[key] = np.multiply(g, scale, out=self.buffer(f"grad.{key}", g))
-        return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Every state array by `"<name>.<param>"` (views: copy them to keep a snapshot)."""

@@ -23,7 +23,7 @@ from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.memory import check as check_memory
 from charrnn.plugins import call_hook
-from charrnn.transforms import allreduce_mean, chain
+from charrnn.transforms import allreduce_mean, chain, clipping
 from charrnn.types import Model, Schedule
 from charrnn.world import LocalWorld, World, agree, rows, together
 
@@ -352,7 +352,10 @@ def prepare(
         Batches(data.train_ids, t["batch_size"], t["seq_length"], world),
         steps=t["steps"],
         seed=config["seed"],
-        transform=chain(allreduce_mean(world) if world.size > 1 else None),
+        transform=chain(
+            allreduce_mean(world) if world.size > 1 else None,  # clipping after averaging, as in one process
+            clipping(getattr(optimizer, "clip", None), getattr(optimizer, "clip_norm", None)),
+        ),
         schedule=schedule,
         callbacks=[*chain_, *callbacks],
         world=world,

@@ -1,4 +1,4 @@
-"""The sgd, rmsprop, adam and adamw optimizers, and the clipping they share with adagrad."""
+"""The sgd, rmsprop, adam and adamw optimizers, and the clipping the training loop applies for all."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import copy
 import numpy as np
 import pytest
 
+import charrnn.transforms
 import charrnn_plugins.optimizers
 from charrnn import ConfigError, run_pipeline
-from charrnn.optim import pack, packed_buffer
+from charrnn.optim import pack, pack_views, packed_buffer
+from charrnn.transforms import clipping
 from charrnn_plugins.adagrad import Adagrad
 from charrnn_plugins.optimizers import SGD, Adam, AdamW, RMSprop
 from conftest import TINY_TEXT
@@ -19,6 +21,25 @@ ALL = [Adagrad, SGD, RMSprop, Adam, AdamW]
 
 def fresh(p):
     return {k: v.copy() for k, v in p.items()}
+
+
+def loop_step(opt, params, grads):
+    """What the training loop does: the clipping transform the optimizer's settings ask for, then
+    `step` (on a copy of the gradients, packed if they were)."""
+    flat = packed_buffer(list(grads.values()))
+    g = pack_views(flat.copy(), grads) if flat is not None else fresh(grads)
+    transform = clipping(opt.clip, opt.clip_norm)
+    opt.step(params, transform(g) if transform is not None else g)
+
+
+@pytest.mark.parametrize("cls", [Adagrad, SGD, RMSprop, Adam, AdamW])
+def test_no_optimizer_clips_on_its_own(cls):
+    """Clipping settings are read by the loop; `step` itself never clips (so it cannot clip twice)."""
+    g = {"w": np.array([-90.0, -0.5, 0.25, 70.0])}
+    a, b = {"w": np.zeros(4)}, {"w": np.zeros(4)}
+    cls(clip=1.0, clip_norm=1.0).step(a, fresh(g))
+    cls(clip=None, clip_norm=None).step(b, fresh(g))
+    assert np.array_equal(a["w"], b["w"])
 
 
 def test_sgd_plain_step():
@@ -130,7 +151,7 @@ def test_elementwise_clip(cls):
     g = {"w": np.array([-9.0, -0.5, 0.25, 7.0])}
     a, b = cls(clip=1.0, clip_norm=None), cls(clip=None, clip_norm=None)
     pb = {"w": np.zeros(4)}
-    a.step(p, g)
+    loop_step(a, p, g)
     b.step(pb, {"w": np.array([-1.0, -0.5, 0.25, 1.0])})
     assert np.array_equal(p["w"], pb["w"])
     assert np.array_equal(g["w"], [-9.0, -0.5, 0.25, 7.0])  # the caller's gradients are untouched
@@ -138,7 +159,7 @@ def test_elementwise_clip(cls):
 
 def test_elementwise_clip_values():
     p = {"w": np.zeros(4)}
-    SGD(lr=1.0, clip=1.0, clip_norm=None).step(p, {"w": np.array([-9.0, -0.5, 0.25, 7.0])})
+    loop_step(SGD(lr=1.0, clip=1.0, clip_norm=None), p, {"w": np.array([-9.0, -0.5, 0.25, 7.0])})
     np.testing.assert_array_equal(p["w"], [1.0, 0.5, -0.25, -1.0])
 
 
@@ -151,7 +172,7 @@ def test_clip_norm_scales_all_gradients_jointly(cls):
     opt = cls(clip=None, clip_norm=6.5)
     ref = cls(clip=None, clip_norm=None)
     for _ in range(2):
-        opt.step(clipped, grads)
+        loop_step(opt, clipped, grads)
         ref.step(reference, {k: g * 0.5 for k, g in grads.items()})
     for k in params:
         np.testing.assert_allclose(clipped[k], reference[k], rtol=1e-14)
@@ -161,14 +182,14 @@ def test_clip_norm_scales_all_gradients_jointly(cls):
 def test_clip_norm_leaves_small_gradients_alone():
     grads = {"a": np.array([0.3, 0.4])}
     p = {"a": np.zeros(2)}
-    SGD(lr=1.0, clip_norm=0.5).step(p, grads)
+    loop_step(SGD(lr=1.0, clip_norm=0.5), p, grads)
     np.testing.assert_array_equal(p["a"], [-0.3, -0.4])
 
 
 def test_clip_then_clip_norm():
     grads = {"a": np.array([30.0, 4.0]), "b": np.array([-12.0])}
     p = {"a": np.zeros(2), "b": np.zeros(1)}
-    SGD(lr=1.0, clip=3.0, clip_norm=2.5).step(p, grads)  # clipped: [3, 3], [-3]; norm sqrt(27)
+    loop_step(SGD(lr=1.0, clip=3.0, clip_norm=2.5), p, grads)  # clipped: [3, 3], [-3]; norm sqrt(27)
     scale = 2.5 / np.sqrt(27.0)
     np.testing.assert_allclose(p["a"], [-3 * scale, -3 * scale], rtol=1e-14)
     np.testing.assert_allclose(p["b"], [3 * scale], rtol=1e-14)
@@ -361,8 +382,8 @@ def test_packed_updates_are_bit_identical_to_per_parameter_ones(cls, options, dt
     for g in grads:
         for k, v in g.items():
             packed_grads[k][...] = v
-        a.step(plain, g)
-        b.step(packed, packed_grads)
+        loop_step(a, plain, g)
+        loop_step(b, packed, packed_grads)
         for k in plain:
             assert np.array_equal(plain[k], packed[k]), k
     for name in b.state_names:  # after `step` (not a direct `slots` call): the state is one flat buffer
@@ -440,18 +461,18 @@ STEP_OPTIONS = [
 
 @pytest.mark.parametrize(("cls", "options"), STEP_OPTIONS)
 def test_step_clips_packed_gradients_once_and_stays_packed(cls, options, rng, monkeypatch):
-    """Through `step`: clipping engages, is applied exactly once, and the update stays on the flat buffers."""
+    """The loop's clipping engages, runs exactly once per step, and the update stays on the flat buffers."""
     params, grads = packed_pair(rng)
     packed = pack(params)
     reference, ref = fresh(params), cls(**{**options, "clip": None, "clip_norm": None})
     opt = cls(**options)
     calls = []
-    norm_scale = opt._norm_scale  # the global norm is computed once per clipping
-    monkeypatch.setattr(opt, "_norm_scale", lambda parts: calls.append(1) or norm_scale(parts))
+    norm = charrnn.transforms.global_norm  # the global norm is computed once per clipping
+    monkeypatch.setattr(charrnn.transforms, "global_norm", lambda g: calls.append(1) or norm(g))
     for i, g in enumerate(grads[:3], start=1):
         by_hand = clip_by_hand(g, options.get("clip"), options["clip_norm"])
         assert not all(np.array_equal(by_hand[k], g[k]) for k in g)  # clipping engages
-        opt.step(packed, pack(g))
+        loop_step(opt, packed, pack(g))
         ref.step(reference, by_hand)
         assert len(calls) == i  # one clipping per step
         for k in params:
