@@ -28,6 +28,7 @@ from charrnn.pipeline import Pipeline
 __all__ = ["bench", "blas_info", "format_table"]
 
 MACHINE_SHARE, MACHINE_MAX_SECONDS = 0.2, 2.0  # of the time budget, for timing the products
+BUSY = 0.10  # share of all CPUs used by other processes from which the table warns
 
 
 def bench(pipeline: Pipeline, seconds: float = 10.0) -> dict[str, Any]:
@@ -147,6 +148,13 @@ def format_table(report: dict[str, Any]) -> str:
         ),
         ("numpy / python", f"{report['numpy']} / {report['python']} on {platform.machine()}"),
     ]
+    if others is not None and others > BUSY:
+        rows.append(
+            (
+                "warning",
+                f"other processes kept {others:.0%} of the CPUs busy: these figures are not this machine's",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -132,3 +132,14 @@ def test_load_between_counts_other_processes_only():
     assert load["loadavg_after"] == (2.0, 1.0, 1.0)
     unknown = machine.load_between(machine.LoadSnapshot(0.0, None, 0.0, None), after)
     assert unknown["others_cpu_share"] is None
+
+
+def test_table_warns_when_other_processes_were_busy(tiny_config, monkeypatch):
+    busy = {"loadavg_before": (3.0, 1, 1), "loadavg_after": (4.0, 1, 1), "others_cpu_share": 0.6}
+    monkeypatch.setattr(machine, "load_between", lambda before, after: {**busy, "wall_seconds": 1.0})
+    report = bench(Pipeline(tiny_config, load_entrypoints=False), seconds=0.3)
+    table = format_table(report)
+    assert "load average 3.00 -> 4.00; other processes used 60% of the CPUs" in table
+    assert "other processes kept 60% of the CPUs busy: these figures are not" in table
+    busy["others_cpu_share"] = 0.01
+    assert "warning" not in format_table(bench(Pipeline(tiny_config, load_entrypoints=False), seconds=0.3))
