@@ -143,3 +143,22 @@ def test_table_warns_when_other_processes_were_busy(tiny_config, monkeypatch):
     assert "other processes kept 60% of the CPUs busy: these figures are not" in table
     busy["others_cpu_share"] = 0.01
     assert "warning" not in format_table(bench(Pipeline(tiny_config, load_entrypoints=False), seconds=0.3))
+
+
+def test_bench_training_speed_leaves_out_what_a_run_pays_once(tiny_config, monkeypatch):
+    """Regression: chars/s was a short run's chars over its whole time, final evaluation, sample
+    and checkpoint included, which a real run pays once over thousands of steps. The loop's
+    clock is replaced by one that charges 3 s per run and 10 ms per step (no wall-clock test)."""
+    pipeline = Pipeline(tiny_config, load_entrypoints=False)
+    real = pipeline.train
+
+    def train(stderr):
+        model, corpus, result = real(stderr)
+        result.seconds = 3.0 + 0.01 * result.steps
+        return model, corpus, result
+
+    monkeypatch.setattr(pipeline, "train", train)
+    report = bench(pipeline, seconds=0.5)
+    B, T = tiny_config["train"]["batch_size"], tiny_config["train"]["seq_length"]
+    assert report["train_chars_per_sec"] == round(B * T / 0.01)
+    assert report["train_seconds"] == pytest.approx(0.01 * report["train_steps"])
