@@ -46,7 +46,11 @@ def charrnn_model(register: Register) -> None:
         ``init_state``, ``train_step`` (forward, loss and backward on a (B, T) minibatch with the
         hidden state carried in and out), ``loss`` (forward only) and ``step`` (one time step for
         k streams, used to prime and to sample). Optional: ``stepper(state)``, a faster ``step``
-        for generation loops (see :meth:`charrnn.Model.step`). Packing ``params`` and the
+        for generation loops (see :meth:`charrnn.Model.step`), and
+        ``matmul_shapes(batch_size, seq_length)``, the matrix products of one training step and
+        of one generation step as ``(m, k, n, count)`` tuples, from which ``charrnn bench``
+        computes the model's FLOPs per character and its bound on the machine at hand (without
+        it the bench reports the bound as unknown). Packing ``params`` and the
         gradients with :func:`charrnn.optim.pack` lets the builtin optimizers update them in a
         few NumPy calls. Raise ``ValueError`` for bad options.
     """

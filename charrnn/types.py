@@ -145,6 +145,15 @@ class Model(Protocol):
     `params` maps names (RNN notation: `Wxh`, `Whh`, `Why`, `bh`, `by`) to arrays that the
     optimizer updates in place. State is a dict of arrays whose first axis is the stream
     (batch) axis, so the pipeline can save it and carry it between chunks.
+
+    Optional, for `charrnn bench`: `matmul_shapes(batch_size, seq_length)` returns
+    `{"train": [...], "generate": [...]}`, lists of `(m, k, n, count)`: the `count` products of
+    an (m, k) by a (k, n) matrix that one `train_step` on a (batch_size, seq_length) chunk, and
+    one generation step of `batch_size` streams, perform. The bench times those shapes on the
+    machine at hand; FLOPs per character are sum(2 * m * k * n * count) / characters per step,
+    and the bound is those characters over sum(count * time of one product) (`charrnn.machine`).
+    List the model's own arithmetic; leave out shortcuts and bookkeeping (a one-hot product
+    that stands for a gather or scatter, sums done as products with a ones vector).
     """
 
     params: Params

@@ -338,6 +338,64 @@ class Recurrent:
         logits += p["by"]
         return logits, new
 
+    def matmul_shapes(self, batch_size: int, seq_length: int) -> dict[str, list[tuple[int, int, int, int]]]:
+        """The matrix products this model performs, as (m, k, n, count): `count` (m, k) @ (k, n).
+
+        `train`: one `train_step` on a (batch_size, seq_length) chunk; `generate`: one
+        generation step of `batch_size` streams. `charrnn bench` times these shapes to compute
+        the model's bound on this machine (`charrnn.machine`). FLOPs per character, 2 * m * k * n
+        per product, with G = gates * H and L layers (going back in time, the last step has no
+        recurrent product: T - 1 of them):
+
+            train:    L * (6 - 2 / T) * H * G + (L - 1) * 6 * H * G + 6 * H * V
+            generate: (2 * L - 1) * 2 * H * G + 2 * H * V
+
+        So a one-layer rnn (G = H) trains at 6 * H * (H + V) - 2 * H^2 / T, a 2-layer lstm
+        (G = 4 * H) at 72 * H^2 + 6 * H * V - 16 * H^2 / T. Left out: the layer-0 input
+        projection (a row gather, no product), its gradient (a scatter-add, done as a one-hot
+        product for small V, an implementation shortcut), and sums over positions done as
+        products with a vector of ones; these count against the model's share of the bound,
+        as does all elementwise work.
+        """
+        B = positive_int("batch_size", batch_size)
+        T = positive_int("seq_length", seq_length)
+        H, V, L, G, N = (
+            self.hidden_size,
+            self.vocab_size,
+            self.num_layers,
+            self.gates * self.hidden_size,
+            B * T,
+        )
+        if self.feature_major:  # the layout of the time loops and of the (F, N) buffers, see the cells
+            step, step_back, below_in, below_back, out_back = (
+                (G, H, B),
+                (H, G, B),
+                (G, H, N),
+                (H, G, N),
+                (H, V, N),
+            )
+        else:
+            step, step_back, below_in, below_back, out_back = (
+                (B, H, G),
+                (B, G, H),
+                (N, H, G),
+                (N, G, H),
+                (N, V, H),
+            )
+        train = [
+            (*step, L * T),  # h_{t-1} @ Whh, every layer and step
+            (*step_back, L * (T - 1)),  # dL/dh_{t-1} through Whh
+            (H, N, G, L),  # dWhh of every layer, all steps at once
+            (*below_in, L - 1),  # layers above the first: input projection, dWxh{l}, dL/d(input)
+            (H, N, G, L - 1),
+            (*below_back, L - 1),
+            (V, H, N, 1),  # output layer: logits, dWhy, dL/dh
+            (H, N, V, 1),
+            (*out_back, 1),
+        ]
+        generate = [(B, H, G, 2 * L - 1), (B, H, V, 1)]  # per layer h @ Whh, above the first x @ Wxh{l}
+        return {"train": [s for s in train if s[3]], "generate": generate}
+
     # -- the stack ------------------------------------------------------------------------
 
     def _check(self, inputs: np.ndarray, targets: np.ndarray, state: Arrays) -> None:

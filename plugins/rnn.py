@@ -140,6 +140,18 @@ class RNN(Recurrent):
             return StepAdapter(self, state)
         return _Stepper(self, state)
 
+    def matmul_shapes(self, batch_size: int, seq_length: int) -> dict[str, list[tuple[int, int, int, int]]]:
+        """`Recurrent.matmul_shapes`; one layer generates with one stacked (H + V, H) product per step.
+
+        The stepper's zero padding rows (`padded_rows`) are a speed trick, not the model's work:
+        the bound counts the (H + V, H) product.
+        """
+        shapes = super().matmul_shapes(batch_size, seq_length)
+        if self.num_layers == 1:
+            H, V = self.hidden_size, self.vocab_size
+            shapes["generate"] = [(H + V, H, batch_size, 1)]  # [Whh.T; Why.T] @ h
+        return shapes
+
     def _step_layer(self, layer: int, x: np.ndarray, state: Arrays, new: Arrays) -> np.ndarray:
         name = layer_name("h", layer)
         h = np.dot(state[name], self.params[layer_name("Whh", layer)])  # (k, H)
