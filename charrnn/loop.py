@@ -199,6 +199,8 @@ class Loop:
         step_kwargs = {"rng": rng} if "rng" in inspect.signature(model.train_step).parameters else {}
         schedule, base_lr, transform, params = self.schedule, self.base_lr, self.transform, model.params
         inputs, targets, interrupts = b.inputs, b.targets, self.interrupts
+        # only the callbacks that act after a step are called after each step
+        step_callbacks = [cb.on_step_end for cb in self.callbacks if type(cb).on_step_end is not Callback.on_step_end]
         shared = np.zeros(3) if world.size > 1 else None  # [loss, stop asked, abort asked], summed
         started = time.perf_counter()
         self.new_window()
@@ -248,8 +250,8 @@ class Loop:
                         self._abort(abort)
                     if stop:
                         self.control.stop("interrupted")
-                    for cb in self.callbacks:
-                        cb.on_step_end(self)
+                    for on_step_end in step_callbacks:
+                        on_step_end(self)
         except TrainingError as exc:
             self.error = exc
             raise  # the loss or the parameters are bad: the last saved checkpoint stays as it was
