@@ -21,6 +21,7 @@ from tqdm import tqdm
 from charrnn import checkpoint as ckpt_io
 from charrnn.errors import CharrnnError, ConfigError, PluginFailure
 from charrnn.evaluation import EVAL_STREAMS, evaluate
+from charrnn.files import atomic_write
 from charrnn.generate import generate
 from charrnn.loop import Callback, Diverged, Loop
 from charrnn.types import Corpus, Sampler
@@ -254,7 +255,7 @@ class Reporter(Callback):
                     continue
                 if step < start or (step == start and any(step % n == 0 for n in regular)):
                     kept.append(line)
-        with ckpt_io.atomic_write(path, "metrics file", ConfigError) as f:
+        with atomic_write(path, "metrics file", ConfigError) as f:
             f.write("".join(line + "\n" for line in kept).encode("utf-8"))
 
     def on_step_end(self, loop: Loop) -> None:

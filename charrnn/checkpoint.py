@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from charrnn.errors import CharrnnError, CheckpointError, ConfigError, CorpusError
+from charrnn.errors import CheckpointError, ConfigError, CorpusError
+from charrnn.files import atomic_write
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
@@ -38,9 +37,6 @@ ARRAY_KINDS = "fiu"  # floats, and integers for counters (Adam's `t`); never obj
 ArraySpec = tuple[tuple[int, ...], str]  # (shape, allowed dtype kinds, e.g. "f")
 Expect = Callable[[dict[str, Any]], Mapping[str, Mapping[str, ArraySpec]]]
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once: temporary files are created 0600, the result gets the usual mode
-
 
 @dataclass
 class Checkpoint:
@@ -50,37 +46,6 @@ class Checkpoint:
     meta: dict[str, Any]
     optim: dict[str, np.ndarray] = field(default_factory=dict)
     state: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@contextmanager
-def atomic_write(
-    path: str | Path, what: str = "checkpoint", error: type[CharrnnError] = CheckpointError
-) -> Iterator[IO[bytes]]:
-    """A binary file that replaces `path` only once the block completes (unique temporary, fsync, rename).
-
-    Concurrent writers never share a temporary, readers see the old file or the new one, and the
-    temporary is removed whatever happens (a full disk included). OSError becomes
-    `error("cannot write <what> <path>: <reason>")`.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise error(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
-                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise error(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    finally:
-        with suppress(OSError):  # gone already after the rename
-            os.unlink(tmp)
 
 
 def save(path: str | Path, ckpt: Checkpoint) -> None:

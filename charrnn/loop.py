@@ -200,7 +200,9 @@ class Loop:
         schedule, base_lr, transform, params = self.schedule, self.base_lr, self.transform, model.params
         inputs, targets, interrupts = b.inputs, b.targets, self.interrupts
         # only the callbacks that act after a step are called after each step
-        step_callbacks = [cb.on_step_end for cb in self.callbacks if type(cb).on_step_end is not Callback.on_step_end]
+        step_callbacks = [
+            cb.on_step_end for cb in self.callbacks if type(cb).on_step_end is not Callback.on_step_end
+        ]
         shared = np.zeros(3) if world.size > 1 else None  # [loss, stop asked, abort asked], summed
         started = time.perf_counter()
         self.new_window()

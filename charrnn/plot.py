@@ -13,7 +13,6 @@ import math
 import numbers
 import os
 import re
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from charrnn.errors import CharrnnError
+from charrnn.files import atomic_write
 
 # matplotlib's tab10: distinct, colour-blind tolerant, and the same colours in the SVG and the PNG
 PALETTE = (
@@ -258,21 +258,8 @@ def write_plot(
 
 def _write_atomic(path: Path, write: Any) -> None:
     """Readers (a browser refreshing the picture mid-training) see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # unique: writers may race
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
-    except OSError as exc:
-        raise CharrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CharrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, "picture", CharrnnError) as f:
+        write(f)
 
 
 # ---- SVG ----

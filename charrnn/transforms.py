@@ -35,7 +35,9 @@ class _Flat:
 
     def __call__(self, grads: Params) -> np.ndarray | None:
         arrays = tuple(grads.values())
-        if len(arrays) != len(self.arrays) or any(a is not b for a, b in zip(arrays, self.arrays, strict=False)):
+        if len(arrays) != len(self.arrays) or any(
+            a is not b for a, b in zip(arrays, self.arrays, strict=False)
+        ):
             self.arrays, self.buffer = arrays, packed_buffer(list(arrays)) if arrays else None
         return self.buffer
 

@@ -29,8 +29,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from charrnn import Corpus, CorpusError
-from charrnn.checkpoint import atomic_write
 from charrnn.encoding import NotUTF8, ids_dtype, lookup, mark
+from charrnn.files import atomic_write
 from charrnn.textfile import CHUNK_SIZE, byte_codes, check_regular, utf8_codes
 
 ENCODINGS = ("utf-8", "bytes")
