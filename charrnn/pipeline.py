@@ -20,9 +20,11 @@ from charrnn.assembly import Assembly
 from charrnn.data import Data, load_corpus
 from charrnn.errors import ConfigError, CorpusError
 from charrnn.evaluation import EVAL_STREAMS, evaluate, format_evaluation, ngram_baselines
+from charrnn.generate import held_text_bytes
 from charrnn.interrupts import Interrupts
 from charrnn.loaded import LoadedModel
 from charrnn.loop import TrainResult
+from charrnn.memory import check as check_memory
 from charrnn.textfile import encode_file
 from charrnn.world import LocalWorld, World, together
 
@@ -75,8 +77,24 @@ class Pipeline(Assembly):
             if world.rank == 0:  # before the slow parts: the file rank 0 will write
                 training.check_output(self.config["train"]["checkpoint"], "train.checkpoint")
             data = self.data()
-            if "generate" in self.config["stages"]:
-                data.corpus.encode(self.config["generate"]["seed_text"])  # fail before training, not after
+            g, t = self.config["generate"], self.config["train"]
+            if (
+                "generate" in self.config["stages"]
+            ):  # what the later stage would refuse, refused before training
+                data.corpus.encode(g["seed_text"])
+                check_memory(
+                    held_text_bytes(data.corpus, g["num_chars"], g["num_samples"]),
+                    f"generate.num_chars={g['num_chars']}"
+                    + (f" with num_samples={g['num_samples']}" if g["num_samples"] > 1 else ""),
+                    "the generated text",
+                    "; ask for fewer characters",
+                )
+            if t["sample_every"] and t["sample_length"]:
+                check_memory(
+                    held_text_bytes(data.corpus, t["sample_length"], 1),
+                    f"train.sample_length={t['sample_length']}",
+                    "each training-time sample",
+                )
             loop, saved = training.prepare(self, data, world=world, interrupts=interrupts, stderr=stderr)
         result = training.run(loop, training.start(loop, self, data, saved))
         return LoadedModel(loop.model, data.corpus, self, self.config["train"]["checkpoint"]), result

@@ -167,3 +167,19 @@ def test_ordinary_generation_is_not_refused(tiny_config, checkpoint, eight_gib):
     tiny_config["sampler"] = {"type": "beam", "beam_width": 3}
     tiny_config["generate"].update(num_chars=40, checkpoint=checkpoint)
     assert len(run_pipeline(tiny_config).text) == 4 + 40
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "start"),
+    [
+        ("generate.num_chars", 10_000_000_000, "generate.num_chars=10000000000 needs about "),
+        ("train.sample_length", 10_000_000_000, "train.sample_length=10000000000 needs about "),
+    ],
+)
+def test_train_then_generate_refuses_a_later_size_before_training(tiny_config, eight_gib, key, value, start):
+    """The refusal comes before the first step, not after all the training (no work to lose)."""
+    section, option = key.split(".")
+    tiny_config[section][option] = value
+    with pytest.raises(ConfigError, match=f"^{start}"):
+        run_pipeline(tiny_config)
+    assert not os.path.exists(tiny_config["train"]["checkpoint"])
