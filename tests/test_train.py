@@ -430,3 +430,23 @@ def test_train_then_evaluate_loads_the_corpus_once(tiny_config):
     tiny_config["stages"] = ["train", "evaluate"]
     result = run_pipeline(tiny_config, plugins=[Counted()])
     assert calls == [8] and result.evaluation["loss"] > 0
+
+
+@pytest.mark.slow
+def test_sigusr1_stops_after_the_step_and_saves(tiny_config, tmp_path, cli_env):
+    """Open MPI's mpiexec forwards SIGUSR1 (it kills jobs on SIGINT): it means what a first Ctrl+C means."""
+    ckpt = tmp_path / "usr1.npz"
+    tiny_config["train"].update(steps=None, sample_every=None, save_every=50, checkpoint=str(ckpt))
+    tiny_config["stages"] = ["train"]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    proc = subprocess.Popen(
+        charrnn_cmd("run", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env
+    )
+    _wait_for(ckpt, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    _, meta = params_of(ckpt)
+    assert f"stopped at step {meta['step']}; saved {ckpt}".encode() in err
+    assert b"Traceback" not in err

@@ -210,3 +210,17 @@ def test_a_corpus_missing_on_one_rank_fails_every_rank_with_its_message(tiny_con
     with pytest.raises(SharedFailure, match=r"^rank 1: corpus file not found: .*missing.txt$") as info:
         ThreadWorld.run(2, replica)
     assert info.value.code == 2
+
+
+def test_dropout_resumes_only_under_the_same_number_of_processes(tiny_config, tmp_path):
+    config = distributed_config(tiny_config, tmp_path, "drop", steps=10)
+    config["model"] = {"type": "rnn", "hidden_size": 12, "dtype": "float64", "num_layers": 2, "dropout": 0.2}
+    train_on(2, config)
+    assert "rng_ranks" in ckpt_io.load(tmp_path / "drop.npz").meta  # each rank's dropout stream is kept
+    resumed = dict(config, train={**config["train"], "steps": 20, "resume": True})
+    with pytest.raises(
+        CharrnnError, match=r"trained by 2 process\(es\) with dropout.*resume it with 2 process"
+    ):
+        train_on(1, resumed)
+    train_on(2, resumed)  # the same number of processes resumes
+    assert ckpt_io.load(tmp_path / "drop.npz").meta["step"] == 20
