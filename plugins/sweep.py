@@ -767,6 +767,8 @@ def run_ray(
     sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: TextIO, address: str | None, resume: bool
 ) -> tuple[list[Trial], bool]:
     """The sweep on Ray Tune; the trials that ran (or ran before) and whether it was interrupted."""
+    # Ray's newer console output ignores `verbose=0`; the older reporter honours it (stdout stays ours)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         import ray
         from ray import tune
