@@ -793,7 +793,11 @@ def run_ray(
             tune_config=tune_config(sweep),
             run_config=tune.RunConfig(name="ray", storage_path=str(sweep.output), verbose=0),
         )
-    grid = tuner.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        grid = tuner.fit()  # Ctrl+C: Tune stops the trials and saves its state, then returns
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Tune leaves its own handler behind
     ran: list[Trial] = []
     interrupted = False
     # ResultGrid's own source of truth: the trials with their Ray status (TERMINATED, ERROR, ...)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 
 import pytest
 import yaml
@@ -77,10 +78,12 @@ max_concurrent: 2
 output: out
 """
     (here / "s.yaml").write_text(text, encoding="utf-8")
+    handler = signal.getsignal(signal.SIGINT)
     code = cli.main(["sweep", "s.yaml"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out == ""
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl+C means what it meant before the sweep
     rows = results(here)
     assert [r["id"] for r in rows] == ["0000", "0001", "0002", "0003"]
     assert all(r["status"] in ("done", "stopped early") for r in rows), rows
