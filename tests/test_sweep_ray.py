@@ -1,0 +1,131 @@
+"""`charrnn sweep` on Ray Tune (charrnn[tune]) and with Optuna (charrnn[optuna]); CI installs both."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+
+import pytest
+import yaml
+
+from charrnn import cli
+from conftest import TINY_TEXT
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+HAVE_OPTUNA = importlib.util.find_spec("optuna") is not None
+
+pytestmark = [
+    pytest.mark.skipif(not HAVE_RAY and not os.environ.get("CI"), reason="needs charrnn[tune]"),
+    pytest.mark.slow,
+    # Ray and its dependencies warn about their own deprecations at import and shutdown
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+BASE = {
+    "seed": 1,
+    "corpus": {"type": "text", "path": "tiny.txt", "val_fraction": 0.1},
+    "model": {"type": "rnn", "hidden_size": 8},
+    "optimizer": {"type": "adagrad", "lr": 0.1},
+    "stages": ["train"],
+    "train": {
+        "steps": 160,
+        "batch_size": 4,
+        "seq_length": 8,
+        "sample_every": None,
+        "eval_every": 20,
+        "checkpoint": "runs/base/model.npz",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module: start-up costs seconds."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(TINY_TEXT, encoding="utf-8")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE), encoding="utf-8")
+    return tmp_path
+
+
+def results(here):
+    return [json.loads(line) for line in (here / "out" / "results.jsonl").read_text().splitlines()]
+
+
+def test_asha_stops_poor_trials_early_and_keeps_every_model(ray_cluster, here, capsys):
+    # the good learning rates start first, so the poor ones meet full rungs and are cut at grace_period
+    text = """pipeline: base.yaml
+search:
+  optimizer.lr: {grid: [0.3, 0.2, 0.0003, 0.0001]}
+backend: ray
+scheduler: {type: asha, grace_period: 20, reduction_factor: 2}
+max_concurrent: 2
+output: out
+"""
+    (here / "s.yaml").write_text(text, encoding="utf-8")
+    handler = signal.getsignal(signal.SIGINT)
+    code = cli.main(["sweep", "s.yaml"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == ""
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl+C means what it meant before the sweep
+    rows = results(here)
+    assert [r["id"] for r in rows] == ["0000", "0001", "0002", "0003"]
+    assert all(r["status"] in ("done", "stopped early") for r in rows), rows
+    assert any(r["status"] == "done" and r["steps"] == 160 for r in rows[:2]), rows
+    # which of the two good ones ASHA cuts depends on who reaches a rung first; the poor ones are cut
+    assert [r["status"] for r in rows[2:]] == ["stopped early"] * 2, rows
+    assert all(r["steps"] < 160 for r in rows if r["status"] == "stopped early")
+    for r in rows:  # a trial ASHA stopped still has the model of its last report
+        folder = here / "out" / "trials" / r["id"]
+        assert (folder / "model.npz").is_file() and (folder / "model.best.npz").is_file()
+        assert r["checkpoint"] == str(folder / "model.best.npz")
+        records = [json.loads(line) for line in (folder / "model.metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["step"] == r["steps"]
+    assert "best: trial 000" in err and (here / "out" / "best.yaml").is_file()
+    svg = (here / "out" / "sweep.svg").read_text()
+    assert "(stopped early)" in svg
+
+
+@pytest.mark.skipif(not HAVE_OPTUNA and not os.environ.get("CI"), reason="needs charrnn[optuna]")
+def test_optuna_search_runs_trials_it_picks(ray_cluster, here, capsys):
+    text = """pipeline: base.yaml
+set:
+  train.steps: 40
+search:
+  optimizer.lr: {loguniform: [0.01, 0.5]}
+  model.hidden_size: {choice: [4, 8]}
+algorithm: optuna
+samples: 3
+backend: ray
+output: out
+"""
+    (here / "s.yaml").write_text(text, encoding="utf-8")
+    code = cli.main(["sweep", "s.yaml"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = results(here)
+    assert len(rows) == 3 and all(r["status"] == "done" for r in rows), rows
+    assert len({r["optimizer.lr"] for r in rows}) == 3
+    assert all(0.01 <= r["optimizer.lr"] <= 0.5 and r["model.hidden_size"] in (4, 8) for r in rows)
+    for r in rows:
+        values = json.loads((here / "out" / "trials" / r["id"] / "values.json").read_text())
+        assert values == {"optimizer.lr": r["optimizer.lr"], "model.hidden_size": r["model.hidden_size"]}
+    best = yaml.safe_load((here / "out" / "best.yaml").read_text())
+    winner = min(rows, key=lambda r: r["best_val_loss"])
+    assert best["optimizer"]["lr"] == winner["optimizer.lr"]
