@@ -81,9 +81,20 @@ class FakeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, text: str = CANNED, metrics: list[dict] | None = None, chunk_delay: float = 0.04):
+    def __init__(
+        self,
+        text: str = CANNED,
+        metrics: list[dict] | None = None,
+        chunk_delay: float = 0.04,
+        models: dict | None = None,
+        distribution=None,
+    ):
         super().__init__(("127.0.0.1", 0), Handler)
         self.text, self.metrics, self.chunk_delay = text, metrics or fake_metrics(), chunk_delay
+        self.models = models or MODELS
+        self.distribution = distribution or (
+            lambda name, prompt, n: next_chars(prompt, self.models[name]["vocab"], n)
+        )
         self.requests: list[dict] = []  # JSON bodies of POST /v1/completions, in order
         self.disconnected = threading.Event()  # a client went away mid-stream
 
@@ -137,12 +148,12 @@ class Handler(BaseHTTPRequestHandler):
                         "has_metrics": m["metrics"],
                     },
                 }
-                for name, m in MODELS.items()
+                for name, m in self.server.models.items()
             ]
             self.send_json(200, {"object": "list", "data": data})
         elif self.path.startswith("/v1/models/") and self.path.endswith("/metrics"):
             name = self.path.split("/")[3]
-            if not MODELS.get(name, {}).get("metrics"):
+            if not self.server.models.get(name, {}).get("metrics"):
                 return self.error(404, f"model {name!r} has no metrics file", "model")
             self.send_json(200, {"object": "list", "data": self.server.metrics})
         else:
@@ -178,8 +189,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.stream(body["model"], text)
         logprobs = None
         if body.get("logprobs"):
-            tops = [next_chars(prompt[: i + 1], model["vocab"], body["logprobs"]) for i in range(len(prompt))]
-            tops.append(next_chars(prompt, model["vocab"], body["logprobs"]))
+            dist, n = self.server.distribution, body["logprobs"]
+            tops = [dist(body["model"], prompt[:i], n) for i in range(len(prompt) + 1)]
             logprobs = {"tokens": list(prompt), "token_logprobs": [None] * len(prompt), "top_logprobs": tops}
             logprobs["text_offset"] = list(range(len(prompt)))
         choice = {"text": (prompt if body.get("echo") else "") + text, "index": 0, "logprobs": logprobs}
@@ -403,3 +414,50 @@ def test_screenshots_fit_the_width(browser, playground, tmp_path, width):
     page.screenshot(path=str(tmp_path / f"playground-{width}.png"), full_page=True)
     assert (tmp_path / f"playground-{width}.png").stat().st_size > 10_000
     context.close()
+
+
+def save_docs_screenshot(checkpoint: str, out: str) -> None:
+    """Draw docs/playground.png: the page at 1280 px, fed by a trained checkpoint through the fake
+    API (its text, next-character probabilities and metrics). Run from the repository root:
+    python tests/test_page.py runs/default/final_model.npz docs/playground.png"""
+    import numpy as np
+
+    from charrnn.loaded import LoadedModel
+
+    loaded = LoadedModel.load(checkpoint)
+    vocab = list(loaded.vocab.vocab)
+    seed = "THE MILLER"
+    text = loaded.generate(num_chars=700, seed_text=seed, temperature=0.6, seed=3)[0]
+
+    def distribution(name, prompt, n):
+        state, logits = loaded.model.init_state(1), None
+        for i in loaded.vocab.encode(prompt or "\n"):
+            logits, state = loaded.model.step(np.array([i]), state)
+        z = logits[0] - logits[0].max()
+        logp = z - np.log(np.exp(z).sum())
+        return {vocab[i]: float(logp[i]) for i in np.argsort(-logp)[:n]}
+
+    metrics_file = Path(checkpoint).with_suffix(".metrics.jsonl")
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    models = {"harrowmere": {"vocab": vocab, "metrics": True}}
+    server = FakeServer(text=text, metrics=rows, models=models, distribution=distribution, chunk_delay=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page.goto(server.url + "/")
+        expect(page.locator("#curve svg")).to_have_count(1)
+        page.fill("#prompt", seed)
+        page.fill("#length", str(len(text)))
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("Done")
+        expect(page.locator("#probs .prob")).to_have_count(10)
+        page.screenshot(path=out, type="png")
+        browser.close()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    import sys
+
+    save_docs_screenshot(sys.argv[1], sys.argv[2])
