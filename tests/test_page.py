@@ -167,11 +167,10 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self.error(400, "the body is not valid JSON")
         self.server.requests.append(body)
-        model = MODELS.get(body.get("model"))
+        model = self.server.models.get(body.get("model"))
         if model is None:
-            return self.error(
-                404, f"unknown model {body.get('model')!r}; served: {', '.join(MODELS)}", "model"
-            )
+            served = ", ".join(self.server.models)
+            return self.error(404, f"unknown model {body.get('model')!r}; served: {served}", "model")
         prompt = body.get("prompt", "")
         for i, ch in enumerate(prompt):
             if ch not in model["vocab"]:
@@ -339,6 +338,18 @@ def test_probability_panel_shows_the_next_characters_after_the_cursor(page, play
     assert page.input_value("#prompt") == "THE" + top_after_the + " MI"
 
 
+def test_after_a_generation_the_panel_shows_what_follows_the_generated_text(page, playground):
+    page.fill("#length", "16")
+    page.fill("#prompt", "THE MILLER")  # schedules an "after the cursor" update...
+    page.click("#generate")  # ...that must not replace the one after the (quick) generation
+    expect(page.locator("#status")).to_contain_text("Done: 16 characters")
+    page.wait_for_timeout(400)
+    expect(page.locator("#probs-where")).to_have_text("after the generated text")
+    full = "THE MILLER" + CANNED[:16]
+    assert page.evaluate("document.getElementById('probs').dataset.for") == full
+    assert completions(playground, max_tokens=0)[-1]["prompt"] == full
+
+
 def test_loss_curve_draws_train_and_validation_from_the_metrics(page, playground):
     train = page.locator("#curve svg path.line.train")
     expect(train).to_have_count(1)
@@ -427,12 +438,18 @@ def save_docs_screenshot(checkpoint: str, out: str) -> None:
     loaded = LoadedModel.load(checkpoint)
     vocab = list(loaded.vocab.vocab)
     seed = "THE MILLER"
-    text = loaded.generate(num_chars=700, seed_text=seed, temperature=0.6, seed=3)[0]
+    text = loaded.generate(num_chars=700, seed_text=seed, temperature=0.6, seed=3)[0][len(seed) :]
+
+    cache = {"": (loaded.model.init_state(1), None)}  # prefix -> (state, logits after it)
 
     def distribution(name, prompt, n):
-        state, logits = loaded.model.init_state(1), None
-        for i in loaded.vocab.encode(prompt or "\n"):
-            logits, state = loaded.model.step(np.array([i]), state)
+        start = next(i for i in range(len(prompt), -1, -1) if prompt[:i] in cache)
+        state, logits = cache[prompt[:start]]
+        for i in range(start, len(prompt)):
+            logits, state = loaded.model.step(loaded.vocab.encode(prompt[i]), state)
+            cache[prompt[: i + 1]] = (state, logits.copy())
+        if logits is None:
+            return {}
         z = logits[0] - logits[0].max()
         logp = z - np.log(np.exp(z).sum())
         return {vocab[i]: float(logp[i]) for i in np.argsort(-logp)[:n]}
@@ -448,6 +465,7 @@ def save_docs_screenshot(checkpoint: str, out: str) -> None:
         page.goto(server.url + "/")
         expect(page.locator("#curve svg")).to_have_count(1)
         page.fill("#prompt", seed)
+        page.locator("#temperature").fill("0.6")  # as the text was generated
         page.fill("#length", str(len(text)))
         page.click("#generate")
         expect(page.locator("#status")).to_contain_text("Done")

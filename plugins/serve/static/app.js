@@ -142,6 +142,7 @@ function setRunning(running) {
 async function generate(event) {
   event.preventDefault();
   if (state.controller) return;
+  clearTimeout(state.probsTimer); // a pending "after the cursor" update must not replace the result's
   hideError();
   const body = requestBody();
   const out = $("output-text");
