@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -36,13 +37,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
 HAVE_BROWSER = sync_playwright is not None and Path(CHROMIUM).exists()
-pytestmark = [
-    pytest.mark.skipif(
-        not HAVE_BROWSER and not os.environ.get("CI"),
-        reason="needs playwright (pip install playwright) and Debian's chromium (apt-get install chromium)",
-    ),
-    pytest.mark.slow,
-]
+needs_browser = pytest.mark.skipif(
+    not HAVE_BROWSER and not os.environ.get("CI"),
+    reason="needs playwright (pip install '.[page]') and Debian's chromium (apt-get install chromium)",
+)
 
 CANNED = (
     "THE MILLER AND THE CROW\n\nIn the days when the river still ran by the old mill, the miller kept "
@@ -259,6 +257,24 @@ def completions(server, **match):
     return [r for r in server.requests if all(r.get(k) == v for k, v in match.items())]
 
 
+def test_page_is_offline_and_complete():
+    """Everything the page loads is one of the three shipped files: it works with no network."""
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r'(?:src|href)="([^"]+)"', html) == ["static/style.css", "static/app.js"]
+    for name in ("index.html", "app.js", "style.css"):
+        text = (STATIC / name).read_text(encoding="utf-8")
+        urls = set(re.findall(r"[a-z]+://[^\s\"')]+", text)) - {"http://www.w3.org/2000/svg"}
+        assert not urls, (name, urls)
+        assert "@import" not in text
+    ids = set(re.findall(r'id="([^"]+)"', html))
+    used = set(re.findall(r'\$\("([^"]+)"\)', (STATIC / "app.js").read_text(encoding="utf-8")))
+    assert used <= ids, used - ids  # every element the script looks up exists
+    for match in re.findall(r'<label for="([^"]+)"', html):
+        assert match in ids
+
+
+@needs_browser
+@pytest.mark.slow
 def test_generate_streams_the_text_in_as_it_is_made(page, playground):
     page.fill("#prompt", "THE MILLER")
     page.fill("#length", "300")
@@ -281,6 +297,8 @@ def test_generate_streams_the_text_in_as_it_is_made(page, playground):
     expect(page.locator("#stop")).to_be_disabled()
 
 
+@needs_browser
+@pytest.mark.slow
 def test_sampler_options_are_sent_as_shown(page, playground):
     page.select_option("#sampler", "top_k")
     expect(page.locator("#top-p")).to_be_disabled()
@@ -298,6 +316,8 @@ def test_sampler_options_are_sent_as_shown(page, playground):
     expect(page.locator("#temperature")).to_be_disabled()
 
 
+@needs_browser
+@pytest.mark.slow
 def test_stop_cancels_the_stream(page, playground):
     page.fill("#length", "5000")  # 313 chunks, about 12 s
     page.click("#generate")
@@ -314,6 +334,8 @@ def test_stop_cancels_the_stream(page, playground):
     expect(page.locator("#error")).to_be_hidden()
 
 
+@needs_browser
+@pytest.mark.slow
 def test_probability_panel_shows_the_next_characters_after_the_cursor(page, playground):
     page.fill("#prompt", "")
     page.locator("#prompt").press_sequentially("THE MI")
@@ -338,6 +360,8 @@ def test_probability_panel_shows_the_next_characters_after_the_cursor(page, play
     assert page.input_value("#prompt") == "THE" + top_after_the + " MI"
 
 
+@needs_browser
+@pytest.mark.slow
 def test_after_a_generation_the_panel_shows_what_follows_the_generated_text(page, playground):
     page.fill("#length", "16")
     page.fill("#prompt", "THE MILLER")  # schedules an "after the cursor" update...
@@ -350,6 +374,8 @@ def test_after_a_generation_the_panel_shows_what_follows_the_generated_text(page
     assert completions(playground, max_tokens=0)[-1]["prompt"] == full
 
 
+@needs_browser
+@pytest.mark.slow
 def test_loss_curve_draws_train_and_validation_from_the_metrics(page, playground):
     train = page.locator("#curve svg path.line.train")
     expect(train).to_have_count(1)
@@ -376,6 +402,8 @@ def test_loss_curve_draws_train_and_validation_from_the_metrics(page, playground
     expect(page.locator("#curve svg")).to_have_count(0)
 
 
+@needs_browser
+@pytest.mark.slow
 def test_a_400_shows_the_servers_message_on_the_page(page, playground):
     page.fill("#prompt", "THE COIN €")
     page.click("#generate")
@@ -392,6 +420,8 @@ def test_a_400_shows_the_servers_message_on_the_page(page, playground):
     expect(error).to_be_hidden()
 
 
+@needs_browser
+@pytest.mark.slow
 @pytest.mark.parametrize("width", [360, 1280])
 def test_screenshots_fit_the_width(browser, playground, tmp_path, width):
     context = browser.new_context(viewport={"width": width, "height": 900 if width > 400 else 780})
