@@ -252,6 +252,10 @@ def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def browser():
+    if sync_playwright is None:
+        pytest.fail("playwright is not installed: pip install '.[page]'")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: apt-get install chromium (or set CHARRNN_CHROMIUM)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield browser
