@@ -216,9 +216,9 @@ def test_nan_loss_keeps_last_good_checkpoint(capsys, pipeline, tmp_path):
         charrnn.run_pipeline(
             pipeline, plugins=[ExplodePlugin()], overrides=[*args, "optimizer={type: explode, after: 25}"]
         )
-    saved = np.load(tmp_path / "m.npz", allow_pickle=False)
-    assert all(np.isfinite(saved[k]).all() for k in saved.files if k.startswith("param/"))
-    assert json.loads(str(saved["meta"]))["step"] == 20
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as saved:
+        assert all(np.isfinite(saved[k]).all() for k in saved.files if k.startswith("param/"))
+        assert json.loads(str(saved["meta"]))["step"] == 20
 
 
 def test_nan_loss_is_a_one_line_cli_error(capsys, pipeline, tmp_path):

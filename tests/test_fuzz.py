@@ -572,7 +572,8 @@ def _damages(world: World) -> Iterator[tuple[str, Callable[[Path], None]]]:
     )
     yield meta("config.sampler garbage", lambda a: a["meta"]["config"].update(sampler={"type": 5}))
     yield meta("config.generate garbage", lambda a: a["meta"]["config"].update(generate={"num_chars": "x"}))
-    params = [k for k in np.load(world.checkpoint).files if k.startswith("param/")]
+    with np.load(world.checkpoint) as saved:
+        params = [k for k in saved.files if k.startswith("param/")]
     for name in params[:2]:
         yield meta(f"{name} NaN", lambda a, n=name: a.update({n: np.full_like(a[n], np.nan)}))
         yield meta(f"{name} wrong shape", lambda a, n=name: a.update({n: a[n][:1]}))

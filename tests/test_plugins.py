@@ -164,8 +164,8 @@ def test_hook_charrnn_optimizer(tiny_config):
     result = run_pipeline(tiny_config, plugins=[OptPlugin()])
     assert len(steps) == 20 and steps[0] == ["Whh", "Why", "Wxh", "bh", "by"]
     assert result.train.steps == 20
-    saved = np.load(tiny_config["train"]["checkpoint"], allow_pickle=False)
-    assert saved["optim/count"][0] == 20
+    with np.load(tiny_config["train"]["checkpoint"], allow_pickle=False) as saved:
+        assert saved["optim/count"][0] == 20
 
 
 def test_hook_charrnn_train_report(tiny_config):

@@ -353,11 +353,13 @@ def test_ctrl_c_saves_writes_results_exits_130_and_resume_finishes_exactly(here,
         text=True,
     )
     assert ref_run.returncode == 0, ref_run.stderr
-    a = np.load(here / "out" / "trials" / "0000" / "model.npz")
-    b = np.load(here / "ref" / "model.npz")
-    for key in a.files:
-        if key.startswith("param/"):
-            np.testing.assert_array_equal(a[key], b[key])
+    with (
+        np.load(here / "out" / "trials" / "0000" / "model.npz") as a,
+        np.load(here / "ref" / "model.npz") as b,
+    ):
+        for key in a.files:
+            if key.startswith("param/"):
+                np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_resume_refuses_a_changed_sweep(here, capsys):
