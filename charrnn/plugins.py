@@ -39,6 +39,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.samplers",
     "charrnn_plugins.beam",
     "charrnn_plugins.schedules",
+    "charrnn_plugins.serve",
 )
 
 ENTRY_POINT_GROUP = "charrnn"
