@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -620,3 +624,78 @@ def test_serve_is_a_command_plugin():
 
     commands = Registry(get_plugin_manager(load_entrypoints=False)).components["command"]
     assert commands["serve"].plugin == "charrnn_plugins.serve"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--host", "0.0.0.0"], "--api-key"),
+        (["--max-tokens-limit", "0"], "--max-tokens-limit"),
+        (["--port", "70000"], "--port"),
+        (["--api-key", " "], "empty"),
+    ],
+)
+def test_serve_refuses_bad_flags_in_one_line(checkpoint, capsys, monkeypatch, argv, words):
+    from charrnn.cli import main
+
+    monkeypatch.delenv("CHARRNN_API_KEY", raising=False)
+    assert main(["serve", checkpoint, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err
+
+
+def test_serve_refuses_a_missing_checkpoint(tmp_path, capsys):
+    from charrnn.cli import main
+
+    assert main(["serve", str(tmp_path / "none.npz")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_non_loopback_binds_with_a_key_or_no_auth(checkpoint, monkeypatch):
+    import argparse
+
+    from charrnn_plugins.serve import Serve, build
+
+    parser = argparse.ArgumentParser()
+    Serve().add_arguments(parser)
+    monkeypatch.setenv("CHARRNN_API_KEY", "k")
+    for extra in ([], ["--no-auth"]):
+        if extra:
+            monkeypatch.delenv("CHARRNN_API_KEY")
+        server = build(parser.parse_args([checkpoint, "--host", "0.0.0.0", "--port", "0", *extra]))
+        assert (server.api_key == b"k") is not bool(extra)
+        server.stop(timeout=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_cuts_open_streams_cleanly_and_exits_0(checkpoint, cli_env, sig):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "serve", checkpoint, "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
+    try:
+        line = proc.stderr.readline()
+        port = int(re.search(r":(\d+)/", line).group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = {"model": "model", "prompt": "the ", "max_tokens": 4000, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = resp.fp.readline()
+        assert first.startswith(b"data: ")
+        proc.send_signal(sig)
+        rest = resp.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]")
+        last = events(rest)[-2]
+        assert last["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=20) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "POST /v1/completions 200" in err
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -144,7 +144,12 @@ class Server(ThreadingHTTPServer):
         self.static = static_files()
         self.active = 0
         self.active_lock = threading.Condition()
+        self.serving = False
         super().__init__(address, Handler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.serving = True
+        super().serve_forever(poll_interval)
 
     @property
     def loaded(self) -> dict[str, LoadedModel]:
@@ -160,7 +165,8 @@ class Server(ThreadingHTTPServer):
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, cut the open generations at their next chunk, wait for their replies."""
-        self.shutdown()
+        if self.serving:
+            self.shutdown()
         for served in self.models.values():
             served.engine.stop()
         deadline = time.monotonic() + timeout
