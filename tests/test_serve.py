@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -699,3 +700,24 @@ def test_a_signal_cuts_open_streams_cleanly_and_exits_0(checkpoint, cli_env, sig
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def readme_block(after: str, lang: str) -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Serve a model") :]
+    return re.search(rf"{re.escape(after)}.*?```{lang}\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_openai_and_curl_snippets_run_as_written(checkpoint, tmp_path):
+    pytest.importorskip("openai")
+    with serving(checkpoint, name="final_model", max_tokens_limit=5000) as (_, port):
+        code = readme_block("**The `openai` client**", "python").replace("8000", str(port))
+        code = code.replace('"ROMEO:"', '"the "')  # the tiny model's vocabulary has no capitals
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout) == 200 + 1 + 200  # a text, its newline, a streamed text
+        if shutil.which("curl"):
+            script = readme_block("**curl**", "bash").replace("8000", str(port)).replace("ROMEO:", "the ")
+            done = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert '"text_completion"' in done.stdout and "data: [DONE]" in done.stdout

@@ -8,6 +8,7 @@ command runs. The playground page's files are package data under `static/`.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,7 @@ class Serve:
 
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
         server = build(args)
+        one_blas_thread()
         host, port = server.server_address[:2]
         stop = threading.Event()
         previous = {}
@@ -87,6 +89,25 @@ class Serve:
             server.stop()
             thread.join(5)
         return 0
+
+
+def one_blas_thread() -> bool:
+    """Run BLAS on one thread (with threadpoolctl, unless a *_NUM_THREADS variable says otherwise).
+
+    A batched step is a small product; OpenBLAS's own threads spinning for it take the cores
+    the HTTP threads and the worker need: measured with 16 clients, 0.7x of serial throughput
+    with them against 1.9x without (tests/bench_serve.py).
+    """
+    from charrnn.world import THREAD_VARS
+
+    if any(name in os.environ for name in THREAD_VARS):
+        return False
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return False
+    threadpool_limits(1, user_api="blas")
+    return True
 
 
 def _url_host(host: str) -> str:

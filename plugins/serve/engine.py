@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from charrnn.errors import PluginFailure
+from charrnn.errors import CharrnnError, PluginFailure
 from charrnn.generate import _Stream, start_ids, stepper
 from charrnn.loaded import LoadedModel
 from charrnn.plugins import calling
@@ -300,57 +300,74 @@ class Engine:
             self.step = stepper(self.loaded.model, state)
 
     def _chunk(self) -> None:
-        """Up to `chunk` model steps for the whole batch; each group samples its own rows."""
+        """Up to `chunk` model steps for the whole batch; each group samples its own rows.
+
+        The hot loop: one model call and one sampler call per group per step, nothing else. The
+        ids are checked once per step for the whole batch (one min and max), and a group is
+        blamed only when they are out of range or its sampler raises.
+        """
         assert self.step is not None
         n_steps = min(self.chunk, max(g.num_chars - g.done for g in self.groups))
-        K = len(self.x)
+        K, V = len(self.x), self.V
         out = np.empty((n_steps, K), np.int64)
-        x = self.x
+        plan = [
+            (
+                g,
+                slice(g.start, g.start + g.n),
+                g.sampler,
+                g.rng,
+                getattr(g.sampler, "observe", None),
+                g.num_chars - g.done,
+            )
+            for g in self.groups
+        ]
         failed: list[tuple[Group, BaseException]] = []
+        x, step = self.x, self.step
         for t in range(n_steps):
             try:
-                with calling(self.model_label):
-                    logits = self.step(x)  # (K, V), overwritten by the next call
+                logits = step(x)  # (K, V), overwritten by the next call
             except BaseException as exc:  # noqa: BLE001 - every job in the batch fails with it
+                failure = exc if isinstance(exc, CharrnnError) else PluginFailure(self.model_label, exc)
                 for group in list(self.groups):
-                    self._fail(group, exc)
+                    self._fail(group, failure)
                 self.groups, self.step = [], None
                 return
-            x = np.empty(K, np.int64)
-            for group in self.groups:
-                rows = slice(group.start, group.start + group.n)
-                if group.done + t >= group.num_chars or any(g is group for g, _ in failed):
-                    x[rows] = out[t - 1, rows] if t else self.x[rows]
+            new = out[t]
+            for group, rows, sampler, rng, observe, left in plan:
+                if t >= left:  # this group has its characters: its rows idle to the chunk's end
+                    new[rows] = x[rows]
                     continue
                 try:
-                    with calling(group.labels["sampler"]):
-                        ids = group.sampler(logits[rows], group.rng)
-                        observe = getattr(group.sampler, "observe", None)
-                        if observe is not None:
-                            observe(ids)
-                    ids = np.asarray(ids)
-                    if (
-                        ids.shape != (group.n,)
-                        or ids.dtype.kind not in "iu"
-                        or ids.min() < 0
-                        or ids.max() >= self.V
-                    ):
-                        raise PluginFailure(group.labels["sampler"], f"returned ids {ids!r}")
+                    ids = sampler(logits[rows], rng)  # (n,)
+                    if observe is not None:
+                        observe(ids)
+                    new[rows] = ids
                 except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
                     failed.append((group, exc))
-                    x[rows] = 0
+                    plan = [p for p in plan if p[0] is not group]
+                    new[rows] = 0
                     continue
-                x[rows] = ids
                 if group.logprobs is not None:
                     logp = log_softmax(logits[rows])
                     for r in range(group.n):
-                        group.scores[r].add(logp[r], int(ids[r]), group.logprobs)
-            out[t] = x
-        self.x = x
+                        group.scores[r].add(logp[r], int(new[rows][r]), group.logprobs)
+            if K and (new.min() < 0 or new.max() >= V):
+                for p in plan:
+                    block = new[p[1]]
+                    if block.min() < 0 or block.max() >= V:
+                        failed.append((p[0], ValueError(f"returned ids {block!r} outside [0, {V})")))
+                        new[p[1]] = 0
+                plan = [p for p in plan if not any(p[0] is f for f, _ in failed)]
+            x = new
+        self.x = out[n_steps - 1].copy()
         self.steps += n_steps
         for group, exc in failed:
-            self.groups.remove(group)
-            self._fail(group, exc)
+            if group in self.groups:
+                self.groups.remove(group)
+                self._fail(
+                    group,
+                    exc if isinstance(exc, CharrnnError) else PluginFailure(group.labels["sampler"], exc),
+                )
         for group in self.groups:
             take = min(n_steps, group.num_chars - group.done)
             rows = out[:take, group.start : group.start + group.n].T  # (n, take)

@@ -124,6 +124,7 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: a burst of clients connects at once (default 5)
 
     def __init__(
         self,
@@ -190,6 +191,13 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a connection may sit idle or half-sent
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        try:  # small event-stream writes go out at once, not after the client's delayed ACK
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("do_"):  # any other method: 405, not http.server's 501
