@@ -22,9 +22,9 @@ def train_tiny(tmp_path, tiny_config, steps: int = 30) -> str:
 
 
 @contextmanager
-def serving(checkpoint: str, *, model=None, max_batch=64, queue_size=64, name="model", **options):
-    """A server on 127.0.0.1:0 in a thread; yields (server, port). `model` replaces the loaded one."""
-    loaded = LoadedModel.load(checkpoint, load_entrypoints=False)
+def serving(checkpoint: str, *, model=None, plugins=(), max_batch=64, queue_size=64, name="model", **options):
+    """A server on 127.0.0.1:0 in a thread; yields (server, port). `model` wraps the loaded one."""
+    loaded = LoadedModel.load(checkpoint, plugins=plugins, load_entrypoints=False)
     if model is not None:
         loaded.model = model(loaded.model)
     engine = Engine(loaded, max_batch=max_batch, queue_size=queue_size)

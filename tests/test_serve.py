@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from serve_helpers import events, post, request, serving, streamed_texts, train_tiny
 
+import charrnn
 from charrnn.loaded import LoadedModel
 from charrnn_plugins.serve.engine import log_softmax
 
@@ -634,6 +635,7 @@ def test_serve_is_a_command_plugin():
         (["--max-tokens-limit", "0"], "--max-tokens-limit"),
         (["--port", "70000"], "--port"),
         (["--api-key", " "], "empty"),
+        (["--queue-size", "0"], "--queue-size"),
     ],
 )
 def test_serve_refuses_bad_flags_in_one_line(checkpoint, capsys, monkeypatch, argv, words):
@@ -721,3 +723,71 @@ def test_readme_openai_and_curl_snippets_run_as_written(checkpoint, tmp_path):
             done = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, timeout=60)
             assert done.returncode == 0, done.stderr
             assert '"text_completion"' in done.stdout and "data: [DONE]" in done.stdout
+
+
+class BrokenSampler:
+    def __init__(self, temperature: float = 1.0) -> None:
+        pass
+
+    def __call__(self, logits, rng):
+        raise RuntimeError("boom")
+
+
+class WildSampler(BrokenSampler):
+    def __call__(self, logits, rng):
+        return np.full(len(logits), logits.shape[1] + 5)  # ids outside the vocabulary
+
+
+class BrokenPlugin:
+    @charrnn.hookimpl
+    def charrnn_sampler(self, register):
+        register("broken", BrokenSampler)
+        register("wild", WildSampler)
+
+
+@pytest.mark.parametrize(("sampler", "words"), [("broken", "boom"), ("wild", "outside [0,")])
+def test_a_failing_sampler_plugin_is_a_500_naming_it_and_the_batch_goes_on(checkpoint, sampler, words):
+    with serving(checkpoint, model=Gate, plugins=[BrokenPlugin()]) as (srv, port):
+        gate = srv.models["model"].loaded.model
+        engine = srv.models["model"].engine
+        results = {}
+
+        def call(key, **fields):
+            results[key] = post(port, {"model": "model", "prompt": "t", "max_tokens": 40, **fields})
+
+        threads = [
+            threading.Thread(target=call, args=("good",), kwargs={"seed": 1}),
+            threading.Thread(target=call, args=("bad",), kwargs={"sampler": sampler}),
+        ]
+        threads[0].start()
+        assert wait_for(lambda: engine.groups)
+        threads[1].start()
+        assert wait_for(lambda: engine.waiting)  # joins the good one's batch at its next chunk
+        gate.open.set()
+        for t in threads:
+            t.join(10)
+        status, _, out = results["bad"]
+        assert status == 500 and f"sampler {sampler!r}" in out["error"]["message"], out
+        assert words in out["error"]["message"]
+        status, _, out = results["good"]
+        assert status == 200 and len(out["choices"][0]["text"]) == 40
+        assert post(port, {"model": "model", "prompt": "t", "max_tokens": 5})[0] == 200
+
+
+def test_a_client_gone_before_a_whole_response_stops_its_generation(checkpoint):
+    with serving(checkpoint, model=Gate, max_tokens_limit=5000) as (srv, port):
+        gate = srv.models["model"].loaded.model
+        engine = srv.models["model"].engine
+        body = json.dumps({"model": "model", "prompt": "t", "max_tokens": 5000}).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_for(lambda: engine.groups)
+        sock.close()
+        assert wait_for(lambda: " 499 " in srv.log.getvalue())
+        gate.open.set()
+        assert wait_for(lambda: not engine.groups)
+        assert engine.steps <= 32  # cut at the next chunk, not after 5000 characters

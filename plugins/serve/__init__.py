@@ -124,8 +124,8 @@ def build(args: argparse.Namespace) -> Any:
     for flag, value in (("--max-tokens-limit", args.max_tokens_limit), ("--max-batch", args.max_batch)):
         if value < 1:
             raise CharrnnError(f"{flag} must be >= 1, got {value}")
-    if args.queue_size < 0:
-        raise CharrnnError(f"--queue-size must be >= 0, got {args.queue_size}")
+    if args.queue_size < 1:
+        raise CharrnnError(f"--queue-size must be >= 1, got {args.queue_size}")
     if not 0 <= args.port <= 65535:
         raise CharrnnError(f"--port must be in [0, 65535], got {args.port}")
     if args.name is not None and len(args.checkpoints) > 1:

@@ -344,7 +344,7 @@ class Engine:
                     new[rows] = ids
                 except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
                     failed.append((group, exc))
-                    plan = [p for p in plan if p[0] is not group]
+                    plan = [p if p[0] is not group else (*p[:5], 0) for p in plan]  # idle rows from now on
                     new[rows] = 0
                     continue
                 if group.logprobs is not None:
@@ -357,7 +357,7 @@ class Engine:
                     if block.min() < 0 or block.max() >= V:
                         failed.append((p[0], ValueError(f"returned ids {block!r} outside [0, {V})")))
                         new[p[1]] = 0
-                plan = [p for p in plan if not any(p[0] is f for f, _ in failed)]
+                plan = [p if not any(p[0] is f for f, _ in failed) else (*p[:5], 0) for p in plan]
             x = new
         self.x = out[n_steps - 1].copy()
         self.steps += n_steps

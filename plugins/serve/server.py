@@ -518,7 +518,16 @@ class Handler(BaseHTTPRequestHandler):
     def _whole(self, request: api.Request, served: Served, chat: bool) -> None:
         texts: dict[int, Event] = {}
         while True:
-            event = self._next(request)
+            try:
+                event = request.job.events.get(timeout=0.5)
+            except queue.Empty:
+                if self._gone():  # nobody will read the answer: stop generating it
+                    request.job.cancelled.set()
+                    self._status = 499
+                    return
+                continue
+            if event.kind == "error":
+                raise self._error(event.error)
             if event.kind == "finish":
                 texts[event.index] = event
             elif event.kind == "done":
