@@ -267,6 +267,7 @@ BAD_REQUESTS = [
     ({"sampler": "greedy", "top_k": 3}, 400, "top_k", "does not apply"),
     ({"sampler": "beam", "temperature": 0.5}, 400, "temperature", "does not apply"),
     ({"wat": 1}, 400, "wat", "unknown field"),
+    ({"beam_width": 2, "logprobs": 2}, 400, "logprobs", "searches"),
 ]
 
 
@@ -791,3 +792,18 @@ def test_a_client_gone_before_a_whole_response_stops_its_generation(checkpoint):
         gate.open.set()
         assert wait_for(lambda: not engine.groups)
         assert engine.steps <= 32  # cut at the next chunk, not after 5000 characters
+
+
+def test_a_bytes_model_serves_utf8_text_and_logprobs(tmp_path, tiny_config):
+    tiny_config["corpus"]["encoding"] = "bytes"
+    tiny_config["train"]["checkpoint"] = str(tmp_path / "bytes.npz")
+    path = train_tiny(tmp_path, tiny_config, steps=5)
+    with serving(path) as (_, port):
+        out = complete(port, prompt="caf\u00e9 ", max_tokens=30, seed=1, logprobs=2, echo=True)
+        choice = out["choices"][0]
+        assert choice["text"].startswith("caf\u00e9 ")
+        lp = choice["logprobs"]
+        assert lp["tokens"][:3] == ["c", "a", "f"] and lp["tokens"][3].startswith("bytes:\\x")
+        assert len(lp["tokens"]) == len("caf\u00e9 ".encode()) + 30
+        status, _, text = post(port, {"model": "model", "prompt": "the ", "max_tokens": 40, "stream": True})
+        assert status == 200 and events(text)[-1] == "[DONE]"

@@ -240,6 +240,12 @@ def parse_completion(body: Any, models: Mapping[str, LoadedModel], max_tokens_li
                 labels=LABELS,
             )
             sampler_obj = loaded.assembly.sampler(loaded.vocab.vocab, section, lines)
+            if logprobs is not None and hasattr(sampler_obj, "search"):
+                raise bad(
+                    f"logprobs are not given with sampler {section['type']!r}: it searches whole "
+                    "texts instead of sampling one character at a time",
+                    "logprobs",
+                )
         except CharrnnError as exc:
             message, param = in_request_words(str(exc), loaded.path)
             raise bad(message, param) from None

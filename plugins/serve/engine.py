@@ -262,7 +262,8 @@ class Engine:
         out = np.asarray(out)
         if out.shape != (group.n, group.num_chars) or out.dtype.kind not in "iu":
             raise PluginFailure(group.labels["sampler"], f"search returned shape {out.shape}")
-        self._record(group, out, None)
+        for stream, row in zip(group.streams, out, strict=True):
+            stream.add(row)
         group.done = group.num_chars
 
     def _leave(self, gone: Callable[[Group], bool], cancelled: bool = False) -> bool:
@@ -380,10 +381,6 @@ class Engine:
     @staticmethod
     def _complete(group: Group) -> bool:
         return group.done >= group.num_chars or all(s.stopped for s in group.streams)
-
-    def _record(self, group: Group, out: np.ndarray, logp: np.ndarray | None) -> None:
-        for stream, row in zip(group.streams, out, strict=True):
-            stream.add(row)
 
     def _finish(self, group: Group) -> None:
         """Hand over each row's last text and its finish reason; the job ends with its last group."""
