@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
+from charrnn.checkpoint import read_meta
 from charrnn.errors import CharrnnError, PluginFailure
 from charrnn.loaded import LoadedModel
 
@@ -73,6 +74,7 @@ class Served:
         self.name, self.loaded, self.engine = name, loaded, engine
         path = Path(loaded.path or name)
         self.metrics = path.with_name(path.stem + ".metrics.jsonl") if path.suffix == ".npz" else None
+        self.model_type = model_type(loaded)
         try:
             self.created = int(path.stat().st_mtime)
         except OSError:
@@ -88,7 +90,7 @@ class Served:
             "charrnn": {
                 "vocab_size": len(loaded.vocab.vocab),
                 "encoding": loaded.vocab.encoding,
-                "model_type": loaded.config.get("model", {}).get("type") or loaded.model_label.split("'")[-2],
+                "model_type": self.model_type,
                 "samplers": sorted(loaded.assembly.registry.components["sampler"]),
                 "default_sampler": dict(loaded.config["sampler"]),
                 "has_metrics": self.metrics is not None and self.metrics.is_file(),
@@ -117,6 +119,17 @@ class Served:
             if isinstance(record, dict):
                 records.append(record)
         return records
+
+
+def model_type(loaded: LoadedModel) -> str | None:
+    """The model's registered name, from the checkpoint's metadata (the loaded config keeps only
+    the generation sections)."""
+    if loaded.path is None:
+        return None
+    try:
+        return read_meta(loaded.path)["config"]["model"]["type"]
+    except (CharrnnError, KeyError, TypeError):
+        return None
 
 
 class Server(ThreadingHTTPServer):
