@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.beam",
     "charrnn_plugins.schedules",
     "charrnn_plugins.sweep",
+    "charrnn_plugins.serve",
 )
 
 ENTRY_POINT_GROUP = "charrnn"

@@ -1,13 +1,14 @@
 """The playground page in a real headless Chromium (Playwright's Python API, Debian's chromium).
 
 The page talks only to the public API (/v1/models, /v1/models/{id}/metrics, /v1/completions).
-Until `charrnn serve` lands, the `playground` fixture starts `FakeServer`, a stdlib server
-that implements that API with canned text; swapping in the real server means changing that
-one fixture (start `charrnn serve` on a checkpoint, yield its URL and a way to see requests).
+The `playground` fixture runs `charrnn serve`'s server in this process with two tiny trained
+models (the first with a metrics file, the second without); the tests learn texts, probabilities,
+metrics and error messages from the API itself.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -17,12 +18,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 STATIC = Path(__file__).resolve().parent.parent / "plugins" / "serve" / "static"
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHARRNN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
     "--no-sandbox",
@@ -56,187 +57,64 @@ MODELS = {
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
-def fake_metrics(steps: int = 1500, every: int = 50) -> list[dict]:
-    rows = []
-    for step in range(every, steps + 1, every):
-        train = 1.45 + 2.75 * math.exp(-step / 260) + 0.04 * math.sin(step / 37)
-        row = {"step": step, "train_loss": round(train, 4), "val_loss": None}
-        if step % (4 * every) == 0:
-            row["val_loss"] = round(1.55 + 2.6 * math.exp(-step / 280), 4)
-        rows.append(row)
-    return rows
+class Slow:
+    """The trained model, slowed to ~2,000 characters a second: a stream lasts long enough to Stop."""
+
+    def __init__(self, model):
+        self.model = model
+        self.vocab_size = getattr(model, "vocab_size", None)
+
+    def init_state(self, k):
+        return self.model.init_state(k)
+
+    def step(self, ids, state):
+        time.sleep(0.0005)
+        return self.model.step(ids, state)
 
 
-def next_chars(prompt: str, vocab: list[str], n: int) -> dict[str, float]:
-    """A deterministic distribution over the vocabulary that depends on the last character."""
-    shift = ord(prompt[-1]) if prompt else 0
-    weights = [1.0 / (1 + ((i + shift) % len(vocab))) ** 1.3 for i in range(len(vocab))]
-    total = sum(weights)
-    ranked = sorted(zip(vocab, weights, strict=True), key=lambda cw: -cw[1])[:n]
-    return {c: math.log(w / total) for c, w in ranked}
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny models trained on the embedded text: the first with a metrics file, the second without."""
+    import io
 
+    import charrnn
 
-class FakeServer(ThreadingHTTPServer):
-    """The public API with canned text, streamed in 16-character chunks `chunk_delay` apart."""
-
-    daemon_threads = True
-
-    def __init__(
-        self,
-        text: str = CANNED,
-        metrics: list[dict] | None = None,
-        chunk_delay: float = 0.04,
-        models: dict | None = None,
-        distribution=None,
-    ):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.text, self.metrics, self.chunk_delay = text, metrics or fake_metrics(), chunk_delay
-        self.models = models or MODELS
-        self.distribution = distribution or (
-            lambda name, prompt, n: next_chars(prompt, self.models[name]["vocab"], n)
-        )
-        self.requests: list[dict] = []  # JSON bodies of POST /v1/completions, in order
-        self.disconnected = threading.Event()  # a client went away mid-stream
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: FakeServer
-
-    def log_message(self, *args):
-        pass
-
-    def send_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def error(self, status: int, message: str, param: str | None = None) -> None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        self.send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
-
-    def do_GET(self):
-        if self.path == "/" or self.path.startswith("/static/"):
-            name = "index.html" if self.path == "/" else self.path.removeprefix("/static/")
-            if name not in {"index.html", "app.js", "style.css"}:
-                return self.error(404, f"no route {self.path}")
-            data = (STATIC / name).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", STATIC_TYPES[Path(name).suffix] + "; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        elif self.path == "/v1/models":
-            data = [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 1700000000,
-                    "owned_by": "charrnn",
-                    "charrnn": {
-                        "vocab_size": len(m["vocab"]),
-                        "encoding": "utf-8",
-                        "model_type": "rnn",
-                        "samplers": ["temperature", "greedy", "top_k", "top_p", "min_p", "beam"],
-                        "default_sampler": {"type": "temperature", "temperature": 0.8},
-                        "has_metrics": m["metrics"],
-                    },
-                }
-                for name, m in self.server.models.items()
-            ]
-            self.send_json(200, {"object": "list", "data": data})
-        elif self.path.startswith("/v1/models/") and self.path.endswith("/metrics"):
-            name = self.path.split("/")[3]
-            if not self.server.models.get(name, {}).get("metrics"):
-                return self.error(404, f"model {name!r} has no metrics file", "model")
-            self.send_json(200, {"object": "list", "data": self.server.metrics})
-        else:
-            self.error(404, f"no route {self.path}")
-
-    def do_POST(self):
-        if self.path != "/v1/completions":
-            return self.error(404, f"no route {self.path}")
-        try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        except ValueError:
-            return self.error(400, "the body is not valid JSON")
-        self.server.requests.append(body)
-        model = self.server.models.get(body.get("model"))
-        if model is None:
-            served = ", ".join(self.server.models)
-            return self.error(404, f"unknown model {body.get('model')!r}; served: {served}", "model")
-        prompt = body.get("prompt", "")
-        for i, ch in enumerate(prompt):
-            if ch not in model["vocab"]:
-                return self.error(
-                    400,
-                    f"prompt: character {ch!r} at position {i} is not in the model's vocabulary",
-                    "prompt",
-                )
-        temperature = body.get("temperature", 1.0)
-        if not 0 <= temperature <= 2:
-            return self.error(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
-        n = body.get("max_tokens", 16)
-        text = (self.server.text * (n // len(self.server.text) + 1))[:n]
-        if body.get("stream"):
-            return self.stream(body["model"], text)
-        logprobs = None
-        if body.get("logprobs"):
-            dist, n = self.server.distribution, body["logprobs"]
-            tops = [dist(body["model"], prompt[:i], n) for i in range(len(prompt) + 1)]
-            logprobs = {"tokens": list(prompt), "token_logprobs": [None] * len(prompt), "top_logprobs": tops}
-            logprobs["text_offset"] = list(range(len(prompt)))
-        choice = {"text": (prompt if body.get("echo") else "") + text, "index": 0, "logprobs": logprobs}
-        self.send_json(
-            200,
-            {"id": "cmpl-1", "object": "text_completion", "choices": [choice | {"finish_reason": "length"}]},
-        )
-
-    def stream(self, model: str, text: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        pieces = [text[i : i + 16] for i in range(0, len(text), 16)]
-        try:
-            for i, piece in enumerate(pieces):
-                finish = "length" if i == len(pieces) - 1 else None
-                chunk = {
-                    "id": "cmpl-1",
-                    "object": "text_completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}],
-                }
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-                time.sleep(self.server.chunk_delay)
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self.server.disconnected.set()
+    tmp = tmp_path_factory.mktemp("models")
+    paths = []
+    for name, metrics in (("miller", True), ("coin", False)):
+        config = {
+            "seed": 1,
+            "corpus": {"type": "text", "path": str(ROOT / "data" / "input.txt"), "val_fraction": 0.1},
+            "model": {"type": "rnn", "hidden_size": 32},
+            "optimizer": {"type": "adam", "lr": 0.01},
+            "stages": ["train"],
+            "train": {"steps": 60, "batch_size": 8, "seq_length": 25, "sample_every": 10, "sample_length": 0,
+                      "metrics": metrics, "plot": False, "checkpoint": str(tmp / f"{name}.npz")},
+        }  # fmt: skip
+        charrnn.run_pipeline(config, stdout=io.StringIO(), stderr=io.StringIO())
+        paths.append(str(tmp / f"{name}.npz"))
+    return paths
 
 
 @pytest.fixture
-def playground():
-    """The URL of the server under test, serving a model with a metrics file first and one without.
+def playground(checkpoints):
+    """The URL of `charrnn serve`'s server (in this process, port 0) with both models."""
+    from charrnn.loaded import LoadedModel
+    from charrnn_plugins.serve.engine import Engine
+    from charrnn_plugins.serve.server import Served, Server
 
-    Today the fake; to test `charrnn serve` instead, start it here (port 0, two checkpoints: one
-    with `<stem>.metrics.jsonl` beside it, one without) and yield its base URL. The tests learn
-    everything else (texts, probabilities, metrics, error messages) from the API itself.
-    """
-    server = FakeServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    served = {}
+    for path in checkpoints:
+        loaded = LoadedModel.load(path, load_entrypoints=False)
+        loaded.model = Slow(loaded.model)
+        name = Path(path).stem
+        served[name] = Served(name, loaded, Engine(loaded))
+    server = Server(("127.0.0.1", 0), served, log=io.StringIO(), max_tokens_limit=10_000)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield server.url
-    server.shutdown()
-    server.server_close()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.stop(timeout=5)
+    thread.join(5)
 
 
 def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -399,7 +277,7 @@ def shown_top(page) -> tuple[str, str]:
 def expected_top(url: str, body: dict) -> tuple[str, str]:
     status, answer = call(url, "/v1/completions", body)
     assert status == 200
-    char, logprob = max(answer["choices"][0]["logprobs"]["top_logprobs"][-1].items(), key=lambda kv: kv[1])
+    char, logprob = max(answer["choices"][0]["logprobs"]["next_top_logprobs"].items(), key=lambda kv: kv[1])
     return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(char, char), f"{100 * math.exp(logprob):.1f}%"
 
 
@@ -540,51 +418,32 @@ def test_screenshots_fit_the_width(browser, playground, tmp_path, width):
 
 
 def save_docs_screenshot(checkpoint: str, out: str) -> None:
-    """Draw docs/playground.png: the page at 1280 px, fed by a trained checkpoint through the fake
-    API (its text, next-character probabilities and metrics). Run from the repository root:
+    """Draw docs/playground.png: the page at 1280 px on `charrnn serve`'s server with a trained
+    checkpoint. Run from the repository root:
     python tests/test_page.py runs/default/final_model.npz docs/playground.png"""
-    import numpy as np
-
     from charrnn.loaded import LoadedModel
+    from charrnn_plugins.serve.engine import Engine
+    from charrnn_plugins.serve.server import Served, Server
 
     loaded = LoadedModel.load(checkpoint)
-    vocab = list(loaded.vocab.vocab)
-    seed = "THE MILLER"
-    text = loaded.generate(num_chars=700, seed_text=seed, temperature=0.6, seed=3)[0][len(seed) :]
-
-    cache = {"": (loaded.model.init_state(1), None)}  # prefix -> (state, logits after it)
-
-    def distribution(name, prompt, n):
-        start = next(i for i in range(len(prompt), -1, -1) if prompt[:i] in cache)
-        state, logits = cache[prompt[:start]]
-        for i in range(start, len(prompt)):
-            logits, state = loaded.model.step(loaded.vocab.encode(prompt[i]), state)
-            cache[prompt[: i + 1]] = (state, logits.copy())
-        if logits is None:
-            return {}
-        z = logits[0] - logits[0].max()
-        logp = z - np.log(np.exp(z).sum())
-        return {vocab[i]: float(logp[i]) for i in np.argsort(-logp)[:n]}
-
-    metrics_file = Path(checkpoint).with_suffix(".metrics.jsonl")
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    models = {"harrowmere": {"vocab": vocab, "metrics": True}}
-    server = FakeServer(text=text, metrics=rows, models=models, distribution=distribution, chunk_delay=0)
+    name = Path(checkpoint).stem
+    server = Server(("127.0.0.1", 0), {name: Served(name, loaded, Engine(loaded))}, log=io.StringIO())
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 760})
-        page.goto(server.url + "/")
-        expect(page.locator("#curve svg")).to_have_count(1)
-        page.fill("#prompt", seed)
-        page.locator("#temperature").fill("0.6")  # as the text was generated
-        page.fill("#length", str(len(text)))
+        page.goto(url + "/")
+        page.fill("#prompt", "THE MILLER")
+        page.locator("#temperature").fill("0.6")
+        page.fill("#seed", "3")
+        page.fill("#length", "700")
         page.click("#generate")
         expect(page.locator("#status")).to_contain_text("Done")
         expect(page.locator("#probs .prob")).to_have_count(10)
         page.screenshot(path=out, type="png")
         browser.close()
-    server.shutdown()
+    server.stop(timeout=5)
 
 
 if __name__ == "__main__":

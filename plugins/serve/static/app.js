@@ -235,8 +235,10 @@ async function showProbs(text, where) {
   try {
     const body = { model, prompt: text, max_tokens: 0, logprobs: 10, echo: true };
     const result = await (await api("/v1/completions", body, controller.signal)).json();
-    const tops = result.choices[0].logprobs.top_logprobs;
-    const top = Object.entries(tops[tops.length - 1] || {}).sort((a, b) => b[1] - a[1]);
+    // charrnn's answer to max_tokens 0: the distribution after the prompt (OpenAI's shape has none)
+    const lp = result.choices[0].logprobs || {};
+    const after = lp.next_top_logprobs || (lp.top_logprobs || []).slice(-1)[0] || {};
+    const top = Object.entries(after).sort((a, b) => b[1] - a[1]);
     list.replaceChildren(...top.map(([ch, logprob]) => probItem(ch, Math.exp(logprob))));
     list.dataset.for = text;
   } catch (err) {

@@ -1,0 +1,720 @@
+"""The HTTP side of `charrnn serve`: routes, auth, limits, streaming and one log line per request.
+
+Python's `http.server.ThreadingHTTPServer`: a thread per connection parses and checks the
+request, hands a job to the model's `Engine` and writes what comes back (JSON, or server-sent
+events as the text is made). Every client mistake is a 4xx in OpenAI's error shape; the static
+page is read from package data once, at start-up, so no route reads a file a request names.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+from charrnn.checkpoint import read_meta
+from charrnn.errors import CharrnnError, PluginFailure
+from charrnn.loaded import LoadedModel
+
+from . import api
+from .api import ApiError, bad
+from .engine import Engine, Event, QueueFull, Stopping
+
+MAX_BODY = 1 << 20  # bytes of a request body
+RETRY_AFTER = 1  # seconds, in a 429's Retry-After
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".json": "application/json",
+    ".ico": "image/x-icon",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
+def static_files() -> dict[str, tuple[bytes, str]]:
+    """The page's files (`static/` package data): name -> (content, content type), read once."""
+    files: dict[str, tuple[bytes, str]] = {}
+    try:
+        root = resources.files("charrnn_plugins.serve") / "static"
+        if not root.is_dir():
+            return files
+        stack = [(root, "")]
+        while stack:
+            folder, prefix = stack.pop()
+            for item in folder.iterdir():
+                if item.is_dir():
+                    stack.append((item, f"{prefix}{item.name}/"))
+                elif not item.name.startswith("."):
+                    kind = CONTENT_TYPES.get(Path(item.name).suffix.lower(), "application/octet-stream")
+                    files[prefix + item.name] = (item.read_bytes(), kind)
+    except (OSError, ModuleNotFoundError):
+        return {}
+    return files
+
+
+class Served:
+    """A served model: its loaded checkpoint, its engine and what `/v1/models` says of it."""
+
+    def __init__(self, name: str, loaded: LoadedModel, engine: Engine) -> None:
+        self.name, self.loaded, self.engine = name, loaded, engine
+        path = Path(loaded.path or name)
+        self.metrics = path.with_name(path.stem + ".metrics.jsonl") if path.suffix == ".npz" else None
+        self.model_type = model_type(loaded)
+        try:
+            self.created = int(path.stat().st_mtime)
+        except OSError:
+            self.created = int(time.time())
+
+    def card(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "charrnn",
+            "charrnn": {
+                "vocab_size": len(loaded.vocab.vocab),
+                "encoding": loaded.vocab.encoding,
+                "model_type": self.model_type,
+                "samplers": sorted(loaded.assembly.registry.components["sampler"]),
+                "default_sampler": dict(loaded.config["sampler"]),
+                "has_metrics": self.metrics is not None and self.metrics.is_file(),
+            },
+        }
+
+    def metric_records(self) -> list[dict[str, Any]]:
+        """The metrics file's records; a line still being written (the last, unfinished) is left out."""
+        if self.metrics is None:
+            raise ApiError(404, f"model {self.name!r} has no metrics file", None, "metrics_not_found")
+        try:
+            text = self.metrics.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise ApiError(
+                404,
+                f"model {self.name!r} has no readable metrics file beside its checkpoint",
+                None,
+                "metrics_not_found",
+            ) from None
+        records = []
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+def model_type(loaded: LoadedModel) -> str | None:
+    """The model's registered name, from the checkpoint's metadata (the loaded config keeps only
+    the generation sections)."""
+    if loaded.path is None:
+        return None
+    try:
+        return read_meta(loaded.path)["config"]["model"]["type"]
+    except (CharrnnError, KeyError, TypeError):
+        return None
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server and what its handlers share: models, key, limits, log."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: a burst of clients connects at once (default 5)
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        models: Mapping[str, Served],
+        *,
+        api_key: str | None = None,
+        max_tokens_limit: int = 4096,
+        max_body: int = MAX_BODY,
+        chat: str | None = None,
+        log: TextIO | None = None,
+    ) -> None:
+        self.models = dict(models)
+        self.api_key = api_key.encode() if api_key else None
+        self.max_tokens_limit, self.max_body, self.chat = max_tokens_limit, max_body, chat
+        self.log = log if log is not None else sys.stderr
+        self.log_lock = threading.Lock()
+        self.static = static_files()
+        self.active = 0
+        self.active_lock = threading.Condition()
+        self.serving = False
+        super().__init__(address, Handler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.serving = True
+        super().serve_forever(poll_interval)
+
+    @property
+    def loaded(self) -> dict[str, LoadedModel]:
+        return {name: s.loaded for name, s in self.models.items()}
+
+    def write_log(self, line: str) -> None:
+        with self.log_lock:
+            try:
+                self.log.write(line + "\n")
+                self.log.flush()
+            except (OSError, ValueError):
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, cut the open generations at their next chunk, wait for their replies."""
+        if self.serving:
+            self.shutdown()
+        for served in self.models.values():
+            served.engine.stop()
+        deadline = time.monotonic() + timeout
+        with self.active_lock:
+            while self.active and time.monotonic() < deadline:
+                self.active_lock.wait(0.05)
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that breaks is the client's business: one log line, no traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            return
+        self.write_log(f"error: serving {client_address[0]}: {type(exc).__name__}: {exc}")
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+    server_version = "charrnn"
+    timeout = 60  # seconds a connection may sit idle or half-sent
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        try:  # small event-stream writes go out at once, not after the client's delayed ACK
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):  # any other method: 405, not http.server's 501
+            return self._other_method
+        raise AttributeError(name)
+
+    def _other_method(self) -> None:
+        self._start()
+        self._finish_request(lambda: self._route(allowed_only=True))
+
+    def do_GET(self) -> None:
+        self._start()
+        self._finish_request(self._route)
+
+    def do_POST(self) -> None:
+        self._start()
+        self._finish_request(self._route)
+
+    def do_HEAD(self) -> None:
+        self._start()
+        self._head = True
+        self._finish_request(self._route)
+
+    def _start(self) -> None:
+        self._t0 = time.monotonic()
+        self._status, self._chars, self._head = 0, 0, False
+        with self.server.active_lock:
+            self.server.active += 1
+
+    def _finish_request(self, work: Any) -> None:
+        try:
+            try:
+                work()
+            except ApiError as exc:
+                self._send_json(exc.status, exc.body(), exc.headers)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                self._status = self._status or 499
+            except Exception as exc:  # noqa: BLE001 - a defect: said in one line, the server goes on
+                self.server.write_log(f"error: {self.command} {self.path}: {type(exc).__name__}: {exc}")
+                if not self._status:
+                    self._send_json(500, ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body())
+                self.close_connection = True
+        finally:
+            ms = (time.monotonic() - self._t0) * 1000
+            route = self.path.split("?", 1)[0][:200]
+            self.server.write_log(f"{self.command} {route} {self._status} {self._chars} {ms:.0f}ms")
+            with self.server.active_lock:
+                self.server.active -= 1
+                self.server.active_lock.notify_all()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """http.server's own lines are replaced by one line per request (see `_finish_request`)."""
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's errors (bad request line, too long headers) in OpenAI's shape too."""
+        self._status = code
+        if self.request_version == "HTTP/0.9":  # a request line too broken to parse: answer in HTTP/1.0
+            self.request_version = "HTTP/1.0"
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        body = json.dumps(ApiError(code, message or phrase).body()).encode()
+        self.close_connection = True
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except OSError:
+            pass
+        if not hasattr(self, "_t0"):  # an error before any route: still one log line
+            self.server.write_log(f"{getattr(self, 'command', None) or '-'} - {code} 0 0ms")
+
+    def _send_json(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not self._head:
+            self.wfile.write(data)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if not self._head:
+            self.wfile.write(data)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _route(self, allowed_only: bool = False) -> None:
+        path = self.path.split("?", 1)[0]
+        routes = self._routes(path)
+        if routes is None:
+            self._discard_body()
+            raise ApiError(
+                404, f"no route {path}; see /v1/models, /v1/completions, /health", None, "not_found"
+            )
+        method = "GET" if self.command == "HEAD" else self.command
+        if allowed_only or method not in routes:
+            self._discard_body()
+            allowed = ", ".join(sorted(routes))
+            raise ApiError(
+                405,
+                f"{self.command} is not allowed on {path}; allowed: {allowed}",
+                None,
+                "method_not_allowed",
+                {"Allow": allowed},
+            )
+        if path != "/health" and not path.startswith("/static/") and path != "/":
+            self._check_auth()
+        routes[method](path)
+
+    def _routes(self, path: str) -> dict[str, Any] | None:
+        if path == "/health":
+            return {
+                "GET": lambda p: self._send_json(200, {"status": "ok", "models": list(self.server.models)})
+            }
+        if path == "/v1/models":
+            return {
+                "GET": lambda p: self._send_json(
+                    200, {"object": "list", "data": [s.card() for s in self.server.models.values()]}
+                )
+            }
+        if path.startswith("/v1/models/"):
+            rest = path[len("/v1/models/") :]
+            if rest.endswith("/metrics"):
+                return {"GET": lambda p: self._metrics(rest[: -len("/metrics")])}
+            return {"GET": lambda p: self._model(rest)}
+        if path == "/v1/completions":
+            return {"POST": lambda p: self._completions()}
+        if path == "/v1/chat/completions":
+            return {"POST": lambda p: self._chat()}
+        if path == "/" or path.startswith("/static/"):
+            return {"GET": self._static}
+        return None
+
+    def _check_auth(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        ok = hmac.compare_digest(token.strip().encode(), key) if scheme.lower() == "bearer" else False
+        if not ok:
+            self._discard_body()
+            raise ApiError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                None,
+                "invalid_api_key",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    def _served(self, name: str) -> Served:
+        served = self.server.models.get(name)
+        if served is None:
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; served: {', '.join(self.server.models)}",
+                "model",
+                "model_not_found",
+            )
+        return served
+
+    def _model(self, name: str) -> None:
+        self._send_json(200, self._served(name).card())
+
+    def _metrics(self, name: str) -> None:
+        records = self._served(name).metric_records()
+        self._send_json(200, {"object": "list", "data": records})
+
+    def _static(self, path: str) -> None:
+        name = "index.html" if path == "/" else path[len("/static/") :]
+        found = self.server.static.get(name)
+        if found is None:
+            raise ApiError(404, f"no page file {name!r}", None, "not_found")
+        self._send_bytes(200, *found)
+
+    # -- bodies -----------------------------------------------------------------------------
+
+    def _discard_body(self) -> None:
+        """Read a small body away so the connection stays usable; close it otherwise."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") or (length and not length.isdigit()):
+            self.close_connection = True
+        elif length and int(length):
+            if int(length) <= self.server.max_body:
+                self.rfile.read(int(length))
+            else:
+                self.close_connection = True
+
+    def _json_body(self) -> Any:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError(
+                411,
+                "send the body with a Content-Length (chunked bodies are not read)",
+                None,
+                "length_required",
+            )
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            self.close_connection = True
+            raise ApiError(411, "a Content-Length header is required", None, "length_required")
+        size = int(length)
+        if size > self.server.max_body:
+            self.close_connection = True
+            raise ApiError(
+                413,
+                f"the request body is {size} bytes; the limit is {self.server.max_body}",
+                None,
+                "body_too_large",
+            )
+        data = self.rfile.read(size)
+        if len(data) < size:
+            self.close_connection = True
+            raise bad("the request body ended early")
+        kind = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(
+                415,
+                f"Content-Type must be application/json, got {kind or 'none'!r}",
+                None,
+                "unsupported_media_type",
+            )
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"the body is not valid JSON: {exc}", None, "invalid_json") from None
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _completions(self) -> None:
+        body = self._json_body()
+        request = api.parse_completion(body, self.server.loaded, self.server.max_tokens_limit)
+        self._run(request, chat=False)
+
+    def _chat(self) -> None:
+        body = self._json_body()
+        if self.server.chat != "last-user":
+            raise bad(
+                "a character model has no chat template: use POST /v1/completions with a prompt "
+                "(or start the server with --chat last-user to use the last user message as the prompt)",
+                "messages",
+                "chat_not_supported",
+            )
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        messages = body.get("messages")
+        prompt = last_user(messages)
+        rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
+        if body.get("max_completion_tokens") is not None and rest.get("max_tokens") is None:
+            rest["max_tokens"] = body["max_completion_tokens"]
+        if rest.get("logprobs") not in (None, False):
+            raise bad("logprobs are offered on /v1/completions only", "logprobs", "unsupported_parameter")
+        rest.pop("logprobs", None)
+        rest.pop("top_logprobs", None)
+        if "echo" in rest:
+            raise bad("echo is offered on /v1/completions only", "echo", "unsupported_parameter")
+        request = api.parse_completion(
+            {**rest, "prompt": prompt}, self.server.loaded, self.server.max_tokens_limit
+        )
+        self._run(request, chat=True)
+
+    def _run(self, request: api.Request, chat: bool) -> None:
+        served = self.server.models[request.model]
+        try:
+            served.engine.submit(request.job)
+        except QueueFull as exc:
+            raise ApiError(
+                429,
+                f"the server is busy ({exc}); retry after {RETRY_AFTER} s",
+                None,
+                "queue_full",
+                {"Retry-After": str(RETRY_AFTER)},
+            ) from None
+        except Stopping:
+            raise ApiError(503, "the server is shutting down", None, "shutting_down") from None
+        try:
+            if request.stream:
+                self._stream(request, served, chat)
+            else:
+                self._whole(request, served, chat)
+        finally:
+            request.job.cancelled.set()  # whatever happened here, the engine need not go on
+
+    def _next(self, request: api.Request) -> Event:
+        event = request.job.events.get()
+        if event.kind == "error":
+            raise self._error(event.error)
+        return event
+
+    @staticmethod
+    def _error(exc: BaseException | None) -> ApiError:
+        if isinstance(exc, Stopping):
+            return ApiError(503, "the server is shutting down", None, "shutting_down")
+        if isinstance(exc, CharrnnError):
+            return bad(str(exc))
+        if isinstance(exc, PluginFailure):
+            return ApiError(500, str(exc), None, "plugin_failure")
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _whole(self, request: api.Request, served: Served, chat: bool) -> None:
+        texts: dict[int, Event] = {}
+        while True:
+            try:
+                event = request.job.events.get(timeout=0.5)
+            except queue.Empty:
+                if self._gone():  # nobody will read the answer: stop generating it
+                    request.job.cancelled.set()
+                    self._status = 499
+                    return
+                continue
+            if event.kind == "error":
+                raise self._error(event.error)
+            if event.kind == "finish":
+                texts[event.index] = event
+            elif event.kind == "done":
+                break
+        choices, prompt_chars, completion_chars = [], 0, 0
+        for index in sorted(texts):
+            event = texts[index]
+            prompt = request.prompts[index // request.n]
+            generated = event.text
+            completion_chars += len(generated)
+            text = prompt + generated if request.echo else generated
+            if chat:
+                choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": event.reason,
+                    }
+                )
+            else:
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = api.logprobs_shape(
+                        served.loaded, event.scores, event.prompt_scores, text, request.echo, 0
+                    )
+                choices.append(
+                    {"text": text, "index": index, "logprobs": logprobs, "finish_reason": event.reason}
+                )
+        prompt_chars = sum(len(p) for p in request.prompts)
+        self._chars = completion_chars
+        self._send_json(
+            200,
+            {
+                "id": api.completion_id() if not chat else "chatcmpl-" + api.completion_id()[5:],
+                "object": "chat.completion" if chat else "text_completion",
+                "created": api.now(),
+                "model": request.model,
+                "choices": choices,
+                "usage": api.usage(prompt_chars, completion_chars),
+                "system_fingerprint": None,
+            },
+        )
+
+    def _stream(self, request: api.Request, served: Served, chat: bool) -> None:
+        """Server-sent events: a chunk per piece of text, a last one per choice, then [DONE]."""
+        ident = api.completion_id() if not chat else "chatcmpl-" + api.completion_id()[5:]
+        created, kind = api.now(), "chat.completion.chunk" if chat else "text_completion"
+        first = self._next(request)  # a request that fails at once still gets a plain 4xx/5xx
+        self._status = 200
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        started: set[int] = set()
+        completion_chars = 0
+
+        def send(obj: Any) -> None:
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        def chunk(index: int, text: str | None, reason: str | None, logprobs: Any = None) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {} if text is None else {"content": text}
+                if index not in started:
+                    delta["role"] = "assistant"
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"text": text or "", "index": index, "logprobs": logprobs, "finish_reason": reason}
+            started.add(index)
+            out = {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": request.model,
+                "choices": [choice],
+            }
+            if request.include_usage:
+                out["usage"] = None
+            return out
+
+        event: Event | None = first
+        seen_prompt: set[int] = set()
+        try:
+            while True:
+                if event is None:
+                    if self._gone():
+                        request.job.cancelled.set()
+                        self._status = 499
+                        return
+                    try:
+                        event = request.job.events.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+                if event.kind == "error":
+                    err = self._error(event.error)
+                    send(err.body())
+                    break
+                if event.kind == "done":
+                    break
+                index = event.index
+                prompt = request.prompts[index // request.n] if request.echo else ""
+                head = prompt if index not in seen_prompt else ""  # the echoed prompt comes first
+                seen_prompt.add(index)
+                if event.kind == "text":
+                    completion_chars += len(event.text)
+                    send(chunk(index, head + event.text, None))
+                else:  # finish: its text was streamed already
+                    logprobs = None
+                    if request.logprobs is not None and not chat:
+                        logprobs = api.logprobs_shape(
+                            served.loaded,
+                            event.scores,
+                            event.prompt_scores,
+                            prompt + event.text,
+                            request.echo,
+                            0,
+                        )
+                    send(chunk(index, head, event.reason, logprobs))
+                event = None
+            if request.include_usage:
+                prompt_chars = sum(len(p) for p in request.prompts)
+                send(
+                    {
+                        "id": ident,
+                        "object": kind,
+                        "created": created,
+                        "model": request.model,
+                        "choices": [],
+                        "usage": api.usage(prompt_chars, completion_chars),
+                    }
+                )
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            request.job.cancelled.set()
+            self._status = 499
+        finally:
+            self._chars = completion_chars
+
+    def _gone(self) -> bool:
+        """Whether the client closed its side (a readable socket with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+
+def last_user(messages: Any) -> str:
+    """The text of the last user message (`--chat last-user`)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list of messages", "messages")
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                if all(isinstance(p, str) for p in parts):
+                    return "".join(parts)
+            raise bad("the last user message's content must be text", "messages")
+    raise bad("messages has no user message (the prompt is the last user message)", "messages")
+
+
+def loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+def env_key() -> str | None:
+    return os.environ.get("CHARRNN_API_KEY") or None
