@@ -794,12 +794,28 @@ def run_ray(
             run_config=tune.RunConfig(name="ray", storage_path=str(sweep.output), verbose=0),
         )
     previous = signal.getsignal(signal.SIGINT)
+    ctrl_c: list[float] = []  # when Ctrl+C came: Tune handles it (stops trials, saves) and returns
+    real_signal = signal.signal
+
+    def noting(signum: int, handler: Any) -> Any:
+        """Tune installs its own SIGINT handler during `fit`; wrap it to learn that Ctrl+C came."""
+        if signum == signal.SIGINT and callable(handler) and handler not in (signal.default_int_handler,):
+            inner = handler
+
+            def handler(sig: int, frame: Any) -> Any:
+                ctrl_c.append(time.time())
+                return inner(sig, frame)
+
+        return real_signal(signum, handler)
+
+    signal.signal = noting  # type: ignore[assignment]
     try:
-        grid = tuner.fit()  # Ctrl+C: Tune stops the trials and saves its state, then returns
+        grid = tuner.fit()
     finally:
+        signal.signal = real_signal  # type: ignore[assignment]
         signal.signal(signal.SIGINT, previous)  # Tune leaves its own handler behind
     ran: list[Trial] = []
-    interrupted = False
+    interrupted = bool(ctrl_c)
     # ResultGrid's own source of truth: the trials with their Ray status (TERMINATED, ERROR, ...)
     for ray_trial_ in grid._experiment_analysis.trials:  # noqa: SLF001 - no public per-trial status
         config = ray_trial_.config or {}
@@ -820,6 +836,8 @@ def run_ray(
             trial.status, trial.error = "error", f"error: trial failed in Ray; see {ray_trial_.path}"
         elif ray_trial_.status != "TERMINATED":
             trial.status, interrupted = "interrupted", True
+        elif steps < sweep.steps and ctrl_c and seconds.exists() and seconds.stat().st_mtime >= ctrl_c[0] - 0.5:
+            trial.status = "interrupted"  # it was running when Ctrl+C came, not stopped by the scheduler
         else:
             trial.status = "done" if steps >= sweep.steps else "stopped early"
         ran.append(trial)

@@ -129,3 +129,35 @@ output: out
     best = yaml.safe_load((here / "out" / "best.yaml").read_text())
     winner = min(rows, key=lambda r: r["best_val_loss"])
     assert best["optimizer"]["lr"] == winner["optimizer.lr"]
+
+
+def test_ctrl_c_on_ray_marks_running_trials_interrupted_and_exits_130(here):
+    """Tune handles Ctrl+C itself (stops the trials, saves its state): the sweep still says so."""
+    import subprocess
+    import sys
+    import time
+
+    base = dict(BASE, train={**BASE["train"], "steps": 200_000})
+    (here / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    (here / "s.yaml").write_text(
+        "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2, 0.3, 0.4]}\n"
+        "backend: ray\nmax_concurrent: 1\noutput: out\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], cwd=here, stderr=subprocess.PIPE, text=True
+    )
+    end = time.monotonic() + 120
+    while not list((here / "out" / "trials").glob("*/model.metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: results so far in" in err
+    rows = results(here)
+    assert any(r["status"] == "interrupted" for r in rows), rows
+    assert not any(r["status"] in ("done", "stopped early") for r in rows), rows  # none reached 200,000 steps
+    running = [r for r in rows if r["steps"]]
+    assert running and all((here / "out" / "trials" / r["id"] / "model.npz").is_file() for r in running)
