@@ -778,7 +778,13 @@ def run_ray(
         raise ConfigError(f"algorithm: optuna needs Optuna ({OPTUNA_HINT})")
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": address} if address else {"include_dashboard": False}
-        ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+        try:
+            ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+        except ConnectionError as exc:  # no cluster there, or it wants a token this process lacks
+            raise ConfigError(
+                f"--address {address}: cannot join the Ray cluster: {exc} (is `ray start --head` running "
+                "there, and is its auth token in RAY_AUTH_TOKEN?)"
+            ) from None
     spec = {"launch": os.getcwd(), "sweep": sweep, "trials": {t.id: t.values for t in trials}}
     trainable = tune.with_resources(tune.with_parameters(ray_trial, spec=spec), {"cpu": sweep.cpus_per_trial})
     experiment = sweep.output / "ray"
