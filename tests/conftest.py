@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import charrnn
 from charrnn.plugins import get_plugin_manager
 
 ROOT = Path(__file__).resolve().parent.parent
+#: in CI every extra is installed (see .ci/run): a test that needs one runs there, it never skips
+IN_CI = bool(os.environ.get("CI"))
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 TINY_TEXT = (

@@ -118,9 +118,8 @@ def test_time_product_runs_the_shapes_it_is_given(monkeypatch):
     monkeypatch.setattr(
         np, "dot", lambda a, b, out=None: shapes.append((a.shape, b.shape)) or real(a, b, out=out)
     )
-    assert machine.time_product(3, 4, 5, seconds=0.01) > 0
-    assert machine.time_product(1, 4, 5, seconds=0.01) > 0
-    assert machine.time_product(3, 4, 1, seconds=0.01) > 0
+    timed = [machine.time_product(m, 4, n, seconds=0.01) for m, n in ((3, 5), (1, 5), (3, 1))]
+    assert all(t > 0 for t in timed)  # each returned a measurement (not a claim about speed)
     assert {((3, 4), (4, 5)), ((4,), (4, 5)), ((3, 4), (4,))} == set(shapes)
 
 

@@ -12,6 +12,7 @@ from charrnn import plot
 from charrnn.cli import main
 from charrnn.errors import CharrnnError
 from charrnn.plot import Series, nice_ticks, read_metrics, render_svg, run_labels, write_loss_svg
+from conftest import IN_CI
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -251,7 +252,7 @@ def test_png_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_png_with_matplotlib(tmp_path):
-    if not os.environ.get("CI"):
+    if not IN_CI:
         pytest.importorskip("matplotlib")  # in CI the extra is installed, so a missing one fails
     a = write_jsonl(tmp_path / "a.metrics.jsonl", records(5))
     b = write_jsonl(tmp_path / "b.metrics.jsonl", records(3))
