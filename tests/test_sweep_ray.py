@@ -161,3 +161,43 @@ def test_ctrl_c_on_ray_marks_running_trials_interrupted_and_exits_130(here):
     assert not any(r["status"] in ("done", "stopped early") for r in rows), rows  # none reached 200,000 steps
     running = [r for r in rows if r["steps"]]
     assert running and all((here / "out" / "trials" / r["id"] / "model.npz").is_file() for r in running)
+
+
+def test_an_interrupted_ray_sweep_resumes_to_the_end(here):
+    """`--resume` restores Tune's experiment: the cut trial continues from its checkpoint, the rest run."""
+    import subprocess
+    import sys
+    import time
+
+    base = dict(BASE, model={"type": "rnn", "hidden_size": 128})
+    base["train"] = {**BASE["train"], "steps": 3000, "batch_size": 16, "seq_length": 16, "eval_every": 100}
+    (here / "tiny.txt").write_text(TINY_TEXT * 20, encoding="utf-8")
+    (here / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    (here / "s.yaml").write_text(
+        "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.05, 0.1]}\n"
+        "backend: ray\nmax_concurrent: 1\noutput: out\n",
+        encoding="utf-8",
+    )
+    sweep = [sys.executable, "-m", "charrnn", "sweep", "s.yaml"]
+    proc = subprocess.Popen(sweep, cwd=here, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not list((here / "out" / "trials").glob("*/model.npz")):
+        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    cut = [r for r in results(here) if r["status"] == "interrupted" and r["steps"]]
+    assert cut and all(r["steps"] < 3000 for r in cut), results(here)
+    done = subprocess.run([*sweep, "--resume"], cwd=here, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = results(here)
+    assert [(r["id"], r["status"], r["steps"]) for r in rows] == [
+        ("0000", "done", 3000),
+        ("0001", "done", 3000),
+    ]
+    for r in cut:  # the cut trial went on from its checkpoint (a resumed run), not from scratch
+        metrics = (here / "out" / "trials" / r["id"] / "model.metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in metrics] == list(range(100, 3001, 100))
+        log = (here / "out" / "trials" / r["id"] / "train.log").read_text()
+        assert log.count("step 100/3000 ") == 1 and log.count("step 3000/3000 ") == 1  # no second start
