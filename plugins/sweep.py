@@ -32,6 +32,7 @@ import numpy as np
 from charrnn import config as cfg
 from charrnn.commands import add_set
 from charrnn.errors import CharrnnError, ConfigError
+from charrnn.files import atomic_write
 from charrnn.hookspecs import hookimpl
 
 TUNE_HINT = "pip install 'charrnn[tune]'"
@@ -472,7 +473,6 @@ def ranked(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_results(sweep: Sweep, trials: list[Trial], err: TextIO, top: int = 10) -> int:
     """results.csv/.jsonl, best.yaml, sweep.svg, the table and the `best:` line; the exit status."""
-    from charrnn.checkpoint import atomic_write
 
     rows = [row(sweep, t) for t in trials]
     sweep.output.mkdir(parents=True, exist_ok=True)
@@ -537,7 +537,6 @@ def _short(value: Any) -> str:
 
 def write_best(sweep: Sweep, trial: Trial, winner: Mapping[str, Any]) -> None:
     """best.yaml: the winner's resolved pipeline, training into `<output>/best/` (not over the trial)."""
-    from charrnn.checkpoint import atomic_write
 
     config = resolved(sweep, trial.values)
     config["train"]["checkpoint"] = str(sweep.output / "best" / "model.npz")
@@ -760,7 +759,8 @@ def ray_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
             log.write(f"error: {message}\n")
             (folder / "error.txt").write_text(f"error: {message}\n", encoding="utf-8")
         finally:
-            (folder / "seconds.txt").write_text(f"{time.monotonic() - began}\n", encoding="utf-8")
+            with atomic_write(folder / "seconds.txt", "trial time", ConfigError) as f:
+                f.write(f"{time.monotonic() - began}\n".encode())
 
 
 def run_ray(
@@ -833,7 +833,7 @@ def run_ray(
             trial = Trial(trial_id(int(index)) if index.isdigit() else index, values)
         folder = trial.folder(sweep)
         seconds = folder / "seconds.txt"
-        trial.seconds = float(seconds.read_text()) if seconds.exists() else 0.0
+        trial.seconds = read_seconds(seconds)
         error = folder / "error.txt"
         steps = row(sweep, trial)["steps"]
         if error.exists():
@@ -842,7 +842,9 @@ def run_ray(
             trial.status, trial.error = "error", f"error: trial failed in Ray; see {ray_trial_.path}"
         elif ray_trial_.status != "TERMINATED":
             trial.status, interrupted = "interrupted", True
-        elif steps < sweep.steps and ctrl_c and seconds.exists() and seconds.stat().st_mtime >= ctrl_c[0] - 0.5:
+        elif (
+            steps < sweep.steps and ctrl_c and seconds.exists() and seconds.stat().st_mtime >= ctrl_c[0] - 0.5
+        ):
             trial.status = "interrupted"  # it was running when Ctrl+C came, not stopped by the scheduler
         else:
             trial.status = "done" if steps >= sweep.steps else "stopped early"
@@ -851,6 +853,14 @@ def run_ray(
     if len(ran) < planned:
         interrupted = True
     return sorted(ran, key=lambda t: t.id), interrupted
+
+
+def read_seconds(path: Path) -> float:
+    """A trial's seconds.txt; 0.0 when it is missing or was cut short (a trial killed while writing it)."""
+    try:
+        return float(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def param_space(sweep: Sweep, trials: list[Trial]) -> dict[str, Any]:
