@@ -44,16 +44,7 @@ class RunResult:
 class Pipeline(Assembly):
     """An assembly (validated configuration, plugins, components) and the stages it runs."""
 
-    def __init__(
-        self,
-        source: str | Path | Mapping[str, Any],
-        *,
-        plugins: Iterable[object] = (),
-        overrides: Iterable[str] | Mapping[str, Any] | None = None,
-        load_entrypoints: bool = True,
-    ) -> None:
-        super().__init__(source, plugins=plugins, overrides=overrides, load_entrypoints=load_entrypoints)
-        self._data: tuple[str, Data] | None = None
+    _data: tuple[str, Data] | None = None
 
     def data(self) -> Data:
         """The corpus, loaded once per corpus section (`train` then `evaluate` read it once)."""
