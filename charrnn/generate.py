@@ -124,7 +124,7 @@ def generate(
         with calling(labels["sampler"]):
             sampler.reset(k)  # type: ignore[union-attr]
     step, x = prime(model, start_ids(vocab, seed_text), k, observe, labels)
-    streams = [_Stream(stop, vocab) for _ in range(k)]
+    streams = [TextStream(stop, vocab) for _ in range(k)]
     if on_text is not None:
         on_text(seed_text)
         streams[0].emit = on_text
@@ -209,8 +209,11 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class _Stream:
-    """The text of one stream: cut at the first stop string, optionally emitted as it grows."""
+class TextStream:
+    """The text of one stream: cut at the first stop string, optionally emitted as it grows.
+
+    Public because the server keeps one per request row (stop strings, incremental UTF-8 decoding).
+    """
 
     def __init__(self, stop: Sequence[str], vocab: Corpus) -> None:
         self.stop, self.parts, self.pending, self.stopped = stop, [], "", False

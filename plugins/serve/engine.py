@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from charrnn.errors import CharrnnError, PluginFailure
-from charrnn.generate import _Stream, start_ids, stepper
+from charrnn.generate import TextStream, start_ids, stepper
 from charrnn.loaded import LoadedModel
 from charrnn.plugins import calling
 
@@ -83,7 +83,7 @@ class Group:
     echo: bool
     first_index: int  # the choice index of row 0
     labels: dict[str, str]
-    streams: list[_Stream] = field(default_factory=list)
+    streams: list[TextStream] = field(default_factory=list)
     scores: list[Scores] = field(default_factory=list)
     prompt_scores: Scores | None = None
     done: int = 0  # characters generated so far
@@ -246,7 +246,7 @@ class Engine:
         group.state = {name: np.repeat(a, n, axis=0) for name, a in state.items()}
         group.x = np.repeat(ids[-1:], n)
         job = self.jobs[id(group)]
-        group.streams = [_Stream(group.stop, self.vocab) for _ in range(n)]
+        group.streams = [TextStream(group.stop, self.vocab) for _ in range(n)]
         group.scores = [Scores() for _ in range(n)]
         if job.stream:
             for r, stream in enumerate(group.streams):
