@@ -1,7 +1,7 @@
 """A pipeline: an assembly whose stages (`train`, `evaluate`, `generate`) run in order.
 
 `run_pipeline` is the API beneath `charrnn run`; `generate_text` and `generate_samples`
-beneath `charrnn generate`. Each stage is a thin caller: `charrnn.training.train`,
+beneath `charrnn generate`. Each stage is a thin caller: `charrnn.training` (prepare, start, run),
 `charrnn.evaluation`, `charrnn.loaded.LoadedModel.generate`.
 """
 

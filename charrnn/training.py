@@ -25,7 +25,7 @@ from charrnn.memory import check as check_memory
 from charrnn.plugins import call_hook
 from charrnn.transforms import allreduce_mean, chain, clipping
 from charrnn.types import Model, Schedule
-from charrnn.world import LocalWorld, World, agree, rows, together
+from charrnn.world import World, agree, rows, together
 
 
 def sibling(checkpoint: str, suffix: str) -> str:
@@ -232,24 +232,6 @@ def start(loop: Loop, assembly: Assembly, data: Data, saved: ckpt_io.Checkpoint 
                 loop.model.params[key][...] = value
     with together(world):
         return apply_start(assembly, saved, loop.model, loop.optimizer, world)
-
-
-def train(
-    assembly: Assembly,
-    data: Data,
-    *,
-    world: World | None = None,
-    interrupts: Interrupts | None = None,
-    stderr: TextIO | None = None,
-    callbacks: tuple[Callback, ...] = (),
-) -> tuple[Model, TrainResult]:
-    """Train the pipeline's model on `data`; `interrupts` default to the CLI's Ctrl+C handling."""
-    world = world or LocalWorld()
-    with together(world):
-        loop, saved = prepare(
-            assembly, data, world=world, interrupts=interrupts, stderr=stderr, callbacks=callbacks
-        )
-    return loop.model, run(loop, start(loop, assembly, data, saved))
 
 
 def run(loop: Loop, state: TrainState) -> TrainResult:
