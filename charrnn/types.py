@@ -121,8 +121,7 @@ class Corpus:
         """Text of `ids`; with the byte vocabulary, invalid UTF-8 shows as U+FFFD."""
         if self.encoding == "bytes":
             return bytes(np.asarray(ids, dtype=np.uint8)).decode("utf-8", errors="replace")
-        vocab = self.vocab
-        return "".join(vocab[i] for i in ids)
+        return "".join(map(self.vocab.__getitem__, np.asarray(ids).tolist()))  # ints, not NumPy scalars
 
 
 class StepResult(NamedTuple):

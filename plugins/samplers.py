@@ -101,7 +101,7 @@ class Temperature(RepetitionPenalty):
         self.temperature = _number("temperature", temperature, lambda v: 0 < v < math.inf, "> 0 and finite")
         self._block: np.ndarray | None = None  # Gumbel noise drawn ahead, rows used up to _used
         self._block_rng: np.random.Generator | None = None
-        self._block_scale, self._used, self._block_rows = 1.0, 0, 0
+        self._block_scale, self._used = 1.0, 0
         self._plain = not self._on and type(self).filter is Temperature.filter  # temperature alone
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
@@ -124,24 +124,43 @@ class Temperature(RepetitionPenalty):
         g += z
         return g.argmax(1)
 
+    def perturb(self, rng: np.random.Generator, k: int, V: int, steps: int = 1) -> np.ndarray | None:
+        """Noise P (steps, k, V) with the next `steps` calls' ids = argmax(logits_t + P[t]), or None.
+
+        None when the ids need more than the logits plus noise (a filter, the repetition
+        penalty). Lets a caller that runs many samplers on one batch (the server) add every
+        request's noise to the shared logits and take one argmax per step, instead of calling
+        each sampler: the noise is the rows the calls would have drawn, so the ids are too.
+        Samplers that give their noise ignore `observe`; the caller may skip it meanwhile.
+        """
+        if not self._plain:
+            return None
+        return self.noise(rng, (steps * k, V), self.temperature).reshape(steps, k, V)
+
     def noise(self, rng: np.random.Generator, shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
-        """Fresh Gumbel noise (k, V) times `scale`, cut from a block drawn at once.
+        """The next (k, V) rows of Gumbel noise times `scale`, from blocks of NOISE_ROWS rows.
 
         Generation calls the sampler once per character, where a separate draw of 65 numbers
-        costs about as much as the rest of the sampler. The block belongs to one generator.
+        costs about as much as the rest of the sampler. The rows form one stream per generator
+        and scale (blocks drawn in turn, none skipped), so the noise does not depend on how many
+        rows each call takes: one call of 2k rows gets what two calls of k rows get.
         """
         k, V = shape
-        used, block = self._used + k, self._block
-        if (
-            used > self._block_rows
-            or rng is not self._block_rng
-            or scale != self._block_scale
-            or V != block.shape[1]
-        ):
-            block = self._block = gumbel(rng, (max(NOISE_ROWS, k), V), scale)
-            self._block_rng, self._block_scale, self._block_rows, used = rng, scale, len(block), k
-        self._used = used
-        return block[used - k : used]
+        block, used = self._block, self._used
+        if block is None or rng is not self._block_rng or scale != self._block_scale or V != block.shape[1]:
+            block, used = None, 0  # a new stream
+        elif used + k <= len(block):
+            self._used = used + k
+            return block[used : used + k]
+        parts = [] if block is None else [block[used:]]
+        have = len(parts[0]) if parts else 0
+        while have < k:
+            block = gumbel(rng, (NOISE_ROWS, V), scale)
+            used = min(NOISE_ROWS, k - have)
+            parts.append(block[:used])
+            have += used
+        self._block, self._block_rng, self._block_scale, self._used = block, rng, scale, used
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def gumbel(rng: np.random.Generator, shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
@@ -244,6 +263,10 @@ class Greedy(RepetitionPenalty):
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return (self.adjust(logits) if self._filled else logits).argmax(axis=-1)  # (k,)
+
+    def perturb(self, rng: np.random.Generator, k: int, V: int, steps: int = 1) -> np.ndarray | None:
+        """No noise (see `Temperature.perturb`), unless the repetition penalty is on."""
+        return None if self._on else np.zeros((steps, k, V), np.float32)
 
 
 @hookimpl

@@ -93,6 +93,33 @@ def serial(port: int, requests: int, chars: int) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def step_ceiling(path: str, clients: list[int]) -> dict[int, float]:
+    """What batching can buy at most: the model's own step, C rows at once against one row.
+
+    Characters per second of the bare generation step (`charrnn.generate.stepper`, BLAS on one
+    thread as the server runs it) with C rows, divided by that with one row: no sampling, no
+    HTTP. The server's ratio cannot exceed this.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from charrnn.generate import stepper
+    from charrnn.loaded import LoadedModel
+
+    model = LoadedModel.load(path, load_entrypoints=False).model
+    rates = {}
+    with threadpool_limits(1, user_api="blas"):
+        for rows in sorted({1, *clients}):
+            step, x = stepper(model, model.init_state(rows)), np.zeros(rows, np.int64)
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    step(x)
+                best = min(best, (time.perf_counter() - t0) / 200)
+            rates[rows] = rows / best
+    return {c: rates[c] / rates[1] for c in clients}
+
+
 def blas() -> str:
     try:
         config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
@@ -135,7 +162,7 @@ def main() -> None:
                 threading.Thread(target=proc.stderr.read, daemon=True).start()  # the request log
                 stream_one(port, 50, 0)  # warm up
                 base = serial(port, min(16, max(args.clients)), args.chars)
-                row = {"hidden": hidden, "serial": base}
+                row = {"hidden": hidden, "serial": base, "ceiling": step_ceiling(path, args.clients)}
                 for c in args.clients:
                     row[c] = concurrent(port, c, args.chars)
                 rows.append(row)
@@ -152,6 +179,9 @@ def main() -> None:
     for row in rows:
         cells = [f"{row[c]:,.0f} ({row[c] / row['serial']:.1f}x)" for c in args.clients]
         print(f"| {row['hidden']} | {row['serial']:,.0f} | " + " | ".join(cells) + " |")
+    print("\nCeiling: the bare model step with C rows against one row (BLAS on one thread, no HTTP):")
+    for row in rows:
+        print(f"hidden {row['hidden']}: " + ", ".join(f"{c}: {row['ceiling'][c]:.1f}x" for c in args.clients))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,37 @@ def test_temperature_is_gumbel_max_over_scaled_logits():
     assert np.array_equal(Temperature(0.7)(logits, np.random.default_rng(3)), expected)
 
 
+@pytest.mark.parametrize("k", [1, 3, 100, 300])
+def test_noise_is_one_stream_however_it_is_cut(k):
+    """Rows drawn k at a time equal rows drawn 2k at a time (blocks are never skipped)."""
+    a, b = Temperature(), Temperature()
+    ra, rb = np.random.default_rng(5), np.random.default_rng(5)
+    pieces = np.concatenate([a.noise(ra, (k, 7)).copy() for _ in range(6)])
+    whole = np.concatenate([b.noise(rb, (2 * k, 7)).copy() for _ in range(3)])
+    assert np.array_equal(pieces, whole)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_perturb_gives_the_noise_the_calls_would_draw(temperature):
+    """argmax(logits + perturb) over `steps` steps equals `steps` calls of the sampler."""
+    k, V, steps = 3, 11, 40
+    logits = [random_logits(k, V, seed=s, dtype=np.float32) for s in range(steps)]
+    called, rng = Temperature(temperature), np.random.default_rng(9)
+    want = [called(z, rng) for z in logits]
+    batched, rng = Temperature(temperature), np.random.default_rng(9)
+    noise = batched.perturb(rng, k, V, steps)
+    assert noise.shape == (steps, k, V)
+    got = [(noise[t] + logits[t]).argmax(1) for t in range(steps)]
+    assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_perturb_is_none_where_the_ids_need_the_logits():
+    for sampler in (TopK(3), TopP(0.5), MinP(0.1), Temperature(repetition_penalty=1.2), Greedy(1.2)):
+        assert sampler.perturb(np.random.default_rng(0), 2, 5) is None, sampler
+    zeros = Greedy().perturb(np.random.default_rng(0), 2, 5, 3)
+    assert zeros.shape == (3, 2, 5) and not zeros.any()
+
+
 def test_gumbel_noise_has_the_gumbel_distribution():
     g32 = gumbel(np.random.default_rng(0), (1000, 1000))
     assert g32.dtype == np.float32 and np.isfinite(g32).all()

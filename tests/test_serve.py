@@ -510,7 +510,7 @@ class Gate:
 
     def __init__(self, model):
         self.model, self.open = model, threading.Event()
-        self.vocab_size = model.vocab_size
+        self.vocab_size, self.dtype = model.vocab_size, model.dtype
 
     def init_state(self, k):
         return self.model.init_state(k)
@@ -543,17 +543,27 @@ def test_full_queue_answers_429_with_retry_after(checkpoint):
         assert sorted(r[0] for r in results) == [200, 200]
 
 
+#: per request: samplers sampled together in one argmax (temperature, greedy) and called alone
+MIXED = [
+    {},
+    {"top_k": 5},
+    {"temperature": 0},
+    {"logprobs": 2},
+    {"temperature": 0.7},
+    {"repetition_penalty": 1.3},
+]
+
+
 def test_concurrent_requests_share_batched_steps(checkpoint):
     with serving(checkpoint, model=Gate) as (srv, port):
         gate = srv.models["model"].loaded.model
         engine = srv.models["model"].engine
-        results = []
-        threads = [
-            threading.Thread(
-                target=lambda i=i: results.append(complete(port, prompt="t", max_tokens=40, seed=i))
-            )
-            for i in range(6)
-        ]
+        results = {}
+
+        def call(i):
+            results[i] = complete(port, prompt="t", max_tokens=40, seed=i, **MIXED[i])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
         threads[0].start()
         assert wait_for(lambda: engine.groups)
         for t in threads[1:]:
@@ -562,12 +572,15 @@ def test_concurrent_requests_share_batched_steps(checkpoint):
         gate.open.set()
         for t in threads:
             t.join(10)
-        assert len(results) == 6 and all(len(r["choices"][0]["text"]) == 40 for r in results)
+        assert len(results) == 6 and all(len(r["choices"][0]["text"]) == 40 for r in results.values())
         assert engine.steps <= 2 * 40  # 6 x 40 characters in at most two passes, not six
-        alone = {}
         for i in range(6):  # the texts do not depend on what shared the batch
-            alone[i] = complete(port, prompt="t", max_tokens=40, seed=i)["choices"][0]["text"]
-        assert sorted(r["choices"][0]["text"] for r in results) == sorted(alone.values())
+            alone = complete(port, prompt="t", max_tokens=40, seed=i, **MIXED[i])
+            assert results[i]["choices"][0]["text"] == alone["choices"][0]["text"], MIXED[i]
+            shared, own = results[i]["choices"][0]["logprobs"], alone["choices"][0]["logprobs"]
+            if own is not None:  # equal up to the rounding of a batched product
+                assert shared["tokens"] == own["tokens"]
+                np.testing.assert_allclose(shared["token_logprobs"], own["token_logprobs"], atol=1e-4)
 
 
 @pytest.mark.slow

@@ -110,7 +110,7 @@ class Job:
 
     def __init__(self, groups: list[Group], stream: bool) -> None:
         self.groups, self.stream = groups, stream
-        self.events: queue.Queue[Event] = queue.Queue()
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()  # C put/get: no Condition per event
         self.cancelled = threading.Event()
         self.rows = sum(g.n for g in groups)
         self.remaining = len(groups)
@@ -137,6 +137,8 @@ class Engine:
         self.step: Callable[[np.ndarray], np.ndarray] | None = None
         self.x = np.zeros(0, np.int64)
         self.steps = 0  # model steps run (for tests and the benchmark)
+        # noise is float32 (as the samplers draw it): batch a model's rows only if its logits are too
+        self.dtype = np.dtype(getattr(loaded.model, "dtype", None) or np.float64)
         self.thread = threading.Thread(target=self._run, name=f"charrnn-serve-{loaded.path}", daemon=True)
         self.thread.start()
 
@@ -303,26 +305,37 @@ class Engine:
     def _chunk(self) -> None:
         """Up to `chunk` model steps for the whole batch; each group samples its own rows.
 
-        The hot loop: one model call and one sampler call per group per step, nothing else. The
-        ids are checked once per step for the whole batch (one min and max), and a group is
-        blamed only when they are out of range or its sampler raises.
+        Groups whose sampler states its noise (`perturb`: plain temperature, greedy) and want no
+        logprobs are sampled together: their noise for the whole chunk is drawn once, and each
+        step adds it to the shared logits and takes one argmax over the batch, so a step costs
+        the same few calls however many requests run. Other groups call their sampler (and
+        `observe`) per step. Their ids are checked once per step (one min and max), and a group
+        is blamed only when its ids are out of range or its sampler raises.
         """
         assert self.step is not None
         n_steps = min(self.chunk, max(g.num_chars - g.done for g in self.groups))
         K, V = len(self.x), self.V
         out = np.empty((n_steps, K), np.int64)
-        plan = [
-            (
-                g,
-                slice(g.start, g.start + g.n),
-                g.sampler,
-                g.rng,
-                getattr(g.sampler, "observe", None),
-                g.num_chars - g.done,
-            )
-            for g in self.groups
-        ]
         failed: list[tuple[Group, BaseException]] = []
+        noise: np.ndarray | None = None  # (n_steps, K, V): the batched groups' noise
+        called: list[list[Any]] = []  # [group, rows, sampler, rng, observe, characters left]
+        for g in self.groups:
+            rows = slice(g.start, g.start + g.n)
+            perturb = getattr(g.sampler, "perturb", None)
+            if perturb is not None and g.logprobs is None and self.dtype == np.float32:
+                try:
+                    p = perturb(g.rng, g.n, V, n_steps)
+                    if p is not None:
+                        if noise is None:
+                            noise = np.zeros((n_steps, K, V), np.float32)
+                        noise[:, rows] = p
+                        continue
+                except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
+                    failed.append((g, exc))
+                    continue
+            called.append(
+                [g, rows, g.sampler, g.rng, getattr(g.sampler, "observe", None), g.num_chars - g.done]
+            )
         x, step = self.x, self.step
         for t in range(n_steps):
             try:
@@ -334,31 +347,14 @@ class Engine:
                 self.groups, self.step = [], None
                 return
             new = out[t]
-            for group, rows, sampler, rng, observe, left in plan:
-                if t >= left:  # this group has its characters: its rows idle to the chunk's end
-                    new[rows] = x[rows]
-                    continue
-                try:
-                    ids = sampler(logits[rows], rng)  # (n,)
-                    if observe is not None:
-                        observe(ids)
-                    new[rows] = ids
-                except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
-                    failed.append((group, exc))
-                    plan = [p if p[0] is not group else (*p[:5], 0) for p in plan]  # idle rows from now on
-                    new[rows] = 0
-                    continue
-                if group.logprobs is not None:
-                    logp = log_softmax(logits[rows])
-                    for r in range(group.n):
-                        group.scores[r].add(logp[r], int(new[rows][r]), group.logprobs)
-            if K and (new.min() < 0 or new.max() >= V):
-                for p in plan:
-                    block = new[p[1]]
-                    if block.min() < 0 or block.max() >= V:
-                        failed.append((p[0], ValueError(f"returned ids {block!r} outside [0, {V})")))
-                        new[p[1]] = 0
-                plan = [p if not any(p[0] is f for f, _ in failed) else (*p[:5], 0) for p in plan]
+            if noise is not None:
+                z = noise[t]
+                z += logits
+                z.argmax(1, out=new)  # rows of called groups: overwritten below
+            else:
+                new.fill(0)  # rows of failed groups feed id 0 until they leave
+            if called:
+                self._sample(called, logits, new, t, failed)
             x = new
         self.x = out[n_steps - 1].copy()
         self.steps += n_steps
@@ -377,6 +373,33 @@ class Engine:
             group.done += take
         if self._leave(self._complete) or failed:
             self._rebuild()
+
+    def _sample(
+        self, called: list[list[Any]], logits: np.ndarray, new: np.ndarray, t: int, failed: list
+    ) -> None:
+        """One step of the groups that call their sampler: ids into `new`, scores, `observe`."""
+        V = self.V
+        for entry in called:
+            group, rows, sampler, rng, observe, left = entry
+            if t >= left:  # this group has its characters (or failed): its rows idle
+                new[rows] = 0
+                continue
+            try:
+                ids = sampler(logits[rows], rng)  # (n,)
+                new[rows] = ids
+                if ids.min() < 0 or ids.max() >= V:
+                    raise ValueError(f"returned ids {np.asarray(ids)!r} outside [0, {V})")
+                if observe is not None:
+                    observe(ids)
+            except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
+                failed.append((group, exc))
+                entry[5] = 0  # its rows idle from now on
+                new[rows] = 0
+                continue
+            if group.logprobs is not None:
+                logp = log_softmax(logits[rows])
+                for r in range(group.n):
+                    group.scores[r].add(logp[r], int(ids[r]), group.logprobs)
 
     @staticmethod
     def _complete(group: Group) -> bool:

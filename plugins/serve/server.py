@@ -601,9 +601,15 @@ class Handler(BaseHTTPRequestHandler):
         started: set[int] = set()
         completion_chars = 0
 
+        pending: list[bytes] = []  # events made ready together go out in one write
+
         def send(obj: Any) -> None:
-            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-            self.wfile.flush()
+            pending.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        def flush() -> None:
+            if pending:
+                self.wfile.write(b"".join(pending))
+                pending.clear()
 
         def chunk(index: int, text: str | None, reason: str | None, logprobs: Any = None) -> dict[str, Any]:
             if chat:
@@ -630,13 +636,18 @@ class Handler(BaseHTTPRequestHandler):
         try:
             while True:
                 if event is None:
-                    if self._gone():
-                        request.job.cancelled.set()
-                        self._status = 499
-                        return
+                    try:
+                        event = request.job.events.get_nowait()  # more ready: same write
+                    except queue.Empty:
+                        flush()
+                if event is None:
                     try:
                         event = request.job.events.get(timeout=0.5)
-                    except queue.Empty:
+                    except queue.Empty:  # a quiet stream: is anybody still reading it?
+                        if self._gone():
+                            request.job.cancelled.set()
+                            self._status = 499
+                            return
                         continue
                 if event.kind == "error":
                     err = self._error(event.error)
@@ -676,8 +687,8 @@ class Handler(BaseHTTPRequestHandler):
                         "usage": api.usage(prompt_chars, completion_chars),
                     }
                 )
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            pending.append(b"data: [DONE]\n\n")
+            flush()
         except (BrokenPipeError, ConnectionResetError, OSError):
             request.job.cancelled.set()
             self._status = 499
