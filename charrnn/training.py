@@ -23,6 +23,7 @@ from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.memory import check as check_memory
 from charrnn.plugins import call_hook
+from charrnn.threads import ThreadChooser
 from charrnn.transforms import allreduce_mean, chain, clipping
 from charrnn.types import Model, Schedule
 from charrnn.world import World, agree, rows, together
@@ -321,7 +322,9 @@ def prepare(
         show_lr=schedule is not None,
         plot_path=plot_path if lead else None,
     )
-    chain_ = [ProgressBar(console)] if lead else []
+    chooser = ThreadChooser.create(console.log if lead else print_nothing)
+    chain_ = [chooser] if chooser is not None else []
+    chain_ += [ProgressBar(console)] if lead else []
     chain_ += [cb for cb in (evaluator, checkpointer) if cb is not None]
     chain_ += [reporter] if lead else []
     if lead:

@@ -15,14 +15,13 @@ those of earlier versions.) With `num_layers` > 1 the layers stack as described 
 
 from __future__ import annotations
 
-import functools
 import numbers
-import os
 
 import numpy as np
 
 from charrnn import hookimpl
 from charrnn.generate import StepAdapter
+from charrnn.tuning import padded_rows
 from charrnn_plugins.recurrent import (
     DENSE_SCATTER_MAX_VOCAB,
     MAX_CACHED_SHAPES,
@@ -162,37 +161,6 @@ class RNN(Recurrent):
 
     def _state_out(self, b: Buffers) -> Arrays:
         return {layer_name("h", layer): lb.hs[-1].copy() for layer, lb in enumerate(b.layers)}
-
-
-# OpenBLAS runs a matrix-vector product on more than one thread only from this many matrix
-# entries on: 115200 * GEMM_MULTITHREAD_THRESHOLD (4 unless built otherwise), interface/gemv.c.
-OPENBLAS_THREADED_GEMV = 115_200 * 4
-
-
-@functools.cache
-def _openblas_on_several_cpus() -> bool:
-    """Whether NumPy's BLAS is OpenBLAS and may use more than one CPU (no *_NUM_THREADS=1)."""
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    except Exception:  # an older NumPy or another layout: do not guess
-        return False
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    one = any(os.environ.get(v) == "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
-    return "openblas" in str(blas).lower() and cpus > 1 and not one
-
-
-def padded_rows(rows: int, cols: int) -> int:
-    """Rows to allocate for the one-stream generation matrix of `rows` x `cols` entries.
-
-    Just below OpenBLAS's threshold for threading a matrix-vector product (from 60% of it on),
-    zero rows up to it make OpenBLAS split the product over two cores, each reading its part
-    from its own L2 cache: at hidden 512 (577 x 512), 12.4 -> 9.5 us per character, although
-    the matrix grows by 56%. Further below, the extra rows cost more than a second core gives.
-    """
-    n = rows * cols
-    if not 0.6 * OPENBLAS_THREADED_GEMV <= n < OPENBLAS_THREADED_GEMV or not _openblas_on_several_cpus():
-        return rows
-    return -(-OPENBLAS_THREADED_GEMV // cols)
 
 
 class _Stepper:

@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
+# Bit-exact comparisons (resume, MPI, sweeps) need one BLAS thread count for a whole run, and
+# the thread chooser reacts to load, which a busy test machine has. Its own tests turn it on.
+os.environ.setdefault("CHARRNN_TUNING", "-blas_threads")
+
 TINY_TEXT = (
     "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. the end.\n"
 ) * 8

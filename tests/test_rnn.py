@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from charrnn import tuning
 from charrnn.generate import StepAdapter, generate
 from charrnn.types import Corpus
 from charrnn_plugins import rnn as rnn_plugin
@@ -368,17 +369,21 @@ def test_generation_with_the_stepper_equals_generation_with_step(tiny_text):
 
 @pytest.mark.parametrize("several_cpus", [True, False])
 def test_padded_rows_only_just_below_the_openblas_threading_threshold(monkeypatch, several_cpus):
-    monkeypatch.setattr(rnn_plugin, "_openblas_on_several_cpus", lambda: several_cpus)
-    threshold = rnn_plugin.OPENBLAS_THREADED_GEMV
-    assert rnn_plugin.padded_rows(577, 512) == (900 if several_cpus else 577)  # hidden 512, V 65
-    assert (rnn_plugin.padded_rows(577, 512) * 512 >= threshold) == several_cpus
-    assert rnn_plugin.padded_rows(165, 100) == 165  # far below: padding would cost more than it gives
-    assert rnn_plugin.padded_rows(1000, 512) == 1000  # threaded already
+    monkeypatch.setenv("CHARRNN_TUNING", "pad_gemv")
+    monkeypatch.setattr(tuning, "_openblas_on_several_threads", lambda: several_cpus)
+    threshold = tuning.OPENBLAS_THREADED_GEMV
+    assert tuning.padded_rows(577, 512) == (900 if several_cpus else 577)  # hidden 512, V 65
+    assert (tuning.padded_rows(577, 512) * 512 >= threshold) == several_cpus
+    assert tuning.padded_rows(165, 100) == 165  # far below: padding would cost more than it gives
+    assert tuning.padded_rows(1000, 512) == 1000  # threaded already
+    monkeypatch.setenv("CHARRNN_TUNING", "off")
+    assert tuning.padded_rows(577, 512) == 577  # the trick turned off
 
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_stepper_with_a_padded_matrix_gives_the_logits_of_step(monkeypatch, padded):
-    monkeypatch.setattr(rnn_plugin, "_openblas_on_several_cpus", lambda: padded)
+    monkeypatch.setenv("CHARRNN_TUNING", "pad_gemv")
+    monkeypatch.setattr(tuning, "_openblas_on_several_threads", lambda: padded)
     V, H = 65, 512
     model = RNN(V, np.random.default_rng(0), hidden_size=H, init_scale=0.05)
     model.params["by"][:] = np.random.default_rng(2).standard_normal(V)

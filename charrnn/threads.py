@@ -1,0 +1,177 @@
+"""BLAS threads: read and set through threadpoolctl where it is installed, and chosen while training.
+
+OpenBLAS's threads wait for each other inside every product. When another process keeps one of
+the cores busy, the thread that lands there is descheduled and the others spin: a two-thread
+product then takes several times as long as a one-thread product. `ThreadChooser` watches the
+step time and trains on one thread while that is faster, going back when the load goes away.
+A user who sets a `*_NUM_THREADS` variable has chosen: charrnn never overrides it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from charrnn.loop import Callback, Loop
+from charrnn.world import THREAD_VARS
+
+
+@functools.cache
+def _blas() -> Any:
+    """threadpoolctl's controller of NumPy's BLAS, or None (not installed, or no BLAS found)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    libs.sort(key=lambda lib: "numpy" not in str(getattr(lib, "filepath", "")))  # NumPy's own first
+    return libs[0] if libs else None
+
+
+def blas_threads() -> int | None:
+    """The BLAS threads NumPy's products may use now; None where threadpoolctl cannot tell."""
+    lib = _blas()
+    return None if lib is None else int(lib.get_num_threads())
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set NumPy's BLAS threads (one ctypes call); False where threadpoolctl is not installed."""
+    lib = _blas()
+    if lib is None:
+        return False
+    lib.set_num_threads(n)
+    return True
+
+
+def user_pinned(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
+    return any(name in environ for name in THREAD_VARS)
+
+
+class ThreadChooser(Callback):
+    """Trains on NumPy's BLAS threads while that is fastest, on one while the machine is shared.
+
+    Step times are collected in windows of at least `window` seconds and `min_steps` steps; a
+    window's median is its time (reports and checkpoints are outliers). A window on all threads
+    more than `slower` times the best seen on them, or the first window (the machine may be
+    shared from the start), is followed by a probe window on one thread; the faster of the two
+    stays. On one thread, after `reprobe` windows a probe tries all threads again, so training goes
+    back to them when the other process ends (probes that find the machine still shared come
+    less and less often, so they cost little). Without threadpoolctl the chooser only says, once,
+    what would help.
+    """
+
+    def __init__(
+        self,
+        threads: int,
+        *,
+        can_set: bool = True,
+        log: Callable[[str], None] = lambda message: None,
+        clock: Callable[[], float] = time.perf_counter,
+        setter: Callable[[int], object] = set_blas_threads,
+        window: float = 0.5,
+        min_steps: int = 3,
+        slower: float = 1.5,
+        reprobe: int = 10,
+    ) -> None:
+        self.many, self.can_set, self.log, self.clock, self.setter = threads, can_set, log, clock, setter
+        self.window, self.min_steps, self.slower, self.reprobe = window, min_steps, slower, reprobe
+        self.current = threads
+        self.best: dict[int, float] = {}  # fastest window median seen per thread count
+        self.latest: dict[int, float] = {}
+        self.probing: int | None = None  # the count a probe window left, to compare with
+        self.windows_on_one = 0
+        self.switches: list[tuple[int, int, int]] = []  # (step, from, to), for tests and logs
+        self.hinted = False
+        self.windows = 0
+        self.interval = reprobe  # windows on one thread before probing all threads again
+        self.times: list[float] = []
+        self.last = self.start = 0.0
+
+    @classmethod
+    def create(cls, log: Callable[[str], None]) -> ThreadChooser | None:
+        """The chooser for this process, or None: one thread already, or the user chose a count."""
+        from charrnn import tuning  # imports threads: not at module level
+
+        if user_pinned() or not tuning.enabled("blas_threads"):
+            return None
+        threads = blas_threads()
+        if threads is None:  # no threadpoolctl: watch and advise
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            return cls(cpus, can_set=False, log=log) if cpus > 1 else None
+        return cls(threads, log=log) if threads > 1 else None
+
+    def on_train_begin(self, loop: Loop) -> None:
+        self.last = self.start = self.clock()
+
+    def on_step_end(self, loop: Loop) -> None:
+        now = self.clock()
+        self.times.append(now - self.last)
+        self.last = now
+        if now - self.start < self.window or len(self.times) < self.min_steps:
+            return
+        median = statistics.median(self.times)
+        self.times.clear()
+        self.start = now
+        self.windows += 1
+        if self.windows > 1:  # the first window warms up (work arrays, caches): not a reference
+            self._decide(median, loop.state.step)
+
+    def _decide(self, median: float, step: int) -> None:
+        n = self.current
+        self.latest[n] = median
+        first = n not in self.best
+        self.best[n] = min(self.best.get(n, median), median)
+        if self.probing is not None:  # this window measured a probe: keep the faster count
+            before, self.probing = self.probing, None
+            if self.latest[before] <= median:
+                self._set(before)
+                if before == 1:  # still shared: probe less often (up to every `reprobe` * 8 windows)
+                    self.interval = min(2 * self.interval, 8 * self.reprobe)
+            else:
+                self.interval = self.reprobe
+                self.windows_on_one = 0
+                self._say(step, before, median)
+            return
+        if not self.can_set:
+            if n == self.many and not first and median > self.slower * self.best[n] and not self.hinted:
+                self.hinted = True
+                self.log(
+                    f"steps take {median / self.best[n]:.1f}x as long as at the start: if another program "
+                    "is using a core, OPENBLAS_NUM_THREADS=1 may be faster (with threadpoolctl installed, "
+                    "charrnn chooses by itself)"
+                )
+            return
+        if n == self.many and (first or median > self.slower * self.best[n]):  # first: shared from the start?
+            self._probe(1)
+        elif n == 1:
+            self.windows_on_one += 1
+            if self.windows_on_one >= self.interval:
+                self.windows_on_one = 0
+                self._probe(self.many)
+
+    def _probe(self, threads: int) -> None:
+        self.probing = self.current
+        self._set(threads)
+
+    def _say(self, step: int, before: int, median: float) -> None:
+        self.switches.append((step, before, self.current))
+        if len(self.switches) <= 3:
+            self.log(
+                f"step {step}: BLAS on {self.current} thread{'s' if self.current > 1 else ''} "
+                f"(was {before}): {self.latest[before] / median:.1f}x faster now; another process "
+                "may be using a core"
+                if self.current == 1
+                else f"step {step}: BLAS back on {self.current} threads ({self.latest[before] / median:.1f}x faster)"
+            )
+
+    def _set(self, threads: int) -> None:
+        self.current = threads
+        self.setter(threads)
+
+    def on_train_end(self, loop: Loop) -> None:
+        if self.can_set and self.current != self.many:
+            self._set(self.many)

@@ -1,0 +1,165 @@
+"""BLAS threads chosen while training (`charrnn.threads`) and the tuning switches (`charrnn.tuning`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+
+from charrnn import threads, tuning
+from charrnn.threads import ThreadChooser
+from conftest import IN_CI
+
+HAVE_THREADPOOLCTL = importlib.util.find_spec("threadpoolctl") is not None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(chooser: ThreadChooser, clock: Clock, step_time, steps: int) -> None:
+    """`steps` training steps whose duration is `step_time(threads now)`."""
+    loop = SimpleNamespace(state=SimpleNamespace(step=0))
+    for _ in range(steps):
+        clock.now += step_time(chooser.current)
+        loop.state.step += 1
+        chooser.on_step_end(loop)
+
+
+def chooser(**kw):
+    clock, calls, lines = Clock(), [], []
+    c = ThreadChooser(2, clock=clock, setter=calls.append, log=lines.append, window=0.5, min_steps=3, **kw)
+    c.on_train_begin(None)
+    return c, clock, calls, lines
+
+
+def quiet(n):
+    return 0.010 if n == 2 else 0.014  # two threads faster on a quiet machine
+
+
+def shared(n):
+    return 0.060 if n == 2 else 0.020  # one core busy: two threads wait on each other
+
+
+def test_a_quiet_machine_keeps_all_threads_after_one_probe():
+    c, clock, calls, lines = chooser()
+    run(c, clock, quiet, 2000)  # 20 s
+    assert c.current == 2
+    assert calls == [1, 2]  # the probe after the warm-up window, then back
+    assert c.switches == [] and lines == []
+
+
+def test_a_busy_core_moves_training_to_one_thread_and_back_when_it_ends():
+    c, clock, calls, lines = chooser()
+    run(c, clock, quiet, 300)
+    run(c, clock, shared, 300)
+    assert c.current == 1
+    assert c.switches[-1][1:] == (2, 1)
+    assert "BLAS on 1 thread" in lines[-1] and "another process" in lines[-1]
+    run(c, clock, quiet, 1500)  # the other process ended: the periodic probe finds two faster
+    assert c.current == 2
+    assert c.switches[-1][1:] == (1, 2)
+    assert "back on 2 threads" in lines[-1]
+
+
+def test_a_machine_shared_from_the_start_is_found_by_the_first_probe():
+    c, clock, calls, _ = chooser()
+    run(c, clock, shared, 200)
+    assert c.current == 1 and calls[0] == 1
+
+
+def test_while_shared_one_thread_stays_between_probes():
+    c, clock, calls, _ = chooser()
+    run(c, clock, shared, 2000)
+    assert c.current == 1
+    assert calls.count(2) == calls.count(1) - 1  # each probe of two threads went back to one
+
+
+def test_training_ends_on_the_thread_count_it_started_with():
+    c, clock, calls, _ = chooser()
+    run(c, clock, shared, 200)
+    c.on_train_end(None)
+    assert calls[-1] == 2 and c.current == 2
+
+
+def test_without_threadpoolctl_it_only_advises_once():
+    clock, lines = Clock(), []
+    c = ThreadChooser(2, can_set=False, clock=clock, setter=pytest.fail, log=lines.append)
+    c.on_train_begin(None)
+    run(c, clock, quiet, 300)
+    run(c, clock, shared, 600)
+    assert len(lines) == 1 and "OPENBLAS_NUM_THREADS=1" in lines[0]
+
+
+def test_no_chooser_when_the_user_chose_a_thread_count(monkeypatch):
+    monkeypatch.setenv("CHARRNN_TUNING", "on")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert ThreadChooser.create(print) is None
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    monkeypatch.setenv("CHARRNN_TUNING", "off")
+    assert ThreadChooser.create(print) is None
+
+
+@pytest.mark.skipif(not HAVE_THREADPOOLCTL and not IN_CI, reason="needs threadpoolctl ('charrnn[bench]')")
+def test_the_chooser_sets_numpys_blas_threads(monkeypatch):
+    for name in threads.THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHARRNN_TUNING", "blas_threads")
+    before = threads.blas_threads()
+    try:
+        threads.set_blas_threads(2)
+        c = ThreadChooser.create(print)
+        assert c is not None and c.many == 2 and c.can_set
+        c._set(1)
+        assert threads.blas_threads() == 1
+        c.on_train_end(None)
+        assert threads.blas_threads() == 2
+    finally:
+        threads.set_blas_threads(before)
+
+
+def test_a_training_run_has_the_chooser_only_when_tuning_allows(monkeypatch, tiny_config):
+    import io
+
+    import charrnn
+
+    for name in threads.THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    found = []
+    original = ThreadChooser.on_train_begin
+    monkeypatch.setattr(
+        ThreadChooser, "on_train_begin", lambda self, loop: (found.append(self), original(self, loop))
+    )
+    for setting in ("off", "on"):
+        monkeypatch.setenv("CHARRNN_TUNING", setting)
+        found.clear()
+        tiny_config["train"]["steps"] = 3
+        charrnn.run_pipeline(tiny_config, stdout=io.StringIO(), stderr=io.StringIO())
+        assert bool(found) == (setting == "on")  # two CPUs or more here
+
+
+@pytest.mark.parametrize(
+    ("setting", "pad", "chooser"),
+    [("off", False, False), ("on", True, True), ("pad_gemv", True, False), ("-blas_threads", None, False)],
+)
+def test_tuning_switches(monkeypatch, setting, pad, chooser):
+    monkeypatch.setenv("CHARRNN_TUNING", setting)
+    if pad is not None:
+        assert tuning.enabled("pad_gemv") is pad
+    assert tuning.enabled("blas_threads") is chooser
+    with pytest.raises(ValueError, match="unknown tuning trick"):
+        tuning.enabled("warp_drive")
+
+
+def test_tricks_follow_the_table_of_measured_machines(monkeypatch):
+    monkeypatch.delenv("CHARRNN_TUNING", raising=False)
+    classes = ((("AuthenticAMD", 26, 2), True), (("AuthenticAMD", 25, 1), False), (None, False))
+    for cls, pad in classes:
+        monkeypatch.setattr(tuning, "machine_class", lambda cls=cls: cls)
+        assert tuning.enabled("pad_gemv") is pad  # measured to pay on Zen 5 (26) only
+        assert tuning.enabled("blas_threads")  # measures itself: on everywhere
