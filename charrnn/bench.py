@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from charrnn import machine
+from charrnn import machine, tuning
 from charrnn.machine import blas_info
 from charrnn.pipeline import Pipeline
 
@@ -53,7 +53,7 @@ def bench(pipeline: Pipeline, seconds: float = 10.0) -> dict[str, Any]:
 
         def train(steps: int) -> tuple[Any, Any]:
             t["steps"] = steps
-            return pipeline.train(io.StringIO())
+            return pipeline.train(io.StringIO(), choose_threads=False)  # the machine at its thread count
 
         loaded, _ = train(WARM_STEPS)  # the warm-up
         shapes_of = getattr(loaded.model, "matmul_shapes", None)
@@ -112,7 +112,7 @@ def bench(pipeline: Pipeline, seconds: float = 10.0) -> dict[str, Any]:
         "bound": bound,
         "peak_memory_mb": round(peak_kb / 1024, 1),
         "corpus_chars": len(pipeline.data().corpus.ids),
-        "machine": {"cpu": machine.cpu_info(), "blas": blas_info(), "load": load},
+        "machine": {"cpu": machine.cpu_info(), "blas": blas_info(), "load": load, "tuning": tuning.state()},
         "python": platform.python_version(),
         "numpy": np.__version__,
     }
@@ -121,6 +121,13 @@ def bench(pipeline: Pipeline, seconds: float = 10.0) -> dict[str, Any]:
 def _share(cps: float, bound: dict[str, Any] | None, key: str) -> float | None:
     limit = None if bound is None else bound[key]["chars_per_sec"]
     return cps / limit if limit else None
+
+
+def _tuning_line(state: dict[str, Any]) -> str:
+    """`pad_gemv off, blas_threads on` and where CHARRNN_TUNING set it; training runs at fixed threads here."""
+    tricks = ", ".join(f"{t} {'on' if state[t] else 'off'}" for t in tuning.TRICKS)
+    source = f"CHARRNN_TUNING={state['setting']}" if state["setting"] else "this machine's table"
+    return f"{tricks} ({source}; measured here at fixed BLAS threads)"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -154,6 +161,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("peak memory", f"{report['peak_memory_mb']:,} MB"),
         ("cpu", f"{cpu['model']}{family}, {cpu['usable_cpus']} of {cpu['cpus']} CPUs usable"),
         ("blas", ", ".join(f"{k}={v}" for k, v in report["machine"]["blas"].items())),
+        ("tuning", _tuning_line(report["machine"]["tuning"])),
         (
             "load",
             ("load average " + " -> ".join("?" if a is None else f"{a[0]:.2f}" for a in avg))

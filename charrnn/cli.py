@@ -105,6 +105,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if sys.stdout is None:
             raise OutputError("stdout is closed; redirect it to a file or /dev/null instead")
+        from charrnn import tuning
+
+        tuning.state()  # a misspelt CHARRNN_TUNING stops every command here, not deep in a server
         return commands[args.command](args, _Stdout(sys.stdout))
     except Exception as exc:
         return report(exc)

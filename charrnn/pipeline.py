@@ -61,8 +61,13 @@ class Pipeline(Assembly):
         *,
         world: World | None = None,
         interrupts: Interrupts | None = None,
+        choose_threads: bool = True,
     ) -> tuple[LoadedModel, TrainResult]:
-        """The train stage: the trained model (ready to generate) and what training reported."""
+        """The train stage: the trained model (ready to generate) and what training reported.
+
+        `choose_threads=False` keeps BLAS on its thread count (no `ThreadChooser`): a benchmark
+        measures the machine at a fixed count.
+        """
         world = world or LocalWorld()
         with together(world):  # a failure on any rank ends every rank here, with its message
             if world.rank == 0:  # before the slow parts: the file rank 0 will write
@@ -86,7 +91,9 @@ class Pipeline(Assembly):
                     f"train.sample_length={t['sample_length']}",
                     "each training-time sample",
                 )
-            loop, saved = training.prepare(self, data, world=world, interrupts=interrupts, stderr=stderr)
+            loop, saved = training.prepare(
+                self, data, world=world, interrupts=interrupts, stderr=stderr, choose_threads=choose_threads
+            )
         result = training.run(loop, training.start(loop, self, data, saved))
         return LoadedModel(loop.model, data.corpus, self, self.config["train"]["checkpoint"]), result
 

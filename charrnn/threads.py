@@ -47,6 +47,25 @@ def set_blas_threads(n: int) -> bool:
     return True
 
 
+SHARED = 0.25  # other processes' share of all CPUs from which a first window probes one thread
+
+
+class OthersLoad:
+    """Other processes' share of all CPUs since the last call (Linux /proc/stat), else None."""
+
+    def __init__(self) -> None:
+        from charrnn import machine
+
+        self.machine = machine
+        self.last = machine.load_snapshot()
+
+    def __call__(self) -> float | None:
+        now = self.machine.load_snapshot()
+        share = self.machine.load_between(self.last, now)["others_cpu_share"]
+        self.last = now
+        return share
+
+
 def user_pinned(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
     return any(name in environ for name in THREAD_VARS)
 
@@ -56,11 +75,13 @@ class ThreadChooser(Callback):
 
     Step times are collected in windows of at least `window` seconds and `min_steps` steps; a
     window's median is its time (reports and checkpoints are outliers). A window on all threads
-    more than `slower` times the best seen on them, or the first window (the machine may be
-    shared from the start), is followed by a probe window on one thread; the faster of the two
-    stays. On one thread, after `reprobe` windows a probe tries all threads again, so training goes
-    back to them when the other process ends (probes that find the machine still shared come
-    less and less often, so they cost little). Without threadpoolctl the chooser only says, once,
+    more than `slower` times the best seen on them, or the first one when other processes used
+    the CPUs meanwhile (the machine was shared from the start, so "the best seen" is already
+    slow), is followed by a probe window on one thread, which stays only if it
+    was at least `gain` times faster (a noisy machine moves step times by 10-20%). On one
+    thread, after `reprobe` windows a probe tries all threads again (kept on the same terms), so
+    training goes back to them when the other process ends; probes that find the machine still
+    shared come less and less often, so they cost little. Without threadpoolctl the chooser only says, once,
     what would help.
     """
 
@@ -76,9 +97,13 @@ class ThreadChooser(Callback):
         min_steps: int = 3,
         slower: float = 1.5,
         reprobe: int = 10,
+        gain: float = 1.15,
+        others: Callable[[], float | None] | None = None,
     ) -> None:
         self.many, self.can_set, self.log, self.clock, self.setter = threads, can_set, log, clock, setter
         self.window, self.min_steps, self.slower, self.reprobe = window, min_steps, slower, reprobe
+        self.gain = gain
+        self.others = others if others is not None else OthersLoad()
         self.current = threads
         self.best: dict[int, float] = {}  # fastest window median seen per thread count
         self.latest: dict[int, float] = {}
@@ -117,17 +142,18 @@ class ThreadChooser(Callback):
         self.times.clear()
         self.start = now
         self.windows += 1
+        shared = self.others()  # other processes' share of the CPUs during this window
         if self.windows > 1:  # the first window warms up (work arrays, caches): not a reference
-            self._decide(median, loop.state.step)
+            self._decide(median, loop.state.step, shared)
 
-    def _decide(self, median: float, step: int) -> None:
+    def _decide(self, median: float, step: int, shared: float | None = None) -> None:
         n = self.current
         self.latest[n] = median
         first = n not in self.best
         self.best[n] = min(self.best.get(n, median), median)
         if self.probing is not None:  # this window measured a probe: keep the faster count
             before, self.probing = self.probing, None
-            if self.latest[before] <= median:
+            if self.latest[before] <= self.gain * median:  # not clearly faster: noise, go back
                 self._set(before)
                 if before == 1:  # still shared: probe less often (up to every `reprobe` * 8 windows)
                     self.interval = min(2 * self.interval, 8 * self.reprobe)
@@ -145,7 +171,8 @@ class ThreadChooser(Callback):
                     "charrnn chooses by itself)"
                 )
             return
-        if n == self.many and (first or median > self.slower * self.best[n]):  # first: shared from the start?
+        busy = shared is None or shared > SHARED  # unknown (no /proc/stat): assume it may be
+        if n == self.many and ((first and busy) or median > self.slower * self.best[n]):
             self._probe(1)
         elif n == 1:
             self.windows_on_one += 1

@@ -255,6 +255,7 @@ def prepare(
     interrupts: Interrupts | None = None,
     stderr: TextIO | None = None,
     callbacks: tuple[Callback, ...] = (),
+    choose_threads: bool = True,
 ) -> tuple[Loop, ckpt_io.Checkpoint | None]:
     """The loop the pipeline's `train` section describes, and (on rank 0) the checkpoint it starts
     from; only this process's work, no collective (see `start`)."""
@@ -322,7 +323,7 @@ def prepare(
         show_lr=schedule is not None,
         plot_path=plot_path if lead else None,
     )
-    chooser = ThreadChooser.create(console.log if lead else print_nothing)
+    chooser = ThreadChooser.create(console.log if lead else print_nothing) if choose_threads else None
     chain_ = [chooser] if chooser is not None else []
     chain_ += [ProgressBar(console)] if lead else []
     chain_ += [cb for cb in (evaluator, checkpointer) if cb is not None]

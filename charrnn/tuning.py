@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from charrnn.errors import CharrnnError
 from charrnn.threads import blas_threads
 
 TRICKS = ("pad_gemv", "blas_threads")
@@ -75,6 +76,12 @@ def enabled(trick: str) -> bool:
     if setting in ("on", "all", "1", "true", "yes"):
         return True
     names = {s.strip() for s in setting.split(",") if s.strip()}
+    unknown = sorted(n for n in names if n.lstrip("-") not in TRICKS)
+    if unknown:
+        raise CharrnnError(
+            f"CHARRNN_TUNING names an unknown trick {unknown[0]!r}; use off, on, or names from "
+            f"{', '.join(TRICKS)} (a leading - turns one off)"
+        )
     if names and all(n.startswith("-") for n in names):
         if "-" + trick in names:
             return False

@@ -210,7 +210,8 @@ class Sampler(Protocol):
     as a new array each call (the generation loop keeps them). The logits may be a buffer that
     the model overwrites at its next step: copy them to keep them.
     Optional methods (see `charrnn.hookspecs.charrnn_sampler`): `bind(vocab)`, `reset(k)`,
-    `observe(ids)` and `search(model, state, last_ids, num_chars, rng)`.
+    `observe(ids)`, `search(model, state, last_ids, num_chars, rng)` and
+    `perturb(rng, k, V, steps)`.
     """
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray: ...
