@@ -74,15 +74,14 @@ class ThreadChooser(Callback):
     """Trains on NumPy's BLAS threads while that is fastest, on one while the machine is shared.
 
     Step times are collected in windows of at least `window` seconds and `min_steps` steps; a
-    window's median is its time (reports and checkpoints are outliers). A window on all threads
-    more than `slower` times the best seen on them, or the first one when other processes used
-    the CPUs meanwhile (the machine was shared from the start, so "the best seen" is already
-    slow), is followed by a probe window on one thread, which stays only if it
-    was at least `gain` times faster (a noisy machine moves step times by 10-20%). On one
-    thread, after `reprobe` windows a probe tries all threads again (kept on the same terms), so
-    training goes back to them when the other process ends; probes that find the machine still
-    shared come less and less often, so they cost little. Without threadpoolctl the chooser only says, once,
-    what would help.
+    window's median is its time (reports and checkpoints are outliers). A probe window on one
+    thread follows a window on all threads that took more than `slower` times the best seen on
+    them, or the first window when other processes used the CPUs meanwhile (shared from the
+    start, "the best seen" is slow already). The probe's count stays only if it was `gain` times
+    faster: a noisy host moves step times by 10-20%. On one thread, after `reprobe` windows a
+    probe tries all threads again on the same terms, so training goes back to them when the
+    other process ends; probes that find the machine still shared come less and less often.
+    Without threadpoolctl the chooser only says, once, what would help.
     """
 
     def __init__(

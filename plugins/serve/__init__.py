@@ -8,7 +8,6 @@ command runs. The playground page's files are package data under `static/`.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -98,16 +97,9 @@ def one_blas_thread() -> bool:
     the HTTP threads and the worker need: measured with 16 clients, 0.7x of serial throughput
     with them against 1.9x without (tests/bench_serve.py).
     """
-    from charrnn.world import THREAD_VARS
+    from charrnn.threads import set_blas_threads, user_pinned
 
-    if any(name in os.environ for name in THREAD_VARS):
-        return False
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return False
-    threadpool_limits(1, user_api="blas")
-    return True
+    return not user_pinned() and set_blas_threads(1)
 
 
 def _url_host(host: str) -> str:

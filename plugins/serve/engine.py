@@ -309,8 +309,8 @@ class Engine:
         logprobs are sampled together: their noise for the whole chunk is drawn once, and each
         step adds it to the shared logits and takes one argmax over the batch, so a step costs
         the same few calls however many requests run. Other groups call their sampler (and
-        `observe`) per step. Their ids are checked once per step (one min and max), and a group
-        is blamed only when its ids are out of range or its sampler raises.
+        `observe`) per step, and a group whose sampler raises or returns ids outside the
+        vocabulary fails alone.
         """
         assert self.step is not None
         n_steps = min(self.chunk, max(g.num_chars - g.done for g in self.groups))
@@ -385,10 +385,10 @@ class Engine:
                 new[rows] = 0
                 continue
             try:
-                ids = sampler(logits[rows], rng)  # (n,)
-                new[rows] = ids
+                new[rows] = sampler(logits[rows], rng)  # (n,)
+                ids = new[rows]
                 if ids.min() < 0 or ids.max() >= V:
-                    raise ValueError(f"returned ids {np.asarray(ids)!r} outside [0, {V})")
+                    raise ValueError(f"returned ids {ids!r} outside [0, {V})")
                 if observe is not None:
                     observe(ids)
             except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
