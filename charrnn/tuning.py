@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 from typing import Any
 
 import numpy as np
@@ -137,11 +136,3 @@ def padded_rows(rows: int, cols: int) -> int:
     if not enabled("pad_gemv") or not _openblas_on_several_threads():
         return rows
     return -(-OPENBLAS_THREADED_GEMV // cols)
-
-
-def describe() -> str:
-    """One line for logs: the machine class and the tricks on."""
-    cls = machine_class()
-    where = f"{cls[0]} family {cls[1]} model {cls[2]}" if cls else platform.machine()
-    on = [t for t in TRICKS if enabled(t)]
-    return f"{where}: {', '.join(on) if on else 'no tricks'} on"
