@@ -16,10 +16,11 @@ the softmax, the optimizer, Python) is the distance between a model's speed and 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,8 +106,62 @@ def cpu_info() -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     info["cpus"] = os.cpu_count()
-    info["usable_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info["usable_cpus"] = usable_cpus()
     return info
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: variables by which a user sets BLAS threads; charrnn never overrides them
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def user_pinned(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the user chose a BLAS thread count through the environment."""
+    return any(name in environ for name in THREAD_VARS)
+
+
+@functools.cache
+def _blas() -> Any:
+    """threadpoolctl's controller of NumPy's BLAS, or None (not installed, or no BLAS found)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    libs.sort(key=lambda lib: "numpy" not in str(getattr(lib, "filepath", "")))  # NumPy's own first
+    return libs[0] if libs else None
+
+
+def blas_threads() -> int | None:
+    """The BLAS threads NumPy's products may use now; None where threadpoolctl cannot tell."""
+    lib = _blas()
+    return None if lib is None else int(lib.get_num_threads())
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set NumPy's BLAS threads (one ctypes call); False where threadpoolctl is not installed.
+
+    The one way charrnn sets them: MPI ranks (`world.limit_blas_threads`), the server, and
+    training's `ThreadChooser`.
+    """
+    lib = _blas()
+    if lib is None:
+        return False
+    lib.set_num_threads(n)
+    return True
+
+
+@functools.cache
+def numpy_blas_name() -> str | None:
+    """The BLAS NumPy was built with (`scipy-openblas`, ...), from its build info; None if unknown."""
+    try:
+        return str(np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"])
+    except Exception:  # an older NumPy or another layout: say nothing rather than guess
+        return None
 
 
 def blas_info() -> dict[str, Any]:
@@ -115,10 +170,8 @@ def blas_info() -> dict[str, Any]:
         from threadpoolctl import threadpool_info
     except ImportError:
         info: dict[str, Any] = {"note": "pip install threadpoolctl (or 'charrnn[bench]') to see the kernel"}
-        try:
-            info["name"] = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-        except Exception:  # an older NumPy or another layout: say nothing rather than guess
-            pass
+        if numpy_blas_name() is not None:
+            info["name"] = numpy_blas_name()
         return info
     libs = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
     libs.sort(key=lambda lib: "numpy" not in str(lib.get("filepath", "")))  # NumPy's own first

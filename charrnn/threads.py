@@ -1,4 +1,4 @@
-"""BLAS threads: read and set through threadpoolctl where it is installed, and chosen while training.
+"""BLAS threads chosen while training (read and set through `charrnn.machine`, with threadpoolctl).
 
 OpenBLAS's threads wait for each other inside every product. When another process keeps one of
 the cores busy, the thread that lands there is descheduled and the others spin: a two-thread
@@ -9,42 +9,15 @@ A user who sets a `*_NUM_THREADS` variable has chosen: charrnn never overrides i
 
 from __future__ import annotations
 
-import functools
-import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
+from charrnn import machine
 from charrnn.loop import Callback, Loop
-from charrnn.world import THREAD_VARS
+from charrnn.machine import THREAD_VARS, blas_threads, set_blas_threads, usable_cpus, user_pinned
 
-
-@functools.cache
-def _blas() -> Any:
-    """threadpoolctl's controller of NumPy's BLAS, or None (not installed, or no BLAS found)."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-    libs.sort(key=lambda lib: "numpy" not in str(getattr(lib, "filepath", "")))  # NumPy's own first
-    return libs[0] if libs else None
-
-
-def blas_threads() -> int | None:
-    """The BLAS threads NumPy's products may use now; None where threadpoolctl cannot tell."""
-    lib = _blas()
-    return None if lib is None else int(lib.get_num_threads())
-
-
-def set_blas_threads(n: int) -> bool:
-    """Set NumPy's BLAS threads (one ctypes call); False where threadpoolctl is not installed."""
-    lib = _blas()
-    if lib is None:
-        return False
-    lib.set_num_threads(n)
-    return True
+__all__ = ["THREAD_VARS", "ThreadChooser", "blas_threads", "set_blas_threads", "user_pinned"]
 
 
 SHARED = 0.25  # other processes' share of all CPUs from which a first window probes one thread
@@ -54,20 +27,13 @@ class OthersLoad:
     """Other processes' share of all CPUs since the last call (Linux /proc/stat), else None."""
 
     def __init__(self) -> None:
-        from charrnn import machine
-
-        self.machine = machine
         self.last = machine.load_snapshot()
 
     def __call__(self) -> float | None:
-        now = self.machine.load_snapshot()
-        share = self.machine.load_between(self.last, now)["others_cpu_share"]
+        now = machine.load_snapshot()
+        share = machine.load_between(self.last, now)["others_cpu_share"]
         self.last = now
         return share
-
-
-def user_pinned(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
-    return any(name in environ for name in THREAD_VARS)
 
 
 class ThreadChooser(Callback):
@@ -124,7 +90,7 @@ class ThreadChooser(Callback):
             return None
         threads = blas_threads()
         if threads is None:  # no threadpoolctl: watch and advise
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cpus = usable_cpus()
             return cls(cpus, can_set=False, log=log) if cpus > 1 else None
         return cls(threads, log=log) if threads > 1 else None
 

@@ -25,18 +25,17 @@ import functools
 import os
 from typing import Any
 
-import numpy as np
-
 from charrnn.errors import CharrnnError
-from charrnn.threads import blas_threads
+from charrnn.machine import blas_threads, numpy_blas_name, usable_cpus
 
 TRICKS = ("pad_gemv", "blas_threads")
 
 #: trick -> machine classes measured to gain: (vendor, family, model), model None for any model;
 #: None for a trick that is on everywhere.
 MEASURED: dict[str, set[tuple[str, int, int | None]] | None] = {
-    # Zen 5 (2 cores): 12.4 -> 9.5 us per character at hidden 512. Zen 3 (EPYC 25/1): 21.9 -> 22.4,
-    # no gain, so off there; Zen 4 (25/17) not measured.
+    # Zen 5 (2 cores): 12.4 -> 9.5 us per character at hidden 512. Zen 3 (EPYC 25/1): 21.9 -> 22.4
+    # in one interleaved run and 30.0 -> 27.7 in another, within its host's noise: off. Zen 4 (25/17)
+    # not measured.
     "pad_gemv": {("AuthenticAMD", 26, None)},
     "blas_threads": None,
 }
@@ -110,17 +109,13 @@ def state() -> dict[str, Any]:
 
 def _openblas_on_several_threads() -> bool:
     """Whether NumPy's BLAS is OpenBLAS and may use more than one thread right now."""
-    try:
-        name = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    except Exception:  # an older NumPy or another layout: do not guess
-        return False
-    if "openblas" not in str(name).lower():
+    if "openblas" not in (numpy_blas_name() or "").lower():
         return False
     threads = blas_threads()
     if threads is not None:
         return threads > 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cpus > 1 and not any(os.environ.get(v) == "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
+    pinned_to_one = any(os.environ.get(v) == "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
+    return usable_cpus() > 1 and not pinned_to_one
 
 
 def padded_rows(rows: int, cols: int) -> int:

@@ -18,6 +18,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from charrnn.errors import CharrnnError, ConfigError
+from charrnn.machine import set_blas_threads, usable_cpus, user_pinned
 
 T = TypeVar("T")
 
@@ -303,20 +304,12 @@ def together(world: World) -> Iterator[None]:
     raise SharedFailure(message, max(code for _, (_, code) in found), world.rank)
 
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
-
-
 def limit_blas_threads(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
     """Give each rank its share of this node's cores for BLAS, unless the user set a thread count.
 
     Needs threadpoolctl (part of `charrnn[mpi]`); returns the count set, or None.
     """
-    if any(name in environ for name in THREAD_VARS):
+    if user_pinned(environ):
         return None
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None
-    threads = max(1, len(os.sched_getaffinity(0)) // local_size(environ))
-    threadpool_limits(threads, user_api="blas")
-    return threads
+    threads = max(1, usable_cpus() // local_size(environ))
+    return threads if set_blas_threads(threads) else None

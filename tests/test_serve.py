@@ -762,14 +762,31 @@ class WildSampler(BrokenSampler):
         return np.full(len(logits), logits.shape[1] + 5)  # ids outside the vocabulary
 
 
+class NosySampler(BrokenSampler):
+    """Samples fine; its `observe` raises once generation has begun (the prompt's id is seen first)."""
+
+    seen = 0
+
+    def __call__(self, logits, rng):
+        return logits.argmax(1)
+
+    def observe(self, ids):
+        self.seen += 1
+        if self.seen > 2:
+            raise RuntimeError("nosy")
+
+
 class BrokenPlugin:
     @charrnn.hookimpl
     def charrnn_sampler(self, register):
         register("broken", BrokenSampler)
         register("wild", WildSampler)
+        register("nosy", NosySampler)
 
 
-@pytest.mark.parametrize(("sampler", "words"), [("broken", "boom"), ("wild", "outside [0,")])
+@pytest.mark.parametrize(
+    ("sampler", "words"), [("broken", "boom"), ("wild", "outside [0,"), ("nosy", "nosy")]
+)
 def test_a_failing_sampler_plugin_is_a_500_naming_it_and_the_batch_goes_on(checkpoint, sampler, words):
     with serving(checkpoint, model=Gate, plugins=[BrokenPlugin()]) as (srv, port):
         gate = srv.models["model"].loaded.model

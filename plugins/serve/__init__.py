@@ -97,7 +97,7 @@ def one_blas_thread() -> bool:
     the HTTP threads and the worker need: measured with 16 clients, 0.7x of serial throughput
     with them against 1.9x without (tests/bench_serve.py).
     """
-    from charrnn.threads import set_blas_threads, user_pinned
+    from charrnn.machine import set_blas_threads, user_pinned
 
     return not user_pinned() and set_blas_threads(1)
 

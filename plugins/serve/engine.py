@@ -386,15 +386,28 @@ class Engine:
                 continue
             try:
                 new[rows] = sampler(logits[rows], rng)  # (n,)
-                ids = new[rows]
-                if ids.min() < 0 or ids.max() >= V:
-                    raise ValueError(f"returned ids {ids!r} outside [0, {V})")
-                if observe is not None:
-                    observe(ids)
             except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
                 failed.append((group, exc))
                 entry[5] = 0  # its rows idle from now on
                 new[rows] = 0
+        if new.min() < 0 or new.max() >= V:  # one check for all; then find whose ids they are
+            for entry in called:
+                ids = new[entry[1]]
+                if ids.min() < 0 or ids.max() >= V:
+                    failed.append((entry[0], ValueError(f"returned ids {ids!r} outside [0, {V})")))
+                    entry[5] = 0
+                    new[entry[1]] = 0
+        for entry in called:
+            group, rows, _, _, observe, left = entry
+            if t >= left:  # done, or failed above
+                continue
+            ids = new[rows]
+            try:
+                if observe is not None:
+                    observe(ids)
+            except BaseException as exc:  # noqa: BLE001 - this group's job fails, others go on
+                failed.append((group, exc))
+                entry[5] = 0
                 continue
             if group.logprobs is not None:
                 logp = log_softmax(logits[rows])
