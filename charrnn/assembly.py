@@ -14,8 +14,9 @@ import numpy as np
 import pluggy
 
 from charrnn import config as cfg
+from charrnn import options as opt
 from charrnn.errors import ConfigError
-from charrnn.plugins import INJECTED, Registry, calling, get_plugin_manager
+from charrnn.plugins import Registry, calling, get_plugin_manager
 from charrnn.types import Model
 
 
@@ -37,11 +38,13 @@ class Assembly:
         overridden = cfg.apply_overrides(raw, overrides)
         self.lines.update({tuple(key.split(".")): 0 for key in overridden})  # 0: "from --set"
         self.lines.update({tuple(key.split(".")): label for key, label in (labels or {}).items()})
-        config = cfg.validate(raw, self.lines, self.origin)
+        named = cfg.plugins_of(raw, self.lines, self.origin)  # before anything else: they add sections
         self.pm: pluggy.PluginManager = get_plugin_manager(
-            load_entrypoints=load_entrypoints, extra=[*config["plugins"], *plugins]
+            load_entrypoints=load_entrypoints, extra=[*named, *plugins]
         )
         self.registry = Registry(self.pm)
+        sections = {n: opt.schema_of(c.factory) for n, c in self.registry.components["section"].items()}
+        config = cfg.validate(raw, self.lines, self.origin, sections)
         for kind in cfg.COMPONENTS:
             config[kind] = self.resolve(kind, config[kind])
         self.config = config
@@ -64,10 +67,10 @@ class Assembly:
         how = lines.get(("plugins",), self.lines.get(("plugins",)))
         how = f"with {how}" if isinstance(how, str) else "in plugins"
         component = self.registry.get(kind, name, locate("type"), how)
-        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
+        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, opt.Schema({}))
         options = {k: v for k, v in section.items() if k != "type" and k not in own}
-        resolved = cfg.check_options(component.factory, options, locate, INJECTED if kind == "model" else ())
-        return {"type": name, **{k: section[k] for k in own if k in section}, **resolved}
+        resolved = cfg.check_component(component.factory, kind, options, locate)
+        return {"type": name, **{k: section[k] for k in own.names() if k in section}, **resolved}
 
     def build(
         self,
@@ -84,7 +87,7 @@ class Assembly:
         """
         section = self.config[kind] if section is None else section
         component = self.registry.get(kind, section["type"], self.locate(kind, "type"))
-        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, {})
+        own = cfg.PIPELINE_COMPONENT_OPTIONS.get(kind, opt.Schema({}))
         options = {k: v for k, v in section.items() if k != "type" and k not in own}
         with calling(self.registry.label(kind, component.name)):
             try:

@@ -181,22 +181,21 @@ class Checkpointer(Callback):
                 params = loop.model.params
                 check_finite(loop, {**params, **state})  # non-finite parameters are never saved
                 self.saving = True
-                meta = {
-                    **self.meta,
-                    "step": st.step,
-                    "data_position": st.position,
-                    "smooth_loss": st.smooth_loss,
-                    "rng": st.rng_state,
-                    "best_val_loss": st.best_val,
-                    "bad_evals": st.bad_evals,
-                    "world_size": world.size,
-                    "saved_at": time.time(),
-                    "elapsed_seconds": time.time() - self.started,
-                    "chars_per_sec": loop.speed(),
-                    "val_loss": loop.result.val_loss,
-                }
-                if world.size > 1:
-                    meta["rng_ranks"] = rng_states
+                meta = ckpt_io.run_meta(
+                    self.meta,
+                    step=st.step,
+                    data_position=st.position,
+                    smooth_loss=st.smooth_loss,
+                    rng=st.rng_state,
+                    rng_ranks=rng_states if world.size > 1 else None,
+                    best_val_loss=st.best_val,
+                    bad_evals=st.bad_evals,
+                    world_size=world.size,
+                    saved_at=time.time(),
+                    elapsed_seconds=time.time() - self.started,
+                    chars_per_sec=loop.speed(),
+                    val_loss=loop.result.val_loss,
+                )
                 optim = optimizer_state(loop)
                 ckpt_io.save(path, ckpt_io.Checkpoint(params=params, meta=meta, optim=optim, state=state))
                 self.saving = False

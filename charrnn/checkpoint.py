@@ -11,6 +11,7 @@ damaged or hostile file is a one-line CheckpointError, never a traceback or a hu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import stat
@@ -20,12 +21,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
+from charrnn import options as opt
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
 from charrnn.files import atomic_write
+from charrnn.options import Check, Choice, Range
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
@@ -252,69 +255,108 @@ def _read_meta(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], path: P
         meta = json.loads(str(_read_array(zf, info, h, path, "meta")[()]))
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path} has corrupt metadata: {_one_line(exc)}") from None
-    check_meta(meta, path)
-    return meta
+    return check_meta(meta, path)
 
 
-# -- the metadata schema ----------------------------------------------------------------------
+# -- the metadata: one description, written, read and checked -----------------------------------
 
 
-def check_meta(meta: Any, path: str | Path) -> None:
-    """Check the JSON metadata of a checkpoint: one schema for every reader (generate, resume, init_from)."""
+def _vocab_ok(vocab: list[str]) -> bool:
+    return len(vocab) >= 2 and all(len(c) == 1 for c in vocab) and len(set(vocab)) == len(vocab)
 
-    def bad(key: str, must: str, value: Any) -> CheckpointError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        return CheckpointError(f"checkpoint {path}: meta {key} must be {must}, got {shown}")
 
+def _section_ok(section: dict[str, Any]) -> bool:
+    return isinstance(section.get("type", ""), str)
+
+
+def _rng_ok(state: Any) -> bool:
+    try:
+        check_rng_state(state, ValueError)
+    except ValueError:
+        return False
+    return True
+
+
+def _saved_config_ok(config: dict[str, Any]) -> bool:
+    """The parts of a saved pipeline that readers rely on: the model, optimizer and train sections
+    as mappings with a string `type` (the model's required), positive batch and sequence sizes."""
+    for section in ("model", "optimizer", "train"):
+        if not isinstance(config.get(section), dict) or not _section_ok(config[section]):
+            return False
+    if not isinstance(config["model"].get("type"), str):
+        return False
+    for key in ("batch_size", "seq_length"):
+        value = config["train"].get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return False
+    return all(isinstance(config.get(s, {}), dict) for s in ("sampler", "generate", "schedule", "corpus"))
+
+
+Count = Annotated[int, Range(ge=0)]
+Loss = Annotated[float | None, "nats per character"]
+
+
+@dataclass(kw_only=True)
+class RunMeta:
+    """What a checkpoint's `meta` holds: the vocabulary, the resolved pipeline, and where the run
+    stood (step, data position, random state, losses), so that it generates and resumes exactly.
+
+    Training writes it through this class and every reader checks it against the same
+    description (`check_meta`), so a damaged or hostile file is refused in one wording.
+    """
+
+    format: Annotated[str, Choice(FORMAT), "the file's kind"] = FORMAT
+    format_version: Annotated[int, Range(ge=1), "the layout's version"] = FORMAT_VERSION
+    charrnn_version: Annotated[str, "the charrnn that wrote it"] = ""
+    vocab: Annotated[list[str], Check(_vocab_ok, "a list of at least 2 distinct one-character strings")]
+    encoding: Annotated[Literal["utf-8", "bytes"], "how text maps to the vocabulary"] = "utf-8"
+    config: Annotated[
+        dict[str, Any],
+        Check(_saved_config_ok, "a resolved pipeline with model, optimizer and train sections"),
+        "the resolved pipeline the run trained with",
+    ]
+    corpus: Annotated[dict[str, Any], "what the training text was (source, size, digest)"] = field(
+        default_factory=dict
+    )
+    step: Annotated[Count, "training steps done"]
+    data_position: Annotated[int | None, Range(ge=0), "where the next batch starts"] = None
+    smooth_loss: Loss = None
+    rng: Annotated[
+        dict[str, Any] | None, Check(lambda v: v is None or _rng_ok(v), "a PCG64 bit generator state")
+    ] = None
+    rng_ranks: Annotated[list[dict[str, Any]] | None, "each MPI rank's generator state"] = None
+    best_val_loss: Loss = None
+    bad_evals: Annotated[Count, "evaluations since the best one (early stopping)"] = 0
+    world_size: Annotated[int, Range(ge=1), "processes that trained it"] = 1
+    saved_at: Annotated[float | None, "when it was written (seconds since the epoch)"] = None
+    elapsed_seconds: Annotated[float | None, "wall time of the run when it was written"] = None
+    chars_per_sec: Annotated[float | None, "training speed at the last report"] = None
+    val_loss: Loss = None
+
+
+RUN_META = opt.schema_of(RunMeta)
+
+
+def check_meta(meta: Any, path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, checked against `RunMeta` (defaults filled): one
+    description for every reader (generate, resume, init_from, the server)."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a charrnn checkpoint")
-    for key in ("format_version", "vocab", "config", "step"):
-        if key not in meta:
-            raise CheckpointError(f"checkpoint {path} metadata lacks {key!r}")
+    for name in ("format_version", "vocab", "config", "step"):
+        if name not in meta:
+            raise CheckpointError(f"checkpoint {path} metadata lacks {name!r}")
     version = meta["format_version"]
-    if not _is_int(version) or version < 1:
-        raise bad("format_version", "a positive integer", version)
-    if version > FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} was written by a newer charrnn (format {version})")
-    encoding = meta.get("encoding", "utf-8")
-    if encoding not in ENCODINGS:
-        raise bad("encoding", " or ".join(map(repr, ENCODINGS)), encoding)
-    vocab = meta["vocab"]
-    if (
-        not isinstance(vocab, list)
-        or len(vocab) < 2
-        or not all(isinstance(c, str) and len(c) == 1 for c in vocab)
-        or len(set(vocab)) != len(vocab)
-    ):
-        raise bad("vocab", "a list of at least 2 distinct one-character strings", vocab)
-    if encoding == "bytes" and vocab != [chr(i) for i in range(256)]:
-        raise bad("vocab", "the 256 byte values with encoding 'bytes'", vocab)
-    config = meta["config"]
-    if not isinstance(config, dict):
-        raise bad("config", "a mapping", config)
-    for section in ("model", "optimizer", "train"):
-        if not isinstance(config.get(section), dict) or not isinstance(config[section].get("type", ""), str):
-            raise bad(f"config.{section}", "a mapping with a string `type`", config.get(section))
-    if not isinstance(config["model"].get("type"), str):
-        raise bad("config.model.type", "a string", config["model"].get("type"))
-    for key in ("batch_size", "seq_length"):
-        if key in config["train"] and (not _is_int(config["train"][key]) or config["train"][key] < 1):
-            raise bad(f"config.train.{key}", "a positive integer", config["train"][key])
-    for section in ("sampler", "generate", "schedule", "corpus"):
-        if section in config and not isinstance(config[section], dict):
-            raise bad(f"config.{section}", "a mapping", config[section])
-    for key in ("step", "data_position", "bad_evals"):
-        if key in meta and (not _is_int(meta[key]) or meta[key] < 0):
-            raise bad(key, "a non-negative integer", meta[key])
-    for key in ("smooth_loss", "best_val_loss"):
-        value = meta.get(key)
-        if value is not None and (not _is_number(value) or not math.isfinite(value)):
-            raise bad(key, "a finite number or null", value)
-    if meta.get("rng") is not None:
-        check_rng_state(meta["rng"], lambda must: bad("rng", must, meta["rng"]))
-    if "corpus" in meta and not isinstance(meta["corpus"], dict):
-        raise bad("corpus", "a mapping", meta["corpus"])
+    try:
+        checked = opt.check(RUN_META.merged(opt.Schema({}, open=True)), meta, lambda *k: ".".join(k))
+    except opt.OptionError as exc:
+        raise CheckpointError(f"checkpoint {path}: meta {exc}") from None
+    if checked["encoding"] == "bytes" and checked["vocab"] != [chr(i) for i in range(256)]:
+        raise CheckpointError(
+            f"checkpoint {path}: meta vocab: must be the 256 byte values with encoding 'bytes'"
+        )
+    return checked
 
 
 def check_rng_state(state: Any, bad: Callable[[str], Exception]) -> None:
@@ -342,10 +384,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _kinds(kinds: str) -> str:
     names = {"f": "floating point", "i": "integer", "u": "unsigned integer", "U": "a string"}
     return " or ".join(names.get(k, k) for k in kinds)
@@ -362,17 +400,23 @@ def training_meta(config: dict[str, Any], corpus: Any, corpus_meta: dict[str, An
     """The part of a training checkpoint's metadata that stays the same for the whole run."""
     from charrnn import __version__
 
-    return _jsonable(
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "charrnn_version": __version__,
-            "config": config,
-            "vocab": corpus.vocab,
-            "encoding": corpus.encoding,
-            "corpus": corpus_meta,
-        }
+    meta = RunMeta(
+        charrnn_version=__version__,
+        config=config,
+        vocab=list(corpus.vocab),
+        encoding=corpus.encoding,
+        corpus=corpus_meta,
+        step=0,
     )
+    return _jsonable(dataclasses.asdict(meta))
+
+
+def run_meta(static: Mapping[str, Any], **progress: Any) -> dict[str, Any]:
+    """A checkpoint's metadata: the run's `training_meta` with where it stands now (`step`, ...).
+
+    Built through `RunMeta`, so a key that the description lacks is a bug found at the first save.
+    """
+    return _jsonable(dataclasses.asdict(RunMeta(**{**static, **progress})))
 
 
 def _jsonable(value: Any) -> Any:

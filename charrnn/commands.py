@@ -203,6 +203,20 @@ class Plot:
         return 0
 
 
+class Options:
+    help = "print every pipeline key and component option (type, default, rules, help) as Markdown"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_plugin(parser)
+
+    def __call__(self, args: argparse.Namespace, out: Any) -> int:
+        from charrnn.plugins import get_plugin_manager
+        from charrnn.reference import pipeline_reference
+
+        out.write(pipeline_reference(get_plugin_manager(extra=args.plugins)))
+        return 0
+
+
 class Plugins:
     help = "list plugins and their components as JSON"
 
@@ -225,3 +239,4 @@ def charrnn_command(register):
     register("gradcheck", Gradcheck)
     register("plot", Plot)
     register("plugins", Plugins)
+    register("options", Options)

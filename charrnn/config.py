@@ -2,127 +2,162 @@
 
 A configuration is a plain dict (as YAML gives it). `load_config` parses a file keeping the
 line of every key, `apply_overrides` applies `--set KEY.PATH=VALUE` items, `validate` checks
-the pipeline-owned sections against `SCHEMA` and fills defaults. Component sections
-(`corpus`, `model`, `optimizer`, `sampler`) are checked by `check_options` against the
-signature of the factory their `type` names.
+the pipeline's own sections against their descriptions (`Train`, `Generate`, `Evaluate` and
+the top-level keys of `Pipeline`, checked by `charrnn.options`) and fills the defaults.
+Component sections (`corpus`, `model`, `optimizer`, `sampler`, `schedule`) are checked against
+the factory their `type` names (`component_schema`), and a plugin's own section against the
+description it registered (`charrnn_section`), by the same checker.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
-import inspect
-import math
-import os
 import re
-import types
-import typing
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import yaml
 
+from charrnn import options as opt
 from charrnn.errors import ConfigError
+from charrnn.options import Check, Choice, FilePath, Range
 
 Lines = dict[tuple[str, ...], int | str]  # a str: how the value was given, e.g. a command-line flag
 
 STAGES = ("train", "evaluate", "generate")
 COMPONENTS = ("corpus", "model", "optimizer", "sampler", "schedule")
 
-
-@dataclass(frozen=True)
-class Opt:
-    """One pipeline-owned option: accepted types, default, and an optional range check."""
-
-    types: tuple[type, ...]
-    default: Any
-    check: Callable[[Any], bool] | None = None
-    must: str = ""
-    path: int | None = None  # a file path: bytes its last component must leave for derived names
-
-    def describe(self) -> str:
-        names = {
-            bool: "true/false",
-            int: "an integer",
-            float: "a number",
-            str: "a string",
-            list: "a list",
-            type(None): "null",
-        }
-        return " or ".join(names.get(t, t.__name__) for t in self.types)
+Stage = Literal["train", "evaluate", "generate"]
+_NOT_EMPTY = Check(lambda v: v != "", "a non-empty string")
 
 
-def _positive(v: Any) -> bool:
-    return v is None or v > 0
+@dataclass
+class Train:
+    """The `train` stage: steps, batches, reports, checkpoints, resume and fine-tuning."""
+
+    steps: Annotated[
+        int | None, Range(ge=1), "optimizer steps from the start of the run; null trains until Ctrl+C"
+    ] = 1000
+    batch_size: Annotated[int, Range(ge=1), "parallel streams over the corpus"] = 16
+    seq_length: Annotated[int, Range(ge=1), "characters per stream per step (truncated BPTT length)"] = 50
+    sample_every: Annotated[
+        int | None, Range(ge=1), "report loss, validation loss, chars/s and a sample every N steps; null: off"
+    ] = 100
+    sample_length: Annotated[int, Range(ge=0), "characters in each training-time sample"] = 200
+    save_every: Annotated[
+        int | None, Range(ge=1), "also save the checkpoint every N steps; null: at the end only"
+    ] = None
+    # 16 bytes: `.metrics.jsonl` and `.best.npz.tmp` replace `.npz` in files named after it
+    checkpoint: Annotated[
+        str, FilePath(reserve=16, file=True), _NOT_EMPTY, "where the checkpoint is written"
+    ] = "runs/default/final_model.npz"
+    resume: Annotated[
+        bool | str,
+        FilePath(file=True),
+        _NOT_EMPTY,
+        "true (or a checkpoint path) continues exactly from a checkpoint",
+    ] = False
+    init_from: Annotated[
+        str | None,
+        FilePath(file=True),
+        _NOT_EMPTY,
+        "start from a checkpoint's weights (fine-tuning), with a fresh optimizer and step",
+    ] = None
+    eval_every: Annotated[
+        int | None,
+        Range(ge=1),
+        "validation loss every N steps over the whole split; null: at each sample_every report",
+    ] = None
+    patience: Annotated[
+        int | None, Range(ge=1), "early stopping: stop after N evaluations without a better validation loss"
+    ] = None
+    keep_best: Annotated[bool, "keep the best model by validation loss in <checkpoint>.best.npz"] = True
+    metrics: Annotated[bool, "append each report to <checkpoint>.metrics.jsonl (JSON lines)"] = True
+    plot: Annotated[bool, "redraw <checkpoint>.loss.svg at each report"] = True
+    distributed: Annotated[
+        str | bool,
+        Choice("auto", "off", "mpi", False, names=("auto", "off", "mpi")),
+        "auto: data-parallel over MPI when started under mpiexec; off: one process; mpi: require MPI",
+    ] = "auto"
 
 
-def _non_negative(v: Any) -> bool:
-    return v is None or v >= 0
+@dataclass
+class Generate:
+    """The `generate` stage: text from the trained (or a saved) model."""
+
+    num_chars: Annotated[int, Range(ge=0), "characters to generate after the seed text"] = 1000
+    seed_text: Annotated[str, "text that primes the hidden state; it is printed first"] = "The "
+    checkpoint: Annotated[
+        str | None,
+        FilePath(file=True),
+        _NOT_EMPTY,
+        "the model to load when no train stage runs before (else train.checkpoint)",
+    ] = None
+    num_samples: Annotated[int, Range(ge=1), "independent samples, generated at once as parallel streams"] = 1
+    stop: Annotated[
+        list[Annotated[str, _NOT_EMPTY]] | Annotated[str, _NOT_EMPTY],
+        "a string or a list: a sample ends just before the first of them it produces",
+    ] = field(default_factory=list)
+    stream: Annotated[bool, "print the (first) sample as it is produced"] = False
+    separator: Annotated[str, "printed between samples"] = "\n---\n"
 
 
-def _fraction(v: Any) -> bool:
-    return 0 <= v < 1
+@dataclass
+class Evaluate:
+    """The `evaluate` stage: loss on a text beside unigram and bigram baselines."""
+
+    path: Annotated[
+        str | None, FilePath(file=True), _NOT_EMPTY, "the text to score; null: the validation split"
+    ] = None
+    checkpoint: Annotated[
+        str | None,
+        FilePath(file=True),
+        _NOT_EMPTY,
+        "the model to load when no train stage runs before (else train.checkpoint)",
+    ] = None
 
 
-INT, NONE = (int,), (type(None),)
+@dataclass
+class Pipeline:
+    """A pipeline file's own keys; the component sections are described by their factories."""
 
-SCHEMA: dict[str, dict[str, Opt] | Opt] = {
-    "seed": Opt(INT, 42, _non_negative, "must be >= 0"),
-    "plugins": Opt((list,), []),
-    "stages": Opt((list, str), ["train", "generate"]),
-    "train": {
-        "steps": Opt(INT + NONE, 1000, _positive, "must be > 0 (or null to train until Ctrl+C)"),
-        "batch_size": Opt(INT, 16, _positive, "must be >= 1"),
-        "seq_length": Opt(INT, 50, _positive, "must be >= 1"),
-        "sample_every": Opt(INT + NONE, 100, _positive, "must be > 0 (or null for no samples)"),
-        "sample_length": Opt(INT, 200, _non_negative, "must be >= 0"),
-        "save_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null)"),
-        # 16 bytes: `.metrics.jsonl` and `.best.npz.tmp` replace `.npz` in files named after it
-        "checkpoint": Opt((str,), "runs/default/final_model.npz", bool, "must not be empty", path=16),
-        "resume": Opt((bool, str), False, lambda v: v != "", "must be true, false or a path", path=0),
-        "init_from": Opt((str,) + NONE, None, lambda v: v != "", "must be a checkpoint path or null", path=0),
-        "eval_every": Opt(INT + NONE, None, _positive, "must be > 0 (or null: at each sample_every)"),
-        "patience": Opt(INT + NONE, None, _positive, "must be > 0 (or null: no early stopping)"),
-        "keep_best": Opt((bool,), True),
-        "metrics": Opt((bool,), True),
-        "plot": Opt((bool,), True),
-        "distributed": Opt(
-            (str, bool), "auto", lambda v: v in ("auto", "off", "mpi", False), "must be auto, off or mpi"
-        ),
-    },
-    "generate": {
-        "num_chars": Opt(INT, 1000, _non_negative, "must be >= 0"),
-        "seed_text": Opt((str,), "The "),
-        "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null", path=0),
-        "num_samples": Opt(INT, 1, _positive, "must be >= 1"),
-        "stop": Opt(
-            (list, str),
-            [],
-            lambda v: all(isinstance(x, str) and x for x in ([v] if isinstance(v, str) else v)),
-            "must be a non-empty string or a list of them",
-        ),
-        "stream": Opt((bool,), False),
-        "separator": Opt((str,), "\n---\n"),
-    },
-    "evaluate": {
-        "path": Opt(
-            (str,) + NONE, None, lambda v: v != "", "must be a path or null (the validation split)", path=0
-        ),
-        "checkpoint": Opt((str,) + NONE, None, lambda v: v != "", "must be a path or null", path=0),
-    },
-}
+    seed: Annotated[
+        int, Range(ge=0), "the one seed of the run (initialisation, batches, dropout, samples)"
+    ] = 42
+    plugins: Annotated[
+        list[Annotated[str, Check(bool, "a module name or .py path"), FilePath()]],
+        "plugin modules to load first: import names or paths to .py files",
+    ] = field(default_factory=list)
+    stages: Annotated[
+        list[Stage] | Stage,
+        Check(lambda v: v != [], "a non-empty list of stages"),
+        "the stages to run, in order",
+    ] = field(default_factory=lambda: ["train", "generate"])
+    train: Train = field(default_factory=Train)
+    generate: Generate = field(default_factory=Generate)
+    evaluate: Evaluate = field(default_factory=Evaluate)
 
+
+@dataclass
+class CorpusSplit:
+    """Options of the `corpus` section that the pipeline, not the loader, takes (any loader)."""
+
+    val_fraction: Annotated[
+        float, Range(ge=0, lt=1), "fraction taken from the end of the text for validation"
+    ] = 0.0
+
+
+PIPELINE = opt.schema_of(Pipeline)
 #: options of component sections that the pipeline, not the factory, consumes
-PIPELINE_COMPONENT_OPTIONS: dict[str, dict[str, Opt]] = {
-    "corpus": {"val_fraction": Opt((float, int), 0.0, _fraction, "must be in [0, 1)")},
-}
-
-#: component options holding a file path or glob, checked like the pipeline's paths
+PIPELINE_COMPONENT_OPTIONS: dict[str, opt.Schema] = {"corpus": opt.schema_of(CorpusSplit)}
+#: component options holding a file path or glob, checked like the pipeline's paths (also un-annotated)
 PATH_OPTIONS = ("path", "glob")
+#: arguments the pipeline passes to factories itself, not options a user sets
+INJECTED = ("vocab_size", "rng")
 
-#: YAML nesting (mappings and lists, aliases followed) beyond any real pipeline, well within recursion
+
 MAX_DEPTH = 64
 #: values a YAML text may expand to through aliases (a "billion laughs" text stops here)
 MAX_VALUES = 100_000
@@ -194,12 +229,6 @@ _Loader.yaml_implicit_resolvers = {
 def safe_load(text: str) -> Any:
     """YAML text as Python values, with `parse_yaml`'s checks (ConfigError without an origin)."""
     return parse_yaml(text)[0]
-
-
-def suggest(name: str, known: Iterable[str]) -> str:
-    """` (did you mean 'x'?)` for a close match, else an empty string."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def parse_yaml(text: str, origin: str = "") -> tuple[Any, Lines]:
@@ -381,160 +410,146 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str] | Mapping[s
     return {k for k, _ in items}
 
 
-def check_value(opt: Opt, value: Any, place: str) -> Any:
-    """Check one pipeline option's type and range; ints are accepted where numbers are."""
-    ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in opt.types)
-    if not ok and float in opt.types and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise ConfigError(f"{place}: expected {opt.describe()}, got {_show(value)}")
-    check_number(value, place)
-    if opt.check is not None and not opt.check(value):
-        raise ConfigError(f"{place}: {opt.must}, got {_show(value)}")
-    if opt.path is not None and isinstance(value, str):
-        check_path(value, place, opt.path, file=True)
-    return value
-
-
-def check_number(value: Any, place: str) -> Any:
-    """A number must be finite and an integer fit in 64 bits: no option means inf, nan or more."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{place}: expected a finite number, got {value}")
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
-        raise ConfigError(f"{place}: {_clip(str(value), 24)} is out of range (integers fit in 64 bits)")
-    return value
-
-
-def check_path(path: str, place: str, reserve: int = 0, file: bool = False) -> str:
-    """Refuse a path no system call can take: a NUL byte, or a name longer than the file system allows.
-
-    Checked where the config is read, so a bad `train.checkpoint` fails before training, not
-    at the first save. `reserve`: bytes the last name must leave for files named after it;
-    `file`: the path must end in a file name (not `.`, `..` or `/`).
-    """
-    if "\0" in path:
-        raise ConfigError(f"{place}: a path cannot contain a NUL byte, got {path!r}")
-    if file and Path(path).name in ("", ".", ".."):
-        raise ConfigError(f"{place}: expected a file path, got the folder {path!r}")
-    limit = _name_max()
-    parts = Path(path).parts
-    for i, part in enumerate(parts):
-        try:
-            size = len(os.fsencode(part))
-        except UnicodeEncodeError:
-            raise ConfigError(f"{place}: the path {path!r} cannot be encoded for the file system") from None
-        room = limit - (reserve if i == len(parts) - 1 else 0)
-        if size > room:
-            raise ConfigError(
-                f"{place}: the name {_clip(part)!r} is {size} bytes long; the file system allows {room}"
-                + (f" ({limit} less {reserve} for the files named after it)" if room < limit else "")
-            )
-    return path
-
-
-def _clip(text: str, most: int = 40) -> str:
-    """`text` cut to `most` characters for a message."""
-    return text if len(text) <= most else text[:most] + "..."
-
-
-def _name_max() -> int:
-    try:
-        return min(os.pathconf(".", "PC_NAME_MAX"), 255)
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
-        return 255
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "true" if value is True else "false" if value is False else "null"
-    if isinstance(value, (dict, list)):
-        return f"a {'mapping' if isinstance(value, dict) else 'list'} {value!r}"
-    return repr(value)
-
-
-def _check_section(
-    section: str, value: Any, spec: dict[str, Opt], lines: Lines, origin: str
+def validate(
+    raw: dict[str, Any],
+    lines: Lines | None = None,
+    origin: str = "",
+    sections: Mapping[str, opt.Schema] | None = None,
 ) -> dict[str, Any]:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise ConfigError(
-            f"{where([section], lines, origin)}: expected a mapping of options, got {_show(value)}"
-        )
-    for key in value:
-        if key not in spec:
-            raise ConfigError(
-                f"{where([section, str(key)], lines, origin)}: unknown key{suggest(str(key), spec)}; "
-                f"known keys: {', '.join(spec)}"
-            )
-    out = {}
-    for key, opt in spec.items():
-        if key in value:
-            out[key] = check_value(opt, value[key], where([section, key], lines, origin))
-        else:
-            out[key] = copy.deepcopy(opt.default)
-    return out
+    """Check the pipeline's own keys and fill their defaults; component options stay as given.
 
-
-def validate(raw: dict[str, Any], lines: Lines | None = None, origin: str = "") -> dict[str, Any]:
-    """Check the pipeline-owned keys and fill their defaults; component options stay as given."""
+    `sections` are the pipeline sections that plugins own (`charrnn_section`), by name.
+    """
     lines = lines or {}
+    sections = dict(sections or {})
     _check_keys(raw, (), lines, origin)
-    known = [*SCHEMA, *COMPONENTS]
+    known = [*PIPELINE.names(), *COMPONENTS, *sections]
     for key in raw:
         if key not in known:
-            raise ConfigError(
-                f"{where([str(key)], lines, origin)}: unknown key{suggest(str(key), known)}; "
-                f"known keys: {', '.join(known)}"
-            )
-    config: dict[str, Any] = {}
-    for key, spec in SCHEMA.items():
-        if isinstance(spec, dict):
-            config[key] = _check_section(key, raw.get(key), spec, lines, origin)
-        elif key in raw:
-            config[key] = check_value(spec, raw[key], where([key], lines, origin))
-        else:
-            config[key] = copy.deepcopy(spec.default)
+            raise opt.OptionError(where([str(key)], lines, origin), (str(key),), opt.unknown(str(key), known))
+
+    def locate(*keys: str) -> str:
+        return where(keys, lines, origin)
+
+    own = {k: v for k, v in raw.items() if k in PIPELINE}
+    config = opt.check(
+        PIPELINE, {k: ({} if v is None and k in SECTIONS else v) for k, v in own.items()}, locate
+    )
     if isinstance(config["stages"], str):
         config["stages"] = [config["stages"]]  # `stages: train` is short for `stages: [train]`
     if isinstance(config["generate"]["stop"], str):
         config["generate"]["stop"] = [config["generate"]["stop"]]
-    for i, plugin in enumerate(config["plugins"]):
-        if not isinstance(plugin, str) or not plugin:
-            raise ConfigError(f"{where(['plugins'], lines, origin)}[{i}]: expected a module name or .py path")
-        check_path(plugin, f"{where(['plugins'], lines, origin)}[{i}]")
-    stages = config["stages"]
-    for stage in stages:
-        if stage not in STAGES:
-            raise ConfigError(
-                f"{where(['stages'], lines, origin)}: unknown stage {stage!r}{suggest(str(stage), STAGES)}; "
-                f"available: {', '.join(STAGES)}"
-            )
-    if not stages:
-        raise ConfigError(
-            f"{where(['stages'], lines, origin)}: no stages to run; available: {', '.join(STAGES)}"
-        )
     for kind in COMPONENTS:
-        section = raw.get(kind, None)
-        if section is None:
-            section = {}
-        if isinstance(section, str):
-            section = {"type": section}  # `sampler: greedy` is short for `sampler: {type: greedy}`
-        if not isinstance(section, dict):
-            raise ConfigError(
-                f"{where([kind], lines, origin)}: expected a mapping with a 'type', got {_show(section)}"
-            )
-        if "type" in section and not (isinstance(section["type"], str) and section["type"]):
-            raise ConfigError(
-                f"{where([kind, 'type'], lines, origin)}: expected a component name, "
-                f"got {_show(section['type'])}"
-            )
-        merged = dict(section) if section else dict(DEFAULT_COMPONENTS[kind])
-        merged.setdefault("type", DEFAULT_COMPONENTS[kind]["type"])
-        for key, opt in PIPELINE_COMPONENT_OPTIONS.get(kind, {}).items():
-            merged[key] = check_value(opt, merged.get(key, opt.default), where([kind, key], lines, origin))
-        config[kind] = merged
+        config[kind] = component_section(kind, raw.get(kind), lines, origin)
+    for name, schema in sections.items():
+        value = raw.get(name)
+        config[name] = opt.check(schema, {} if value is None else value, lambda *k, n=name: locate(n, *k))
     return config
+
+
+def plugins_of(raw: Mapping[str, Any], lines: Lines | None = None, origin: str = "") -> list[str]:
+    """The `plugins` list of a raw pipeline, checked: it is read before anything else, since the
+    plugins it names may own sections of the same file."""
+    _check_keys(raw, (), lines or {}, origin)
+    if raw.get("plugins") is None:
+        return []
+    return opt.check_value(PIPELINE["plugins"], raw["plugins"], lambda *k: where(k, lines or {}, origin))
+
+
+#: the pipeline's own sections (mappings), as opposed to its top-level values
+SECTIONS = ("train", "generate", "evaluate")
+
+
+def component_section(kind: str, section: Any, lines: Lines, origin: str) -> dict[str, Any]:
+    """A component section with its `type` (the default component's when none is named) and the
+    pipeline-owned options checked; the factory's options are checked once the name resolves."""
+    if section is None:
+        section = {}
+    if isinstance(section, str):
+        section = {"type": section}  # `sampler: greedy` is short for `sampler: {type: greedy}`
+    if not isinstance(section, dict):
+        raise opt.OptionError(
+            where([kind], lines, origin),
+            (kind,),
+            f"expected a mapping with a 'type', got {opt.show(section)}",
+        )
+    if "type" in section and not (isinstance(section["type"], str) and section["type"]):
+        raise opt.OptionError(
+            where([kind, "type"], lines, origin),
+            (kind, "type"),
+            f"expected a component name, got {opt.show(section['type'])}",
+        )
+    merged = dict(section) if section else dict(DEFAULT_COMPONENTS[kind])
+    merged.setdefault("type", DEFAULT_COMPONENTS[kind]["type"])
+    extra = PIPELINE_COMPONENT_OPTIONS.get(kind)
+    if extra is not None:
+        given = {k: merged[k] for k in extra.names() if k in merged}
+        merged.update(opt.check(extra, given, lambda *k: where((kind, *k), lines, origin)))
+    return merged
+
+
+def component_schema(factory: Callable[..., Any], kind: str) -> opt.Schema:
+    """The options a component's factory takes: its signature, less what the pipeline passes itself.
+
+    An un-annotated `path` or `glob` option is checked as a path, as the builtin loaders' are.
+    """
+    schema = opt.schema_of(factory, skip=INJECTED if kind == "model" else ())
+    for name in PATH_OPTIONS:
+        if name in schema and not any(isinstance(c, FilePath) for c in schema[name].constraints):
+            schema = schema.replace(name, constraints=(*schema[name].constraints, FilePath()))
+    return schema
+
+
+def check_component(
+    factory: Callable[..., Any], kind: str, options: dict[str, Any], locate: Callable[..., str]
+) -> dict[str, Any]:
+    """A component's options checked against its factory; the defaults filled in (plain ones)."""
+    return opt.check(component_schema(factory, kind), options, locate)
+
+
+# names older modules and plugins import from here
+suggest = opt.suggest
+check_path = opt.check_path
+_show = opt.show
+_clip = opt.clip
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option of the sweep file (which moves to `charrnn.options` next)."""
+
+    types: tuple[type, ...]
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    must: str = ""
+    path: int | None = None
+
+    def describe(self) -> str:
+        return opt.describe(typing_union(self.types))
+
+
+def typing_union(types: tuple[type, ...]) -> Any:
+    import functools
+    import operator
+
+    return functools.reduce(operator.or_, types)
+
+
+def check_value(o: Opt, value: Any, place: str) -> Any:
+    """Check one sweep option's type and range; ints are accepted where numbers are."""
+    f = opt.Field("", typing_union(o.types), o.default)
+    opt.check_value(f, value, lambda *k: place)
+    if o.check is not None and not o.check(value):
+        raise ConfigError(f"{place}: {o.must}, got {opt.show(value)}")
+    if o.path is not None and isinstance(value, str):
+        check_path(value, place, o.path, file=True)
+    return value
+
+
+def check_number(value: Any, place: str) -> Any:
+    """A number must be finite and an integer fit in 64 bits."""
+    opt.check_value(opt.Field("", Any), value, lambda *k: place)
+    return value
 
 
 def _check_keys(value: Any, path: tuple[str, ...], lines: Lines, origin: str, level: int = 1) -> None:
@@ -549,106 +564,6 @@ def _check_keys(value: Any, path: tuple[str, ...], lines: Lines, origin: str, le
     elif isinstance(value, (list, tuple)):
         for item in value:
             _check_keys(item, path, lines, origin, level + 1)
-
-
-def _type_ok(value: Any, annotation: Any) -> bool | None:
-    """Whether `value` fits a simple annotation; None when the annotation is too complex to judge."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return None
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        verdicts = [_type_ok(value, a) for a in typing.get_args(annotation)]
-        if any(v is True for v in verdicts):
-            return True
-        return None if any(v is None for v in verdicts) else False
-    if annotation is type(None) or annotation is None:
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation in (bool, str):
-        return isinstance(value, annotation)
-    if origin in (list, tuple) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    return None
-
-
-def _wants_float(annotation: Any) -> bool:
-    """Whether an annotation takes floats; none of the builtin options means anything by inf or nan."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_wants_float(a) for a in typing.get_args(annotation))
-    return annotation is float
-
-
-def _describe_annotation(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def check_options(
-    factory: Callable[..., Any],
-    options: dict[str, Any],
-    locate: Callable[[str], str],
-    injected: Iterable[str] = (),
-) -> dict[str, Any]:
-    """Check `options` against `factory`'s signature; return them with the defaults filled in.
-
-    `locate(key)` names an option's place for messages (`line 4: model.hidden_size`);
-    `injected` names arguments the pipeline passes itself (e.g. `vocab_size`, `rng`).
-    """
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return dict(options)
-    try:
-        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
-    except Exception:
-        hints = {}
-    injected = set(injected)
-    params = {n: p for n, p in sig.parameters.items() if n not in injected}
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    for key in options:
-        if key not in params and not accepts_any:
-            raise ConfigError(
-                f"{locate(key)}: unknown option{suggest(key, named)}; options: {', '.join(named) or 'none'}"
-            )
-    for name in named:
-        p = params[name]
-        if name not in options and p.default is inspect.Parameter.empty:
-            raise ConfigError(f"{locate(name)}: missing required option")
-        if name in options:
-            annotation = hints.get(name, p.annotation)
-            if _type_ok(options[name], annotation) is False:
-                raise ConfigError(
-                    f"{locate(name)}: expected {_describe_annotation(annotation)}, got {_show(options[name])}"
-                )
-            value = options[name]
-            if _wants_float(annotation) or not isinstance(value, float):
-                check_number(value, locate(name))
-            if name in PATH_OPTIONS and isinstance(value, str):
-                check_path(value, locate(name))
-    resolved = {}
-    for name in named:
-        if name in options:
-            resolved[name] = options[name]
-        elif _plain(params[name].default):
-            resolved[name] = params[name].default
-    resolved.update({k: v for k, v in options.items() if k not in resolved})
-    return resolved
-
-
-def _plain(value: Any) -> bool:
-    """Whether a default can be written to YAML/JSON as is."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
 
 
 def dump(config: Mapping[str, Any]) -> str:

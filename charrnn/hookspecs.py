@@ -24,6 +24,11 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 Register = Callable[[str, Callable[..., Any]], None]
 
+OPTIONS_NOTE = """Options are checked before the factory is called, against its signature: an annotation
+        such as ``Annotated[float, Range(gt=0, le=100), "help"]`` (``charrnn.options``) states the
+        type, the range and the one-line help that the reference shows; an unannotated parameter
+        takes any value, and a parameter without a default is required."""
+
 
 @hookspec
 def charrnn_corpus_loader(register: Register) -> None:
@@ -99,6 +104,19 @@ def charrnn_schedule(register: Register) -> None:
         (0 for the first step); ``total_steps`` is ``train.steps`` (None when training until
         Ctrl+C). The training loop sets ``optimizer.lr`` before every step, so a schedule other
         than ``constant`` needs an optimizer with an ``lr`` attribute.
+    """
+
+
+@hookspec
+def charrnn_section(register: Register) -> None:
+    """Register pipeline sections that a plugin owns. Collect-all.
+
+    :param register: call ``register(name, description)``; ``description`` is a dataclass (or any
+        callable whose signature describes the keys, see :mod:`charrnn.options`). A pipeline file
+        may then hold a top-level ``name:`` mapping, checked against it like the pipeline's own
+        sections (unknown keys, types, ranges, with the YAML line), with its defaults filled in;
+        the resolved section reaches the plugin in the ``config`` of ``charrnn_train_start``.
+        A name the pipeline or another plugin already uses is an error naming both.
     """
 
 

@@ -168,6 +168,7 @@ def model_for(meta: dict[str, Any], assembly: Assembly, path: str) -> Model:
             f"or name it with --plugin (available: {', '.join(sorted(known))})"
         )
     try:
+        section = assembly.resolve("model", section, {("model",): f"checkpoint {path}: model"})
         return assembly.build("model", section, vocab_size=len(meta["vocab"]), rng=np.random.default_rng(0))
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path}: its model section does not build: {exc}") from None

@@ -1,34 +1,34 @@
-"""Shared plumbing for optimizer plugins: option checks, gradient clipping, state loading.
+"""Shared plumbing for optimizer plugins: the common options, packed updates, state loading.
 
-Part of the public API so that third-party optimizers clip and checkpoint the way the
-builtin ones do.
+Part of the public API so that third-party optimizers take, clip by and checkpoint the same
+options the way the builtin ones do.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+
+from charrnn.options import Range
 
 Params = dict[str, np.ndarray]
 
 
-def check_option(
-    name: str, value: object, ok: Callable[[float], bool], must: str, optional: bool = False
-) -> None:
-    """Raise ValueError("lr must be > 0, got -1") unless `value` is a finite number passing `ok`.
-
-    With `optional`, None is accepted too and the message says "or null".
-    """
-    if optional and value is None:
-        return
-    must = f"{must} or null" if optional else must
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number {must}, got {value!r}")
-    if not ok(value):
-        raise ValueError(f"{name} must be {must}, got {value!r}")
+#: the options every builtin optimizer takes, described once (see `charrnn.options`)
+LearningRate = Annotated[float, Range(gt=0), "the learning rate (a schedule multiplies it)"]
+Clip = Annotated[
+    float | None, Range(gt=0), "clip each gradient entry to [-clip, clip] before the update; null: off"
+]
+ClipNorm = Annotated[
+    float | None,
+    Range(gt=0),
+    "then rescale all gradients together so that their global L2 norm is at most this; null: off",
+]
+Eps = Annotated[float, Range(gt=0), "added to the denominator, for stability"]
+Decay = Annotated[float, Range(ge=0, lt=1)]
 
 
 def pack(arrays: Params, dtype: np.dtype | str | None = None) -> Params:
@@ -109,10 +109,7 @@ class BaseOptimizer:
 
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, lr: float, clip: float | None, clip_norm: float | None) -> None:
-        check_option("lr", lr, lambda v: v > 0, "> 0")
-        check_option("clip", clip, lambda v: v > 0, "> 0", optional=True)
-        check_option("clip_norm", clip_norm, lambda v: v > 0, "> 0", optional=True)
+    def __init__(self, lr: LearningRate, clip: Clip, clip_norm: ClipNorm) -> None:
         self.lr, self.clip, self.clip_norm = float(lr), clip, clip_norm
         self.state: dict[str, Params] = {}  # name -> parameter -> array, filled on first use
         self._buffers: dict[str, np.ndarray] = {}

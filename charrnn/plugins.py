@@ -7,11 +7,9 @@ then plugin objects passed to the API.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import importlib.util
-import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +22,8 @@ from typing import Any
 import pluggy
 
 from charrnn import hookspecs
+from charrnn import options as opt
+from charrnn.config import INJECTED
 from charrnn.errors import CharrnnError, PluginError, PluginFailure
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -45,8 +45,20 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 
 ENTRY_POINT_GROUP = "charrnn"
 
-#: arguments the pipeline passes to factories itself, not options a user sets
-INJECTED = ("vocab_size", "rng")
+#: top-level keys of a pipeline file that no plugin's section may take
+RESERVED_SECTIONS = (
+    "seed",
+    "plugins",
+    "stages",
+    "train",
+    "generate",
+    "evaluate",
+    "corpus",
+    "model",
+    "optimizer",
+    "sampler",
+    "schedule",
+)
 
 #: component kind -> the registration hook that contributes it
 KINDS: dict[str, str] = {
@@ -56,6 +68,7 @@ KINDS: dict[str, str] = {
     "sampler": "charrnn_sampler",
     "schedule": "charrnn_schedule",
     "command": "charrnn_command",
+    "section": "charrnn_section",
 }
 
 
@@ -254,6 +267,10 @@ class Registry:
             if not callable(factory):
                 raise PluginError(f"plugin {plugin!r} registered {kind} {name!r} with a non-callable")
             known = self.components[kind]
+            if kind == "section" and name in RESERVED_SECTIONS:
+                raise PluginError(
+                    f"plugin {plugin!r} registered a section {name!r}: the pipeline owns that key"
+                )
             if name in known:
                 raise PluginError(
                     f"{kind} {name!r} is registered twice: by plugin {known[name].plugin!r} "
@@ -283,9 +300,8 @@ class Registry:
             return known[name]
         where = where or f"{kind}.type"
         names = sorted(known)
-        close = difflib.get_close_matches(str(name), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        missing = "" if close else f"; install its plugin or name it {plugins}"
+        hint = opt.suggest(str(name), names)
+        missing = "" if hint else f"; install its plugin or name it {plugins}"
         raise PluginError(
             f"{where}: unknown {kind} {name!r}{hint}; available: {', '.join(names) or 'none'}{missing}"
         )
@@ -293,19 +309,10 @@ class Registry:
 
 def options_of(factory: Callable[..., Any]) -> dict[str, Any]:
     """A factory's options and their defaults (`"required"` where there is none), for listings."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return {}
     return {
-        p.name: "required" if p.default is p.empty else p.default if _plain(p.default) else repr(p.default)
-        for p in params
-        if p.name not in INJECTED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        f.name: "required" if f.required else f.default if opt.plain(f.default) else repr(f.default)
+        for f in opt.schema_of(factory, skip=INJECTED)
     }
-
-
-def _plain(value: object) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def list_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:

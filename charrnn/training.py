@@ -202,7 +202,7 @@ def apply_start(
     mine = rows(world, t["batch_size"])
     rng = meta["rng"]
     if world.size > 1 and int(meta.get("world_size", 1)) == world.size:
-        rng = meta.get("rng_ranks", [rng] * world.size)[world.rank]
+        rng = (meta.get("rng_ranks") or [rng] * world.size)[world.rank]
     return TrainState(
         meta["step"],
         meta["data_position"],

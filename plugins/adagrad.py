@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from charrnn import hookimpl
-from charrnn.optim import BaseOptimizer, check_option
+from charrnn.optim import BaseOptimizer, Clip, ClipNorm, Eps, LearningRate
 
 
 class Adagrad(BaseOptimizer):
@@ -17,10 +17,9 @@ class Adagrad(BaseOptimizer):
     state_names = ("mem",)
 
     def __init__(
-        self, lr: float = 0.1, eps: float = 1e-8, clip: float | None = 5.0, clip_norm: float | None = None
+        self, lr: LearningRate = 0.1, eps: Eps = 1e-8, clip: Clip = 5.0, clip_norm: ClipNorm = None
     ) -> None:
         super().__init__(lr, clip, clip_norm)
-        check_option("eps", eps, lambda v: v > 0, "> 0")
         self.eps = eps
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:

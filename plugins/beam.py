@@ -15,12 +15,16 @@ on a character model the most likely text tends to repeat itself.
 
 from __future__ import annotations
 
-import numbers
+from typing import Annotated
 
 import numpy as np
 
 from charrnn import Model, hookimpl
 from charrnn.memory import check as check_memory
+from charrnn.options import Range
+
+#: candidates kept per stream; a search costs about width times a sampled generation
+MAX_BEAM_WIDTH = 1024
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,9 +36,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class Beam:
     """Beam search with `beam_width` candidates per stream; greedy when called per step."""
 
-    def __init__(self, beam_width: int = 5) -> None:
-        if isinstance(beam_width, bool) or not isinstance(beam_width, numbers.Integral) or beam_width < 1:
-            raise ValueError(f"beam_width must be an integer >= 1, got {beam_width!r}")
+    def __init__(
+        self,
+        beam_width: Annotated[int, Range(ge=1, le=MAX_BEAM_WIDTH), "candidate texts kept per stream"] = 5,
+    ) -> None:
         self.beam_width = int(beam_width)
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -34,17 +34,14 @@ from charrnn.files import atomic_write
 from charrnn.textfile import CHUNK_SIZE, byte_codes, check_regular, utf8_codes
 
 ENCODINGS = ("utf-8", "bytes")
+#: the options the builtin loaders share, described once (see `charrnn.options`)
+Encoding = Annotated[
+    Literal["utf-8", "bytes"],
+    "utf-8: the text's own characters; bytes: the 256 byte values, so any file loads",
+]
+Cache = Annotated[bool, "keep the encoded ids in the cache folder, memory-mapped (corpora larger than RAM)"]
 FORMAT = "charrnn-ids-1"  # change when the cache layout or the encoding rules change
 BYTE_VOCAB = tuple(chr(i) for i in range(256))
-
-
-def check_encoding(encoding: str) -> str:
-    """`encoding` in canonical spelling (`utf8` -> `utf-8`); ValueError naming the choices otherwise."""
-    name = encoding.lower().replace("_", "-") if isinstance(encoding, str) else encoding
-    name = "utf-8" if name == "utf8" else name
-    if name not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r}; choices: {', '.join(ENCODINGS)}")
-    return name
 
 
 def cache_dir(*parts: str) -> Path:

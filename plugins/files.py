@@ -6,15 +6,21 @@ import os
 from glob import escape
 from glob import glob as expand
 from pathlib import Path
+from typing import Annotated, Literal
 
 from charrnn import Corpus, CorpusError, hookimpl
-from charrnn_plugins.cache import NotUTF8, cached_corpus, check_encoding, encode_files
-
-ERRORS = ("strict", "skip")
+from charrnn.options import FilePath
+from charrnn_plugins.cache import Cache, Encoding, NotUTF8, cached_corpus, encode_files
 
 
 def load_files(
-    glob: str, separator: str = "\n\n", encoding: str = "utf-8", errors: str = "strict", cache: bool = False
+    glob: Annotated[str, FilePath(), "the files to read, e.g. src/**/*.py (** spans folders); a folder: all"],
+    separator: Annotated[str, "put between two files' texts"] = "\n\n",
+    encoding: Encoding = "utf-8",
+    errors: Annotated[
+        Literal["strict", "skip"], "strict: a file that is not UTF-8 is an error; skip: leave it out"
+    ] = "strict",
+    cache: Cache = False,
 ) -> Corpus:
     """The files matching `glob` (e.g. `src/**/*.py`; `**` spans folders), joined by `separator`.
 
@@ -25,9 +31,6 @@ def load_files(
     warning that names them). `cache: true` memory-maps the encoded ids as for `text`; the cache is
     rebuilt when a file is added, removed or changed.
     """
-    encoding = check_encoding(encoding)
-    if errors not in ERRORS:
-        raise ValueError(f"unknown errors {errors!r}; choices: {', '.join(ERRORS)}")
     pattern = os.path.join(escape(glob), "**", "*") if os.path.isdir(glob) else glob
     found = sorted(p for p in expand(pattern, recursive=True) if os.path.isfile(p))
     if not found:

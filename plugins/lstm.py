@@ -27,7 +27,11 @@ from charrnn import hookimpl
 from charrnn_plugins.recurrent import (
     Arrays,
     Buffers,
+    Dropout,
+    DType,
+    HiddenSize,
     LayerBuffers,
+    NumLayers,
     Recurrent,
     features_first,
     layer_name,
@@ -114,10 +118,10 @@ class LSTM(Recurrent):
         self,
         vocab_size: int,
         rng: np.random.Generator,
-        hidden_size: int = 128,
-        num_layers: int = 1,
-        dropout: float = 0.0,
-        dtype: str = "float32",
+        hidden_size: HiddenSize = 128,
+        num_layers: NumLayers = 1,
+        dropout: Dropout = 0.0,
+        dtype: DType = "float32",
     ) -> None:
         super().__init__(vocab_size, rng, hidden_size, num_layers, dropout, dtype)
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers

@@ -8,11 +8,13 @@ either off. The caller's gradients are never modified: clipped values go to scra
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 
 from charrnn import hookimpl
-from charrnn.optim import BaseOptimizer, Params, check_option
+from charrnn.optim import BaseOptimizer, Clip, ClipNorm, Decay, Eps, LearningRate, Params
+from charrnn.options import Range
 
 
 class SGD(BaseOptimizer):
@@ -24,18 +26,14 @@ class SGD(BaseOptimizer):
 
     def __init__(
         self,
-        lr: float = 0.5,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        clip: float | None = None,
-        clip_norm: float | None = 5.0,
+        lr: LearningRate = 0.5,
+        momentum: Annotated[Decay, "momentum of the update; 0: plain SGD"] = 0.0,
+        nesterov: Annotated[bool, "Nesterov momentum (needs momentum > 0)"] = False,
+        weight_decay: Annotated[float, Range(ge=0), "L2 penalty added to the gradients"] = 0.0,
+        clip: Clip = None,
+        clip_norm: ClipNorm = 5.0,
     ) -> None:
         super().__init__(lr, clip, clip_norm)
-        check_option("momentum", momentum, lambda v: 0 <= v < 1, "in [0, 1)")
-        check_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be true or false, got {nesterov!r}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov needs momentum > 0, got momentum 0")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
@@ -73,15 +71,13 @@ class RMSprop(BaseOptimizer):
 
     def __init__(
         self,
-        lr: float = 2e-3,
-        decay: float = 0.95,
-        eps: float = 1e-8,
-        clip: float | None = 5.0,
-        clip_norm: float | None = None,
+        lr: LearningRate = 2e-3,
+        decay: Annotated[Decay, "how much of the squared-gradient average each step keeps"] = 0.95,
+        eps: Eps = 1e-8,
+        clip: Clip = 5.0,
+        clip_norm: ClipNorm = None,
     ) -> None:
         super().__init__(lr, clip, clip_norm)
-        check_option("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
-        check_option("eps", eps, lambda v: v > 0, "> 0")
         self.decay, self.eps = decay, eps
 
     def step(self, params: Params, grads: Params) -> None:
@@ -109,17 +105,14 @@ class Adam(BaseOptimizer):
 
     def __init__(
         self,
-        lr: float = 2e-3,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        eps: float = 1e-8,
-        clip: float | None = None,
-        clip_norm: float | None = 5.0,
+        lr: LearningRate = 2e-3,
+        beta1: Annotated[Decay, "decay of the gradients' running average"] = 0.9,
+        beta2: Annotated[Decay, "decay of the squared gradients' running average"] = 0.999,
+        eps: Eps = 1e-8,
+        clip: Clip = None,
+        clip_norm: ClipNorm = 5.0,
     ) -> None:
         super().__init__(lr, clip, clip_norm)
-        check_option("beta1", beta1, lambda v: 0 <= v < 1, "in [0, 1)")
-        check_option("beta2", beta2, lambda v: 0 <= v < 1, "in [0, 1)")
-        check_option("eps", eps, lambda v: v > 0, "> 0")
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.weight_decay = 0.0  # AdamW's decoupled decay; plain Adam has none
         self.t = 0
@@ -167,16 +160,15 @@ class AdamW(Adam):
 
     def __init__(
         self,
-        lr: float = 2e-3,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        clip: float | None = None,
-        clip_norm: float | None = 5.0,
+        lr: LearningRate = 2e-3,
+        beta1: Annotated[Decay, "decay of the gradients' running average"] = 0.9,
+        beta2: Annotated[Decay, "decay of the squared gradients' running average"] = 0.999,
+        eps: Eps = 1e-8,
+        weight_decay: Annotated[float, Range(ge=0), "decoupled decay of the matrices (not biases)"] = 0.01,
+        clip: Clip = None,
+        clip_norm: ClipNorm = 5.0,
     ) -> None:
         super().__init__(lr, beta1, beta2, eps, clip, clip_norm)
-        check_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
         self.weight_decay = weight_decay
 
 

@@ -19,12 +19,22 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from typing import Annotated, Literal
 
 import numpy as np
 
 from charrnn import StepResult
 from charrnn.memory import check as check_memory
 from charrnn.optim import pack
+from charrnn.options import Range
+
+#: the options the recurrent models share, described once (see `charrnn.options`)
+HiddenSize = Annotated[int, Range(ge=1), "units in each recurrent layer"]
+NumLayers = Annotated[int, Range(ge=1, le=64), "recurrent layers stacked on each other"]
+Dropout = Annotated[
+    float, Range(ge=0, lt=1), "inverted dropout between layers and before the output, while training only"
+]
+DType = Annotated[Literal["float32", "float64"], "the floating-point type of parameters and work arrays"]
 
 MAX_CACHED_SHAPES = 4  # work buffers kept for this many (B, T) shapes (train and validation)
 DENSE_SCATTER_MAX_VOCAB = 1024  # dWxh as a one-hot matmul up to this V, else sort + reduceat
@@ -218,12 +228,7 @@ class Recurrent:
         dtype: str,
     ) -> None:
         V = positive_int("vocab_size", vocab_size)
-        H = positive_int("hidden_size", hidden_size)
-        L = positive_int("num_layers", num_layers)
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        H, L = int(hidden_size), int(num_layers)
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         self.vocab_size, self.hidden_size, self.num_layers = V, H, L

@@ -15,19 +15,24 @@ those of earlier versions.) With `num_layers` > 1 the layers stack as described 
 
 from __future__ import annotations
 
-import numbers
+from typing import Annotated
 
 import numpy as np
 
 from charrnn import hookimpl
 from charrnn.generate import StepAdapter
+from charrnn.options import Range
 from charrnn.tuning import padded_rows
 from charrnn_plugins.recurrent import (
     DENSE_SCATTER_MAX_VOCAB,
     MAX_CACHED_SHAPES,
     Arrays,
     Buffers,
+    Dropout,
+    DType,
+    HiddenSize,
     LayerBuffers,
+    NumLayers,
     Recurrent,
     fast_dot,
     layer_name,
@@ -80,17 +85,13 @@ class RNN(Recurrent):
         self,
         vocab_size: int,
         rng: np.random.Generator,
-        hidden_size: int = 128,
-        dtype: str = "float32",
-        init_scale: float = 0.01,
-        num_layers: int = 1,
-        dropout: float = 0.0,
+        hidden_size: HiddenSize = 128,
+        dtype: DType = "float32",
+        init_scale: Annotated[float, Range(gt=0), "standard deviation of the initial weights"] = 0.01,
+        num_layers: NumLayers = 1,
+        dropout: Dropout = 0.0,
     ) -> None:
         super().__init__(vocab_size, rng, hidden_size, num_layers, dropout, dtype)
-        if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real):
-            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
-        if not 0 < init_scale < float("inf"):
-            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers
 
         def normal(*shape: int) -> np.ndarray:

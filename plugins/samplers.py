@@ -15,27 +15,25 @@ penalty (`RepetitionPenalty`); `repetition_penalty: 1.0` (the default) turns it 
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
 
 from charrnn import hookimpl
+from charrnn.options import Range
 
 NOISE_ROWS = 256  # rows of Gumbel noise drawn at once
 
-
-def _number(name: str, value: object, ok: Callable[[float], bool], requirement: str) -> float:
-    """`value` as a float if it is a real number (not a bool, not NaN) for which `ok` holds."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+#: the options the samplers share, described once (see `charrnn.options`)
+Temperature_ = Annotated[
+    float, Range(gt=0, le=100), "divides the logits: below 1 is more conservative, above 1 more random"
+]
+Penalty = Annotated[
+    float,
+    Range(gt=0, le=100),
+    "above 1 discourages characters seen in the window, below 1 favours them; 1 is off",
+]
+Window = Annotated[int, Range(ge=1, le=10_000), "how many of the last characters the penalty looks at"]
 
 
 class RepetitionPenalty:
@@ -47,11 +45,9 @@ class RepetitionPenalty:
     model, seed text included; a change in the number of streams starts a new history.
     """
 
-    def __init__(self, repetition_penalty: float = 1.0, repetition_window: int = 20) -> None:
-        self.repetition_penalty = _number(
-            "repetition_penalty", repetition_penalty, lambda v: 0 < v < math.inf, "> 0 (1.0 is off)"
-        )
-        self.repetition_window = _positive_int("repetition_window", repetition_window)
+    def __init__(self, repetition_penalty: Penalty = 1.0, repetition_window: Window = 20) -> None:
+        self.repetition_penalty = float(repetition_penalty)
+        self.repetition_window = int(repetition_window)
         self._on = self.repetition_penalty != 1.0
         self._history = np.zeros((0, self.repetition_window), np.intp)  # (k, window) ring of ids
         self._rows = np.zeros((0, 1), np.intp)  # (k, 1) row index for fancy indexing
@@ -95,10 +91,13 @@ class Temperature(RepetitionPenalty):
     """
 
     def __init__(
-        self, temperature: float = 1.0, repetition_penalty: float = 1.0, repetition_window: int = 20
+        self,
+        temperature: Temperature_ = 1.0,
+        repetition_penalty: Penalty = 1.0,
+        repetition_window: Window = 20,
     ) -> None:
         super().__init__(repetition_penalty, repetition_window)
-        self.temperature = _number("temperature", temperature, lambda v: 0 < v < math.inf, "> 0 and finite")
+        self.temperature = float(temperature)
         self._block: np.ndarray | None = None  # Gumbel noise drawn ahead, rows used up to _used
         self._block_rng: np.random.Generator | None = None
         self._block_scale, self._used = 1.0, 0
@@ -182,13 +181,13 @@ class TopK(Temperature):
 
     def __init__(
         self,
-        k: int = 40,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        repetition_window: int = 20,
+        k: Annotated[int, Range(ge=1), "how many of the most likely characters to sample among"] = 40,
+        temperature: Temperature_ = 1.0,
+        repetition_penalty: Penalty = 1.0,
+        repetition_window: Window = 20,
     ) -> None:
         super().__init__(temperature, repetition_penalty, repetition_window)
-        self.k = _positive_int("k", k)
+        self.k = int(k)
 
     def filter(self, z: np.ndarray) -> np.ndarray:
         V = z.shape[-1]
@@ -206,13 +205,13 @@ class TopP(Temperature):
 
     def __init__(
         self,
-        p: float = 0.9,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        repetition_window: int = 20,
+        p: Annotated[float, Range(gt=0, le=1), "the probability the kept characters hold together"] = 0.9,
+        temperature: Temperature_ = 1.0,
+        repetition_penalty: Penalty = 1.0,
+        repetition_window: Window = 20,
     ) -> None:
         super().__init__(temperature, repetition_penalty, repetition_window)
-        self.p = _number("p", p, lambda v: 0 < v <= 1, "in (0, 1]")
+        self.p = float(p)
 
     def filter(self, z: np.ndarray) -> np.ndarray:
         if self.p >= 1.0:
@@ -233,13 +232,15 @@ class MinP(Temperature):
 
     def __init__(
         self,
-        min_p: float = 0.05,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        repetition_window: int = 20,
+        min_p: Annotated[
+            float, Range(ge=0, le=1), "keep characters at least this many times as likely as the best"
+        ] = 0.05,
+        temperature: Temperature_ = 1.0,
+        repetition_penalty: Penalty = 1.0,
+        repetition_window: Window = 20,
     ) -> None:
         super().__init__(temperature, repetition_penalty, repetition_window)
-        self.min_p = _number("min_p", min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
+        self.min_p = float(min_p)
         self._log_min_p = math.log(self.min_p) if self.min_p > 0 else -math.inf
 
     def filter(self, z: np.ndarray) -> np.ndarray:
@@ -252,7 +253,7 @@ class MinP(Temperature):
 class Greedy(RepetitionPenalty):
     """The most likely id of each stream (after the repetition penalty, if any)."""
 
-    def __init__(self, repetition_penalty: float = 1.0, repetition_window: int = 20) -> None:
+    def __init__(self, repetition_penalty: Penalty = 1.0, repetition_window: Window = 20) -> None:
         super().__init__(repetition_penalty, repetition_window)
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 from charrnn import hookimpl
+from charrnn.options import Range
 
 
 class Constant:
@@ -22,13 +24,12 @@ class StepDecay:
     char-rnn decays by 0.97 per epoch after epoch 10; here the period is in steps.
     """
 
-    def __init__(self, every: int = 1000, factor: float = 0.97, start: int = 0) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        if not 0 < factor <= 1:
-            raise ValueError(f"factor must be in (0, 1], got {factor!r}")
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an integer >= 0, got {start!r}")
+    def __init__(
+        self,
+        every: Annotated[int, Range(ge=1), "steps between two decays"] = 1000,
+        factor: Annotated[float, Range(gt=0, le=1), "what each decay multiplies the rate by"] = 0.97,
+        start: Annotated[int, Range(ge=0), "steps before the first decay"] = 0,
+    ) -> None:
         self.every, self.factor, self.start = every, factor, start
 
     def __call__(self, step: int, total_steps: int | None) -> float:
@@ -43,14 +44,13 @@ class Cosine:
     """
 
     def __init__(
-        self, warmup_steps: int = 0, min_factor: float = 0.1, total_steps: int | None = None
+        self,
+        warmup_steps: Annotated[int, Range(ge=0), "steps of linear warm-up from 0 to the full rate"] = 0,
+        min_factor: Annotated[float, Range(ge=0, le=1), "the factor the cosine ends at"] = 0.1,
+        total_steps: Annotated[
+            int | None, Range(ge=1), "the step the cosine ends at; null: train.steps"
+        ] = None,
     ) -> None:
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not 0 <= min_factor <= 1:
-            raise ValueError(f"min_factor must be in [0, 1], got {min_factor!r}")
-        if total_steps is not None and (isinstance(total_steps, bool) or total_steps < 1):
-            raise ValueError(f"total_steps must be a positive integer or null, got {total_steps!r}")
         self.warmup, self.min_factor, self.total = warmup_steps, min_factor, total_steps
 
     def __call__(self, step: int, total_steps: int | None) -> float:

@@ -19,20 +19,35 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Annotated
 
 import charrnn
 from charrnn import Corpus, CorpusError, hookimpl
-from charrnn_plugins.cache import cache_dir, check_encoding, read_file
+from charrnn.options import Check, Range
+from charrnn_plugins.cache import Cache, Encoding, cache_dir, read_file
 
 BLOCK = 1 << 20  # bytes read and hashed at a time
 
 
 def load_url(
-    url: str,
-    sha256: str | None = None,
-    encoding: str = "utf-8",
-    timeout: float = 30.0,
-    cache: bool = False,
+    url: Annotated[
+        str,
+        Check(
+            lambda v: urllib.parse.urlsplit(v).scheme.lower() in ("http", "https"),
+            "an http:// or https:// URL",
+        ),
+        "where to download the text from (once; then read from the cache folder)",
+    ],
+    sha256: Annotated[
+        str | None,
+        Check(lambda v: v is None or re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None, "64 hex digits"),
+        "the expected digest of the file; a download that differs is discarded",
+    ] = None,
+    encoding: Encoding = "utf-8",
+    timeout: Annotated[
+        float, Range(gt=0, le=threading.TIMEOUT_MAX), "seconds to wait for the server on each read"
+    ] = 30.0,
+    cache: Cache = False,
 ) -> Corpus:
     """Download `url` (http or https) once into the cache folder and encode it as `text` does.
 
@@ -40,15 +55,6 @@ def load_url(
     is an error naming both digests. `timeout`: seconds to wait for the server on each read.
     `encoding` and `cache` (memory-map the encoded ids) are as for `text`.
     """
-    encoding = check_encoding(encoding)
-    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
-        raise ValueError(f"url must start with http:// or https://, got {url!r}")
-    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    if isinstance(timeout, bool) or not 0 < timeout <= threading.TIMEOUT_MAX:  # beyond: the socket overflows
-        raise ValueError(
-            f"timeout must be a number of seconds > 0 and <= {threading.TIMEOUT_MAX:g}, got {timeout!r}"
-        )
     path = fetch(url, sha256.lower() if sha256 else None, float(timeout))
     return read_file(path, source=url, encoding=encoding, cache=cache)
 

@@ -25,6 +25,20 @@ TINY_TEXT = (
 ) * 8
 
 
+def option_problem(factory, kind, *args, **options) -> str:
+    """The message a component's bad options get on the build path: the one option checker
+    (`charrnn.config.check_component`), then the factory itself (for rules between options)."""
+    from charrnn.config import check_component
+    from charrnn.errors import ConfigError
+
+    try:
+        resolved = check_component(factory, kind, options, lambda *keys: ".".join(keys))
+        factory(*args, **resolved)
+    except (ConfigError, ValueError) as exc:
+        return str(exc)
+    raise AssertionError(f"{factory.__name__}({options}) was accepted")
+
+
 @pytest.fixture
 def tiny_text() -> str:
     return TINY_TEXT

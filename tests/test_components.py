@@ -10,6 +10,7 @@ from charrnn.transforms import clipping
 from charrnn_plugins.adagrad import Adagrad
 from charrnn_plugins.samplers import Temperature
 from charrnn_plugins.text import load_text
+from conftest import option_problem
 
 
 def test_corpus_vocab_is_sorted_unicode_set():
@@ -88,8 +89,8 @@ def test_adagrad_decreases_loss_on_toy_problem():
 
 @pytest.mark.parametrize("bad", [{"lr": 0}, {"lr": -1}, {"eps": 0}, {"clip": -5}])
 def test_adagrad_rejects_bad_options(bad):
-    with pytest.raises(ValueError):
-        Adagrad(**bad)
+    key = next(iter(bad))
+    assert option_problem(Adagrad, "optimizer", **bad).startswith(f"{key}: must be > 0")
 
 
 def test_temperature_sampler_shapes_and_determinism():
@@ -117,10 +118,11 @@ def test_temperature_one_samples_the_softmax():
     assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
 
 
-@pytest.mark.parametrize("t", [0, -1.0])
-def test_temperature_must_be_positive(t):
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        Temperature(t)
+@pytest.mark.parametrize("t", [0, -1.0, 101, 1e38])
+def test_temperature_must_be_positive_and_bounded(t):
+    assert option_problem(Temperature, "sampler", temperature=t).startswith(
+        f"temperature: must be in (0, 100], got {t}"
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64, 1 << 22])

@@ -66,7 +66,7 @@ def test_types_are_checked(tiny_config):
         Pipeline(tiny_config)
     tiny_config["train"]["batch_size"] = 4
     tiny_config["model"]["hidden_size"] = "big"
-    with pytest.raises(ConfigError, match="model.hidden_size: expected int, got 'big'"):
+    with pytest.raises(ConfigError, match="model.hidden_size: expected an integer, got 'big'"):
         Pipeline(tiny_config)
 
 
@@ -206,9 +206,7 @@ def test_files_with_a_non_ascii_separator_and_one_ascii_file(tmp_path, monkeypat
 
 def test_a_finite_timeout_too_long_for_a_socket_is_refused(tiny_config, capsys):
     corpus = {"type": "url", "url": "http://127.0.0.1:9/x.txt", "timeout": 1e23}
-    with pytest.raises(
-        ConfigError, match=r"corpus \(url\): timeout must be a number of seconds > 0 and <= 9"
-    ):
+    with pytest.raises(ConfigError, match=r"corpus.timeout: must be in \(0, 9223372036\], got 1e\+23"):
         Pipeline({**tiny_config, "corpus": corpus}).data()
 
 

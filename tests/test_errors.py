@@ -63,20 +63,23 @@ def test_good_pipeline_runs(capsys, pipeline):
             lambda t: t.replace("steps: 3", "steps: abc"),
             r"train.steps: expected an integer or null, got 'abc'",
         ),
-        (lambda t: t.replace("steps: 3", "steps: 0"), r"train.steps: must be > 0"),
+        (lambda t: t.replace("steps: 3", "steps: 0"), r"train.steps: must be >= 1, got 0"),
         (lambda t: t.replace("seq_length: 8", "seq_length: 0"), r"train.seq_length: must be >= 1"),
-        (lambda t: t.replace("lr: 0.1", "lr: -0.1"), r"optimizer.*lr must be > 0, got -0.1"),
-        (lambda t: t.replace("lr: 0.1", "lr: fast"), r"line 4: optimizer.lr: expected float, got 'fast'"),
+        (lambda t: t.replace("lr: 0.1", "lr: -0.1"), r"line 4: optimizer.lr: must be > 0, got -0.1"),
+        (lambda t: t.replace("lr: 0.1", "lr: fast"), r"line 4: optimizer.lr: expected a number, got 'fast'"),
         (
             lambda t: t.replace("lr: 0.1", "lrr: 0.1"),
-            r"optimizer.lrr: unknown option \(did you mean 'lr'\?\)",
+            r"optimizer.lrr: unknown key \(did you mean 'lr'\?\); known keys: lr, eps, clip, clip_norm",
         ),
         (lambda t: t.replace("hidden_size: 8", "hidden_size: -3"), r"model.*hidden_size"),
         (
             lambda t: t.replace("type: rnn", "type: rnnn"),
             r"unknown model 'rnnn' \(did you mean 'rnn'\?\); available: .*rnn",
         ),
-        (lambda t: t.replace("temperature: 1.0", "temperature: 0"), r"temperature must be > 0"),
+        (
+            lambda t: t.replace("temperature: 1.0", "temperature: 0"),
+            r"sampler.temperature: must be in \(0, 100\], got 0",
+        ),
         (
             lambda t: t.replace("val_fraction: 0.1", "val_fraction: 1.0"),
             r"corpus.val_fraction: must be in \[0, 1\)",
@@ -86,7 +89,10 @@ def test_good_pipeline_runs(capsys, pipeline):
             r"corpus.val_fraction: must be in \[0, 1\)",
         ),
         (lambda t: t.replace("num_chars: 10", "num_chars: -1"), r"generate.num_chars: must be >= 0"),
-        (lambda t: t.replace("[train, generate]", "[train, sing]"), r"unknown stage 'sing'"),
+        (
+            lambda t: t.replace("[train, generate]", "[train, sing]"),
+            r"stages\[1\]: must be one of train, evaluate, generate, got 'sing'",
+        ),
         (
             lambda t: t.replace('seed_text: "the "', 'seed_text: "the Z"'),
             r"character 'Z' \(U\+005A\) is not in",
@@ -168,7 +174,9 @@ def test_bad_checkpoints(capsys, checkpoint, tmp_path):
 
 def test_generate_errors(capsys, checkpoint):
     assert "--num-chars must be >= 0" in run_error(capsys, ["generate", str(checkpoint), "--num-chars", "-5"])
-    assert "temperature must be > 0" in run_error(capsys, ["generate", str(checkpoint), "--temperature", "0"])
+    assert "--temperature: must be in (0, 100], got 0" in run_error(
+        capsys, ["generate", str(checkpoint), "--temperature", "0"]
+    )
     line = run_error(capsys, ["generate", str(checkpoint), "--seed-text", "héllo"])
     assert "'é'" in line
     line = run_error(capsys, ["generate", str(checkpoint), "--sampler", "nope"])
@@ -256,10 +264,10 @@ def test_print_config(capsys, pipeline):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--temperature", "0"], "error: --temperature 0 (temperature): temperature must be > 0"),
-        (["--sampler", "top_k", "-o", "k=0"], "error: --sampler top_k -o k=0 (top_k): k must be"),
-        (["--sampler", "top_k", "-o", "kk=3"], "error: -o kk: unknown option (did you mean 'k'?)"),
-        (["-o", "temperature=abc"], "error: -o temperature: expected float, got 'abc'"),
+        (["--temperature", "0"], "error: --temperature: must be in (0, 100], got 0.0"),
+        (["--sampler", "top_k", "-o", "k=0"], "error: -o k: must be >= 1, got 0"),
+        (["--sampler", "top_k", "-o", "kk=3"], "error: -o kk: unknown key (did you mean 'k'?)"),
+        (["-o", "temperature=abc"], "error: -o temperature: expected a number, got 'abc'"),
         (["--sampler", "nope"], "error: --sampler: unknown sampler 'nope'"),
         (["--seed-text", "héllo"], "error: --seed-text: character 'é'"),
         (["--seed", "-3"], "error: --seed: must be >= 0"),

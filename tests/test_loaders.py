@@ -22,6 +22,7 @@ from charrnn_plugins import cache
 from charrnn_plugins.files import load_files
 from charrnn_plugins.text import load_text
 from charrnn_plugins.url import load_url
+from conftest import option_problem
 
 MIXED = "héllo wörld ✓ 😀 ab\n" * 20  # 1-, 2-, 3- and 4-byte characters
 
@@ -60,11 +61,14 @@ def test_bytes_encoding_keeps_the_byte_order_mark(tmp_path):
 
 
 def test_unknown_encoding_names_the_choices(corpus_file, tiny_config):
-    with pytest.raises(ValueError, match=r"unknown encoding 'latin-1'; choices: utf-8, bytes"):
-        load_text(str(corpus_file), encoding="latin-1")
-    assert load_text(str(corpus_file), encoding="UTF8").encoding == "utf-8"
+    assert option_problem(load_text, "corpus", path=str(corpus_file), encoding="latin-1") == (
+        "encoding: must be one of utf-8, bytes, got 'latin-1'"
+    )
+    assert option_problem(load_text, "corpus", path=str(corpus_file), encoding="UTF8").endswith(
+        "got 'UTF8' (did you mean 'utf-8'?)"
+    )
     tiny_config["corpus"]["encoding"] = "ascii"
-    with pytest.raises(ConfigError, match=r"corpus.*unknown encoding 'ascii'; choices: utf-8, bytes"):
+    with pytest.raises(ConfigError, match=r"corpus.encoding: must be one of utf-8, bytes, got 'ascii'"):
         charrnn.run_pipeline(tiny_config)
 
 
@@ -128,8 +132,9 @@ def test_files_not_utf8_is_an_error_or_skipped(tree):
     with pytest.warns(UserWarning, match=r"skipped 1 of 3 files that are not valid UTF-8: src/b.py"):
         corpus = load_files("src/**/*.py", separator="", errors="skip")
     assert corpus.decode(corpus.ids) == "AC"
-    with pytest.raises(ValueError, match=r"unknown errors 'ignore'; choices: strict, skip"):
-        load_files("src/**/*.py", errors="ignore")
+    assert option_problem(load_files, "corpus", glob="src/**/*.py", errors="ignore") == (
+        "errors: must be one of strict, skip, got 'ignore'"
+    )
     with pytest.raises(CorpusError, match=r"none of the 1 corpus files is valid UTF-8"):
         load_files("src/b.py", errors="skip")
 
@@ -227,12 +232,15 @@ def test_url_timeout():
 
 
 def test_url_bad_options():
-    with pytest.raises(ValueError, match="url must start with http:// or https://"):
-        load_url("file:///etc/passwd")
-    with pytest.raises(ValueError, match="sha256 must be 64 hex digits"):
-        load_url("http://127.0.0.1/x", sha256="abc")
-    with pytest.raises(ValueError, match="timeout must be"):
-        load_url("http://127.0.0.1/x", timeout=0)
+    assert option_problem(load_url, "corpus", url="file:///etc/passwd") == (
+        "url: must be an http:// or https:// URL, got 'file:///etc/passwd'"
+    )
+    assert option_problem(load_url, "corpus", url="http://127.0.0.1/x", sha256="abc") == (
+        "sha256: must be 64 hex digits, got 'abc'"
+    )
+    assert option_problem(load_url, "corpus", url="http://127.0.0.1/x", timeout=0).startswith(
+        "timeout: must be in (0, "
+    )
 
 
 # -- the ids cache ------------------------------------------------------------------------

@@ -151,7 +151,12 @@ def test_cli_huge_beam_width_is_refused(capsys, checkpoint, eight_gib):
         capsys,
         ["generate", checkpoint, "--sampler", "beam", "-o", "beam_width=100000000", "--num-chars", "10"],
     )
-    assert line.startswith("error: beam search with beam_width=100000000 over 10 characters needs about ")
+    assert line == "error: -o beam_width: must be in [1, 1024], got 100000000"
+    line = one_error_line(
+        capsys,
+        ["generate", checkpoint, "--sampler", "beam", "-o", "beam_width=1024", "--num-chars", "3000000"],
+    )
+    assert line.startswith("error: beam search with beam_width=1024 over 3000000 characters needs about ")
     assert "(beam states, scores and back-pointers)" in line
 
 

@@ -1,19 +1,23 @@
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import inspect
 import json
 import sys
 import types
+from typing import Annotated
 
 import numpy as np
 import pluggy
 import pytest
+import yaml
 
 import charrnn
 from charrnn import hookspecs
 from charrnn.cli import main
-from charrnn.errors import PluginError, PluginFailure
+from charrnn.errors import ConfigError, PluginError, PluginFailure
+from charrnn.options import Range
 from charrnn.pipeline import Pipeline, run_pipeline
 from charrnn.plugins import DEFAULT_PLUGINS, Registry, get_plugin_manager, list_plugins
 from conftest import TINY_TEXT, FrozenPlugin
@@ -366,6 +370,58 @@ def test_hook_charrnn_schedule(tiny_config):
     result = run_pipeline(tiny_config, plugins=[SchedulePlugin()])
     assert seen[-4:] == [(0, 4), (1, 4), (2, 4), (3, 4)]  # after a check of step 0 before training
     assert [h["lr"] for h in result.train.history] == [0.1, 0.05, 0.025, 0.0125]
+
+
+@dataclasses.dataclass
+class Greeting:
+    """A plugin's own pipeline section: `greeting: {text: ..., times: ...}`."""
+
+    text: Annotated[str, "what to say"] = "hi"
+    times: Annotated[int, Range(ge=1, le=3), "how often"] = 1
+
+
+class GreetingPlugin:
+    def __init__(self):
+        self.seen = []
+
+    @charrnn.hookimpl
+    def charrnn_section(self, register):
+        register("greeting", Greeting)
+
+    @charrnn.hookimpl
+    def charrnn_train_start(self, config, checkpoint, step):
+        self.seen.append(config["greeting"])
+
+
+def test_hook_charrnn_section(tiny_config, tmp_path):
+    plugin = GreetingPlugin()
+    tiny_config["train"]["steps"] = 2
+    run_pipeline({**tiny_config, "greeting": {"times": 2}}, plugins=[plugin])
+    assert plugin.seen == [{"text": "hi", "times": 2}]  # checked, defaults filled, handed to the plugin
+    run_pipeline(tiny_config, plugins=[plugin])
+    assert plugin.seen[-1] == {"text": "hi", "times": 1}  # absent: all defaults
+    path = tmp_path / "p.yaml"
+    config = {**tiny_config, "greeting": {"times": 5}}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "times" in t)
+    with pytest.raises(
+        ConfigError, match=rf"p.yaml: line {line}: greeting.times: must be in \[1, 3\], got 5$"
+    ):
+        Pipeline(str(path), plugins=[plugin])
+    with pytest.raises(ConfigError, match=r"greeting.txt: unknown key \(did you mean 'text'\?\)"):
+        Pipeline({**tiny_config, "greeting": {"txt": "yo"}}, plugins=[plugin])
+    with pytest.raises(ConfigError, match=r"greeting: unknown key; known keys: seed, plugins"):
+        Pipeline({**tiny_config, "greeting": {}})  # without the plugin the section is unknown
+
+    class Squatter:
+        @charrnn.hookimpl
+        def charrnn_section(self, register):
+            register("train", Greeting)
+
+    with pytest.raises(PluginError, match="registered a section 'train': the pipeline owns that key"):
+        Pipeline(tiny_config, plugins=[Squatter()])
+    with pytest.raises(PluginError, match="section 'greeting' is registered twice"):
+        Pipeline(tiny_config, plugins=[plugin, GreetingPlugin()])
 
 
 class Hello:

@@ -9,6 +9,7 @@ from charrnn.types import Corpus
 from charrnn_plugins import rnn as rnn_plugin
 from charrnn_plugins.rnn import RNN
 from charrnn_plugins.samplers import Temperature
+from conftest import option_problem
 from reference_rnn import random_batch, randomize, reference_loss_and_grads
 from reference_rnn import random_state as stacked_state
 
@@ -132,18 +133,23 @@ def test_init_state_is_zero(rng):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"hidden_size": 0}, "hidden_size must be a positive integer, got 0"),
-        ({"hidden_size": 2.5}, "hidden_size must be a positive integer"),
-        ({"dtype": "float16"}, "dtype must be 'float32' or 'float64', got 'float16'"),
-        ({"init_scale": 0}, "init_scale must be a positive finite number"),
-        ({"init_scale": "big"}, "init_scale must be a positive number"),
-        ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+        ({"hidden_size": 0}, "hidden_size: must be >= 1, got 0"),
+        ({"hidden_size": 2.5}, "hidden_size: expected an integer, got 2.5"),
+        (
+            {"dtype": "float16"},
+            "dtype: must be one of float32, float64, got 'float16' (did you mean 'float64'?)",
+        ),
+        ({"init_scale": 0}, "init_scale: must be > 0, got 0"),
+        ({"init_scale": "big"}, "init_scale: expected a number, got 'big'"),
     ],
 )
-def test_bad_options_raise_value_error(rng, options, message):
-    kwargs = {"vocab_size": 5, "rng": rng, **options}
-    with pytest.raises(ValueError, match=message):
-        RNN(**kwargs)
+def test_bad_options_are_refused_in_one_wording(rng, options, message):
+    assert option_problem(RNN, "model", 5, rng, **options) == message
+
+
+def test_a_vocabulary_of_nothing_is_refused(rng):
+    with pytest.raises(ValueError, match="vocab_size must be a positive integer"):
+        RNN(vocab_size=0, rng=rng)
 
 
 def test_mismatched_shapes_raise_value_error(rng):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from charrnn.plugins import Registry, get_plugin_manager
 from charrnn_plugins.beam import Beam
 from charrnn_plugins.rnn import RNN
 from charrnn_plugins.samplers import NOISE_ROWS, Greedy, MinP, Temperature, TopK, TopP, gumbel
+from conftest import option_problem
 
 NAMES = ["temperature", "greedy", "top_k", "top_p", "min_p", "beam"]
 STOCHASTIC = [Temperature, TopK, TopP, MinP]
@@ -199,32 +201,43 @@ def test_samples_follow_the_filtered_renormalised_softmax(sampler, expected):
     assert stat < CHI2_999[df]
 
 
-@pytest.mark.parametrize("bad", [{"temperature": 0}, {"temperature": -1.0}, {"temperature": float("inf")}])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"temperature": 0}, r"temperature: must be in \(0, 100\], got 0"),
+        ({"temperature": -1.0}, r"temperature: must be in \(0, 100\], got -1.0"),
+        ({"temperature": 1e38}, r"temperature: must be in \(0, 100\], got 1e\+38"),
+        ({"temperature": float("inf")}, "temperature: expected a finite number, got inf"),
+    ],
+)
 @pytest.mark.parametrize("cls", STOCHASTIC)
-def test_temperature_must_be_positive(cls, bad):
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        cls(**bad)
+def test_temperature_must_be_positive_and_bounded(cls, bad, message):
+    assert re.fullmatch(message, option_problem(cls, "sampler", **bad))
 
 
 @pytest.mark.parametrize(
     ("cls", "bad", "message"),
     [
-        (TopK, {"k": 0}, "k must be an integer >= 1"),
-        (TopK, {"k": 2.5}, "k must be an integer >= 1"),
-        (TopK, {"k": True}, "k must be an integer >= 1"),
-        (TopP, {"p": 0}, r"p must be in \(0, 1\]"),
-        (TopP, {"p": 1.5}, r"p must be in \(0, 1\]"),
-        (TopP, {"p": "high"}, r"p must be in \(0, 1\]"),
-        (MinP, {"min_p": -0.1}, r"min_p must be in \[0, 1\]"),
-        (MinP, {"min_p": float("nan")}, r"min_p must be in \[0, 1\]"),
-        (Greedy, {"repetition_penalty": 0}, "repetition_penalty must be > 0"),
-        (Temperature, {"repetition_window": 0}, "repetition_window must be an integer >= 1"),
-        (Beam, {"beam_width": 0}, "beam_width must be an integer >= 1"),
+        (TopK, {"k": 0}, "k: must be >= 1, got 0"),
+        (TopK, {"k": 2.5}, "k: expected an integer, got 2.5"),
+        (TopK, {"k": True}, "k: expected an integer, got true"),
+        (TopP, {"p": 0}, r"p: must be in \(0, 1\], got 0"),
+        (TopP, {"p": 1.5}, r"p: must be in \(0, 1\], got 1.5"),
+        (TopP, {"p": "high"}, r"p: expected a number, got 'high'"),
+        (MinP, {"min_p": -0.1}, r"min_p: must be in \[0, 1\], got -0.1"),
+        (MinP, {"min_p": float("nan")}, r"min_p: expected a finite number, got nan"),
+        (Greedy, {"repetition_penalty": 0}, r"repetition_penalty: must be in \(0, 100\], got 0"),
+        (Temperature, {"repetition_window": 0}, r"repetition_window: must be in \[1, 10000\], got 0"),
+        (
+            Temperature,
+            {"repetition_window": 10**9},
+            r"repetition_window: must be in \[1, 10000\], got 1000000000",
+        ),
+        (Beam, {"beam_width": 0}, r"beam_width: must be in \[1, 1024\], got 0"),
     ],
 )
 def test_bad_options_are_rejected(cls, bad, message):
-    with pytest.raises(ValueError, match=message):
-        cls(**bad)
+    assert re.fullmatch(message, option_problem(cls, "sampler", **bad))
 
 
 @pytest.mark.parametrize("cls", PENALISED)

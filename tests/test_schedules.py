@@ -6,7 +6,7 @@ import pytest
 
 from charrnn import ConfigError, hookimpl, run_pipeline
 from charrnn_plugins.schedules import Constant, Cosine, StepDecay
-from conftest import FrozenPlugin
+from conftest import FrozenPlugin, option_problem
 
 
 def test_constant():
@@ -29,10 +29,17 @@ def test_cosine_with_warmup():
         Cosine()(10, None)
 
 
-@pytest.mark.parametrize("bad", [{"every": 0}, {"factor": 0}, {"factor": 1.5}, {"start": -1}])
-def test_step_decay_rejects_bad_options(bad):
-    with pytest.raises(ValueError):
-        StepDecay(**bad)
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"every": 0}, "every: must be >= 1, got 0"),
+        ({"factor": 0}, "factor: must be in (0, 1], got 0"),
+        ({"factor": 1.5}, "factor: must be in (0, 1], got 1.5"),
+        ({"start": -1}, "start: must be >= 0, got -1"),
+    ],
+)
+def test_step_decay_rejects_bad_options(bad, message):
+    assert option_problem(StepDecay, "schedule", **bad) == message
 
 
 def test_schedule_from_yaml_sets_the_optimizer_rate(tiny_config):

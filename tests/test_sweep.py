@@ -178,14 +178,17 @@ def test_a_misspelt_searched_option_fails_before_anything_runs_naming_the_trial(
     code, out, err = sweep_main(capsys, write(here, text), "--dry-run")
     assert code == 2 and err.count("\n") == 1
     assert "trial 0000 (--set optimizer.lrr=0.1)" in err
-    assert "s.yaml: line 3: search.optimizer.lrr: unknown option (did you mean 'lr'?)" in err
+    assert "s.yaml: line 3: search.optimizer.lrr: unknown key (did you mean 'lr'?)" in err
 
 
 def test_a_bad_searched_value_is_located_in_the_sweep_file(here, capsys):
     text = "pipeline: base.yaml\nsearch:\n  model.hidden_size: {grid: [8, many]}\n"
     code, out, err = sweep_main(capsys, write(here, text), "--dry-run")
     assert code == 2 and err.count("\n") == 1
-    assert "trial 0001" in err and "s.yaml: line 3: search.model.hidden_size: expected int, got 'many'" in err
+    assert (
+        "trial 0001" in err
+        and "s.yaml: line 3: search.model.hidden_size: expected an integer, got 'many'" in err
+    )
 
 
 def test_cli_set_is_fixed_for_every_trial_and_checked(here, capsys):

@@ -228,7 +228,7 @@ def test_an_existing_folder_at_an_output_path_is_a_config_error(tiny_config, tmp
         ("runs\0x/model.npz", "NUL byte"),
         ("x" * 300 + ".npz", "bytes long; the file system allows"),
         ("afile/model.npz", "cannot write .*afile/model.npz"),  # a parent that is a file
-        ("sub/", "names a folder"),
+        ("sub/", "expected a file path, got the folder .*sub/."),
     ],
 )
 def test_bad_checkpoint_paths_are_one_line_config_errors(tiny_config, tmp_path, capsys, checkpoint, message):
