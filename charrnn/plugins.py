@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.schedules",
     "charrnn_plugins.sweep",
     "charrnn_plugins.serve",
+    "charrnn_plugins.export",
 )
 
 ENTRY_POINT_GROUP = "charrnn"
@@ -56,6 +57,7 @@ KINDS: dict[str, str] = {
     "sampler": "charrnn_sampler",
     "schedule": "charrnn_schedule",
     "command": "charrnn_command",
+    "exporter": "charrnn_exporter",
 }
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from charrnn import StepResult
 from charrnn.memory import check as check_memory
 from charrnn.optim import pack
+from charrnn.types import ExportLayer, ExportNetwork
 
 MAX_CACHED_SHAPES = 4  # work buffers kept for this many (B, T) shapes (train and validation)
 DENSE_SCATTER_MAX_VOCAB = 1024  # dWxh as a one-hot matmul up to this V, else sort + reduceat
@@ -493,3 +494,35 @@ class Recurrent:
     def _state_out(self, b: Buffers) -> Arrays:
         """Copies of every layer's state after the last time step."""
         raise NotImplementedError
+
+
+def export_stack(
+    model: Recurrent,
+    op: str,
+    order: tuple[int, ...],
+    recurrent_bias: Callable[[int], np.ndarray] | None = None,
+) -> ExportNetwork:
+    """A stacked model in ONNX's conventions (see `charrnn.types.ExportLayer`), for `charrnn_exporter`.
+
+    ONNX's gate block k is the model's block `order[k]`; `bh{l}` is the input bias `Wb` and
+    `recurrent_bias(l)` (default zeros) the recurrent bias `Rb`, both already in ONNX's order.
+    """
+    p, H = model.params, model.hidden_size
+
+    def onnx_order(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[..., k * H : (k + 1) * H] for k in order], axis=-1)  # (..., G), a copy
+
+    layers = []
+    for layer in range(model.num_layers):
+        Wb = onnx_order(p[layer_name("bh", layer)])  # (G,)
+        layers.append(
+            ExportLayer(
+                op,
+                onnx_order(p[layer_name("Wxh", layer)]).T,  # (G, I)
+                onnx_order(p[layer_name("Whh", layer)]).T,  # (G, H)
+                Wb,
+                np.zeros_like(Wb) if recurrent_bias is None else recurrent_bias(layer),
+                tuple(layer_name(s, layer) for s in model.state_names),
+            )
+        )
+    return ExportNetwork(layers, p["Why"].copy(), p["by"].copy())
