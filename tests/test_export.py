@@ -31,17 +31,14 @@ needs_onnxruntime = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export-models")
-    return {spec: make_checkpoint(tmp, *spec, seed=n) for n, spec in enumerate(MODELS)}
+@pytest.fixture
+def checkpoints(export_checkpoints):
+    return export_checkpoints
 
 
-@pytest.fixture(scope="module")
-def bytes_checkpoint(tmp_path_factory):
-    return make_checkpoint(
-        tmp_path_factory.mktemp("export-bytes"), "gru", 2, text=BYTES_TEXT, encoding="bytes"
-    )
+@pytest.fixture
+def bytes_checkpoint(export_checkpoints):
+    return export_checkpoints["bytes"]
 
 
 def every_model():
@@ -141,7 +138,7 @@ def test_onnx_graph_uses_the_recurrent_operators_and_keeps_the_vocabulary(checkp
         nodes = [n for n in graph.graph.node if n.op_type == op]
         assert len(nodes) == 2
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-        assert attributes["hidden_size"] == 12
+        assert attributes["hidden_size"] == 16
         assert attributes.get("linear_before_reset", 0) == (1 if op == "GRU" else 0)
         props = {p.key: p.value for p in graph.metadata_props}
         vocab = LoadedModel.load(checkpoints[(kind, 2, "float32")]).vocab.vocab
@@ -183,7 +180,7 @@ def test_the_command_says_what_it_wrote(checkpoints, tmp_path, capsys):
     line = capsys.readouterr().out
     size = out.stat().st_size
     assert re.fullmatch(
-        rf"wrote {re.escape(str(out))} \([\d.]+ kB\): lstm, 2 layers of 12, \d+ symbols, [\d,]+ parameters\n",
+        rf"wrote {re.escape(str(out))} \([\d.]+ kB\): lstm, 2 layers of 16, \d+ symbols, [\d,]+ parameters\n",
         line,
     )
     assert f"({size / 1000:.1f} kB)" in line
@@ -256,7 +253,7 @@ def test_page_defaults_are_the_saved_generation_settings(checkpoints):
 def test_a_2x512_lstm_page_is_under_30_mb(tmp_path, capsys):
     vocab = "".join(chr(c) for c in range(32, 97))  # 65 symbols, as tinyshakespeare has
     assert len(vocab) == 65
-    path = make_checkpoint(tmp_path, "lstm", 2, hidden=512, text=vocab * 4, randomize=False)
+    path = make_checkpoint(tmp_path, "lstm", 2, hidden=512, text=vocab * 4, steps=1)
     out = tmp_path / "big.html"
     assert main(["export", path, "-o", str(out)]) == 0
     assert "65 symbols, 3,316,289 parameters" in capsys.readouterr().out
