@@ -54,13 +54,10 @@ class Source:
     config: dict[str, Any]  # the generation sections saved with the model: seed, sampler, generate
 
     def summary(self) -> str:
-        """`lstm, 2 layers of 512, 65 symbols, 3,315,777 parameters`."""
-        sizes = {layer.R.shape[1] for layer in self.network.layers}
-        n = len(self.network.layers)
-        width = (
-            str(sizes.pop()) if len(sizes) == 1 else "/".join(str(x.R.shape[1]) for x in self.network.layers)
-        )
-        layers = f"{n} layer{'s' if n > 1 else ''} of {width}"
+        """`lstm, 2 layers of 512, 65 symbols, 3,316,289 parameters`."""
+        sizes = [layer.R.shape[1] for layer in self.network.layers]
+        width = str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sizes))
+        layers = f"{len(sizes)} layer{'s' if len(sizes) > 1 else ''} of {width}"
         symbols = "256 bytes" if self.encoding == "bytes" else f"{len(self.vocab)} symbols"
         return f"{self.model_type}, {layers}, {symbols}, {self.parameters:,} parameters"
 

@@ -27,6 +27,8 @@ from charrnn.files import atomic_write
 from . import ExportError
 
 if TYPE_CHECKING:
+    import onnx
+
     from . import Source
 
 OPSET = 17
@@ -42,8 +44,8 @@ def require_onnx() -> None:
         raise ExportError(f"writing .onnx needs the onnx package: {EXTRA}") from None
 
 
-def build_graph(source: Source):
-    """The ONNX model (an `onnx.ModelProto`) of `source`'s network, checked by `onnx.checker`."""
+def build_graph(source: Source) -> onnx.ModelProto:
+    """The ONNX model of `source`'s network, checked by `onnx.checker`."""
     require_onnx()
     from onnx import TensorProto, checker, helper, numpy_helper
 
