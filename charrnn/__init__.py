@@ -21,7 +21,16 @@ if TYPE_CHECKING:
     from charrnn.hookspecs import hookimpl
     from charrnn.pipeline import Pipeline, RunResult, generate_samples, generate_text, run_pipeline
     from charrnn.plugins import get_plugin_manager
-    from charrnn.types import Corpus, Model, Optimizer, Sampler, StepResult, ids_dtype
+    from charrnn.types import (
+        Corpus,
+        ExportLayer,
+        ExportNetwork,
+        Model,
+        Optimizer,
+        Sampler,
+        StepResult,
+        ids_dtype,
+    )
 
 #: public name -> its module, imported on first use: `import charrnn.cli` stays free of numpy,
 #: so the CLI is already catching Ctrl+C while the heavy modules load
@@ -31,7 +40,19 @@ _LAZY = {
         ["Pipeline", "RunResult", "generate_samples", "generate_text", "run_pipeline"], "charrnn.pipeline"
     ),
     **dict.fromkeys(["get_plugin_manager"], "charrnn.plugins"),
-    **dict.fromkeys(["Corpus", "Model", "Optimizer", "Sampler", "StepResult", "ids_dtype"], "charrnn.types"),
+    **dict.fromkeys(
+        [
+            "Corpus",
+            "ExportLayer",
+            "ExportNetwork",
+            "Model",
+            "Optimizer",
+            "Sampler",
+            "StepResult",
+            "ids_dtype",
+        ],
+        "charrnn.types",
+    ),
 }
 
 
@@ -49,6 +70,8 @@ __all__ = [
     "ConfigError",
     "Corpus",
     "CorpusError",
+    "ExportLayer",
+    "ExportNetwork",
     "Model",
     "Optimizer",
     "Pipeline",

@@ -182,3 +182,21 @@ def charrnn_train_report(step: int, metrics: dict[str, Any]) -> None:
 @hookspec
 def charrnn_checkpoint_saved(path: str, step: int) -> None:
     """Called after a checkpoint has been written atomically to ``path`` at ``step``."""
+
+
+@hookspec
+def charrnn_exporter(register: Register) -> None:
+    """Register exporters of model types, for ``charrnn export``. Collect-all.
+
+    Export is per model type: a model plugin (or a plugin for someone else's model) says how a
+    trained model of that type is written out. The formats themselves (the self-contained web
+    page, ONNX) are one writer each, shared by every model type.
+
+    :param register: call ``register(model_type, exporter)`` with a model type registered through
+        :func:`charrnn_model`; ``exporter(model)`` receives a model of that type with its trained
+        ``params`` and returns a :class:`charrnn.types.ExportNetwork`: the model as stacked
+        recurrent layers in the conventions of ONNX's ``RNN``, ``LSTM`` and ``GRU`` operators,
+        which each format runs. Raise ``ValueError`` when a model of this type cannot be
+        expressed that way (an option the layers have no place for). A model type that no
+        plugin registers an exporter for cannot be exported.
+    """

@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.schedules",
     "charrnn_plugins.sweep",
     "charrnn_plugins.serve",
+    "charrnn_plugins.export",
 )
 
 ENTRY_POINT_GROUP = "charrnn"
@@ -69,6 +70,7 @@ KINDS: dict[str, str] = {
     "schedule": "charrnn_schedule",
     "command": "charrnn_command",
     "section": "charrnn_section",
+    "exporter": "charrnn_exporter",
 }
 
 
@@ -307,6 +309,10 @@ class Registry:
         )
 
 
+#: the kinds whose factories take options from a pipeline file (commands and exporters take none)
+OPTION_KINDS = ("corpus", "model", "optimizer", "sampler", "schedule", "section")
+
+
 def options_of(factory: Callable[..., Any]) -> dict[str, Any]:
     """A factory's options and their defaults (`"required"` where there is none), for listings."""
     return {
@@ -328,7 +334,7 @@ def list_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
         components = {
             kind: {
-                c.name: options_of(c.factory)
+                c.name: options_of(c.factory) if kind in OPTION_KINDS else {}
                 for c in sorted(comps.values(), key=lambda c: c.name)
                 if c.plugin == name
             }

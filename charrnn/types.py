@@ -231,3 +231,40 @@ class CorpusLoader(Protocol):
     """A registered loader: `loader(**options) -> Corpus`."""
 
     def __call__(self, **options: object) -> Corpus: ...
+
+
+#: the recurrent operators an exported layer may be, named as in ONNX
+EXPORT_OPS = {"RNN": 1, "LSTM": 4, "GRU": 3}  # op -> gate blocks G / H
+
+
+@dataclass
+class ExportLayer:
+    """One recurrent layer as ONNX's `RNN`, `LSTM` or `GRU` operator runs it (forward, default activations).
+
+    `W` (G, I) multiplies the layer's input and `R` (G, H) the previous h, both as column
+    vectors; `Wb` and `Rb` (G,) are their biases; G = gates * H with the gate blocks in ONNX's
+    order: `RNN` one tanh block; `LSTM` [i, o, f, c] (no peepholes, no clipping); `GRU`
+    [z, r, h] with `linear_before_reset=1`, the reset gate multiplying (R_h h + Rb_h). `state`
+    names the layer's arrays in the model's `init_state`: `(h,)`, or `(h, c)` for an LSTM.
+    """
+
+    op: str
+    W: np.ndarray
+    R: np.ndarray
+    Wb: np.ndarray
+    Rb: np.ndarray
+    state: tuple[str, ...]
+
+
+@dataclass
+class ExportNetwork:
+    """What `charrnn_exporter` exporters return: a model as stacked recurrent layers over one-hot ids.
+
+    Layer 0 reads the one-hot of each id (its I is V), layer l > 0 reads the h of layer l - 1,
+    and the logits are h_top @ `Why` (H, V) + `by` (V,). Dropout, which acts only in training,
+    has no place here.
+    """
+
+    layers: list[ExportLayer]
+    Why: np.ndarray
+    by: np.ndarray

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from charrnn import hookimpl
+from charrnn.types import ExportNetwork
 from charrnn_plugins.recurrent import (
     Arrays,
     Buffers,
@@ -29,6 +30,7 @@ from charrnn_plugins.recurrent import (
     LayerBuffers,
     NumLayers,
     Recurrent,
+    export_stack,
     features_first,
     layer_name,
     orthogonal,
@@ -218,6 +220,23 @@ class GRU(Recurrent):
         }
 
 
+def export_network(model: GRU) -> ExportNetwork:
+    """The model as ONNX `GRU` layers with `linear_before_reset=1`: gate blocks [r, z, n] become
+    ONNX's [z, r, h]; Wb = bh so reordered, and Rb = [0, 0, bhn], the candidate's recurrent bias."""
+    H, p = model.hidden_size, model.params
+
+    def recurrent_bias(layer: int) -> np.ndarray:
+        bhn = p[layer_name("bhn", layer)]
+        return np.concatenate([np.zeros(2 * H, bhn.dtype), bhn])  # (3H,) [z, r, h]
+
+    return export_stack(model, "GRU", (1, 0, 2), recurrent_bias)
+
+
 @hookimpl
 def charrnn_model(register):
     register("gru", GRU)
+
+
+@hookimpl
+def charrnn_exporter(register):
+    register("gru", export_network)

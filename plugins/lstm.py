@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from charrnn import hookimpl
+from charrnn.types import ExportNetwork
 from charrnn_plugins.recurrent import (
     Arrays,
     Buffers,
@@ -33,6 +34,7 @@ from charrnn_plugins.recurrent import (
     LayerBuffers,
     NumLayers,
     Recurrent,
+    export_stack,
     features_first,
     layer_name,
     orthogonal,
@@ -219,6 +221,16 @@ class LSTM(Recurrent):
         return out
 
 
+def export_network(model: LSTM) -> ExportNetwork:
+    """The model as ONNX `LSTM` layers: gate blocks [o, i, f, g] become ONNX's [i, o, f, c]; Rb = 0."""
+    return export_stack(model, "LSTM", (1, 0, 2, 3))
+
+
 @hookimpl
 def charrnn_model(register):
     register("lstm", LSTM)
+
+
+@hookimpl
+def charrnn_exporter(register):
+    register("lstm", export_network)

@@ -27,6 +27,7 @@ from charrnn import StepResult
 from charrnn.memory import check as check_memory
 from charrnn.optim import pack
 from charrnn.options import Range
+from charrnn.types import ExportLayer, ExportNetwork
 
 #: the options the recurrent models share, described once (see `charrnn.options`)
 HiddenSize = Annotated[int, Range(ge=1), "units in each recurrent layer"]
@@ -498,3 +499,35 @@ class Recurrent:
     def _state_out(self, b: Buffers) -> Arrays:
         """Copies of every layer's state after the last time step."""
         raise NotImplementedError
+
+
+def export_stack(
+    model: Recurrent,
+    op: str,
+    order: tuple[int, ...],
+    recurrent_bias: Callable[[int], np.ndarray] | None = None,
+) -> ExportNetwork:
+    """A stacked model in ONNX's conventions (see `charrnn.types.ExportLayer`), for `charrnn_exporter`.
+
+    ONNX's gate block k is the model's block `order[k]`; `bh{l}` is the input bias `Wb` and
+    `recurrent_bias(l)` (default zeros) the recurrent bias `Rb`, both already in ONNX's order.
+    """
+    p, H = model.params, model.hidden_size
+
+    def onnx_order(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[..., k * H : (k + 1) * H] for k in order], axis=-1)  # (..., G), a copy
+
+    layers = []
+    for layer in range(model.num_layers):
+        Wb = onnx_order(p[layer_name("bh", layer)])  # (G,)
+        layers.append(
+            ExportLayer(
+                op,
+                onnx_order(p[layer_name("Wxh", layer)]).T,  # (G, I)
+                onnx_order(p[layer_name("Whh", layer)]).T,  # (G, H)
+                Wb,
+                np.zeros_like(Wb) if recurrent_bias is None else recurrent_bias(layer),
+                tuple(layer_name(s, layer) for s in model.state_names),
+            )
+        )
+    return ExportNetwork(layers, p["Why"].copy(), p["by"].copy())

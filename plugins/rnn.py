@@ -23,6 +23,7 @@ from charrnn import hookimpl
 from charrnn.generate import StepAdapter
 from charrnn.options import Range
 from charrnn.tuning import padded_rows
+from charrnn.types import ExportNetwork
 from charrnn_plugins.recurrent import (
     DENSE_SCATTER_MAX_VOCAB,
     MAX_CACHED_SHAPES,
@@ -34,6 +35,7 @@ from charrnn_plugins.recurrent import (
     LayerBuffers,
     NumLayers,
     Recurrent,
+    export_stack,
     fast_dot,
     layer_name,
     transpose_into,
@@ -209,6 +211,16 @@ class _Stepper:
         return {"h": (self.h[None] if self.k == 1 else self.h.T).copy()}
 
 
+def export_network(model: RNN) -> ExportNetwork:
+    """The model as ONNX `RNN` layers (tanh): W = Wxh.T, R = Whh.T, Wb = bh, Rb = 0."""
+    return export_stack(model, "RNN", (0,))
+
+
 @hookimpl
 def charrnn_model(register):
     register("rnn", RNN)
+
+
+@hookimpl
+def charrnn_exporter(register):
+    register("rnn", export_network)

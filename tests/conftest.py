@@ -122,3 +122,16 @@ class FrozenPlugin:
     @charrnn.hookimpl
     def charrnn_optimizer(self, register):
         register("frozen", FrozenOptimizer)
+
+
+@pytest.fixture(scope="session")
+def export_checkpoints(tmp_path_factory):
+    """Trained tiny checkpoints for the export tests: every `export_models.MODELS` spec, `bytes` (a
+    byte-encoded GRU) and `wide` (a 2x96 LSTM, slow enough in the page to Stop)."""
+    from export_models import BYTES_TEXT, MODELS, make_checkpoint
+
+    tmp = tmp_path_factory.mktemp("export-models")
+    paths = {spec: make_checkpoint(tmp, *spec) for spec in MODELS}
+    paths["bytes"] = make_checkpoint(tmp, "gru", 2, text=BYTES_TEXT, encoding="bytes")
+    paths["wide"] = make_checkpoint(tmp, "lstm", 2, hidden=96)
+    return paths

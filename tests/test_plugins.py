@@ -501,3 +501,68 @@ def test_hook_charrnn_train_end(tiny_config):
     tiny_config["optimizer"] = {"type": "frozen"}
     run_pipeline(tiny_config, plugins=[log, FrozenPlugin()])  # the val loss cannot improve
     assert log.events[-1][0] == "end" and log.events[-1][2] == "early stopping"
+
+
+class RNNUnderAnotherName:
+    """A third-party model type (the builtin RNN as `my_rnn`) with an exporter of its own."""
+
+    def __init__(self, network=None, error=None):
+        self.seen, self.network, self.error = [], network, error
+
+    @charrnn.hookimpl
+    def charrnn_model(self, register):
+        from charrnn_plugins.rnn import RNN
+
+        register("my_rnn", RNN)
+
+    @charrnn.hookimpl
+    def charrnn_exporter(self, register):
+        register("my_rnn", self.export)
+
+    def export(self, model):
+        from charrnn_plugins.rnn import export_network
+
+        self.seen.append(model)
+        if self.error is not None:
+            raise self.error
+        return export_network(model) if self.network is None else self.network
+
+
+def test_hook_charrnn_exporter(tiny_config, tmp_path):
+    from charrnn_plugins.export import ExportError, export, load
+
+    plugin = RNNUnderAnotherName()
+    tiny_config["model"] = {"type": "my_rnn", "hidden_size": 8}
+    tiny_config["stages"] = ["train"]
+    run_pipeline(tiny_config, plugins=[plugin])
+    path = tiny_config["train"]["checkpoint"]
+    source = load(path, plugins=[plugin])
+    (model,) = plugin.seen  # called once, with the trained model
+    saved = np.load(path)
+    np.testing.assert_array_equal(model.params["Whh"], saved["param/Whh"])
+    np.testing.assert_array_equal(source.network.layers[0].R, saved["param/Whh"].T)  # ONNX's R is Whh.T
+    done = export(path, tmp_path / "m.html", plugins=[plugin])
+    assert (
+        done.summary.startswith("my_rnn, 1 layer of 8, ")
+        and done.size == (tmp_path / "m.html").stat().st_size
+    )
+    # what an exporter returns is checked: a wrong shape is that plugin's failure, named
+    bad = RNNUnderAnotherName(network=source.network)
+    bad.network.layers[0].W = bad.network.layers[0].W[:, :-1]
+    with pytest.raises(PluginFailure, match=r"exporter 'my_rnn'\) failed: returned layer 0: W of shape"):
+        load(path, plugins=[bad])
+    # a model it cannot express is the user's one-line error
+    refusing = RNNUnderAnotherName(error=ValueError("tied weights have no ONNX operator"))
+    with pytest.raises(ExportError, match=r"model 'my_rnn' cannot be exported: tied weights have no ONNX"):
+        load(path, plugins=[refusing])
+    # two exporters for one model type: both plugins are named
+    with pytest.raises(
+        PluginError, match=r"exporter 'rnn' is registered twice: by plugin 'charrnn_plugins.rnn'"
+    ):
+
+        class Second:
+            @charrnn.hookimpl
+            def charrnn_exporter(self, register):
+                register("rnn", lambda model: None)
+
+        Registry(get_plugin_manager(load_entrypoints=False, extra=[Second()]))
