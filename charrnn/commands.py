@@ -119,10 +119,6 @@ class Generate:
         from charrnn import config as cfg
         from charrnn.pipeline import generate_samples
 
-        if args.num_chars is not None and args.num_chars < 0:
-            raise CharrnnError(f"--num-chars must be >= 0, got {args.num_chars}")
-        if args.num_samples is not None and args.num_samples < 1:
-            raise CharrnnError(f"--num-samples must be >= 1, got {args.num_samples}")
         options: dict[str, object] = {}
         cfg.apply_overrides(options, args.options)
         result = generate_samples(
@@ -137,10 +133,32 @@ class Generate:
             stop=args.stop,
             on_text=out.write if args.stream else None,
             plugins=args.plugins,
+            labels=flag_labels(args, options),
         )
         text = result.text or ""
         out.write((text[len(result.texts[0]) :] if args.stream else text) + "\n")
         return 0
+
+
+def flag_labels(args: argparse.Namespace, options: dict[str, object]) -> dict[str, str]:
+    """How `charrnn generate` names each value it was given, for messages (`--num-chars: ...`)."""
+    flags = (
+        ("generate.num_chars", "--num-chars", args.num_chars),
+        ("generate.seed_text", "--seed-text", args.seed_text),
+        ("generate.num_samples", "--num-samples", args.num_samples),
+        ("generate.stop", "--stop", args.stop),
+        ("seed", "--seed", args.seed),
+        ("sampler.type", "--sampler", args.sampler),
+        ("sampler.temperature", "--temperature", args.temperature),
+    )
+    labels = {key: flag for key, flag, value in flags if value is not None}
+    labels.update({f"sampler.{key}": f"-o {key}" for key in options})
+    typed = [f"--sampler {args.sampler}"] if args.sampler is not None else []
+    typed += [f"--temperature {args.temperature:g}"] if args.temperature is not None else []
+    typed += [f"-o {key}={value}" for key, value in options.items()]
+    if typed:  # the sampler's own refusals (rules between options) are named by the whole call
+        labels["sampler"] = " ".join(typed)
+    return labels
 
 
 class Bench:

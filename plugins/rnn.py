@@ -20,7 +20,7 @@ from typing import Annotated
 import numpy as np
 
 from charrnn import hookimpl
-from charrnn.generate import StepAdapter
+from charrnn.engine import StepAdapter
 from charrnn.options import Range
 from charrnn.tuning import padded_rows
 from charrnn.types import ExportNetwork

@@ -18,7 +18,7 @@ from export_models import BYTES_TEXT, MODELS, TEXT, log_softmax, model_id, refer
 from test_page import ARGS, CHROMIUM, HAVE_BROWSER, expect, sync_playwright
 
 from charrnn.cli import main
-from charrnn.generate import start_ids
+from charrnn.engine import start_ids
 from charrnn.loaded import LoadedModel
 from conftest import IN_CI
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from charrnn import tuning
-from charrnn.generate import StepAdapter, generate
+from charrnn.engine import StepAdapter
+from charrnn.generate import generate
 from charrnn.types import Corpus
 from charrnn_plugins import rnn as rnn_plugin
 from charrnn_plugins.rnn import RNN

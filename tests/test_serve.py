@@ -21,8 +21,8 @@ import pytest
 from serve_helpers import events, post, request, serving, streamed_texts, train_tiny
 
 import charrnn
+from charrnn.engine import log_softmax
 from charrnn.loaded import LoadedModel
-from charrnn_plugins.serve.engine import log_softmax
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +242,18 @@ def test_charrnn_extras_select_samplers(port, checkpoint):
 BAD_REQUESTS = [
     ({"prompt": "the Z"}, 400, "prompt", "'Z'"),
     ({"model": "nope"}, 404, "model", "served: model"),
-    ({"top_k": 0}, 400, "top_k", ">= 1"),
-    ({"temperature": -1}, 400, "temperature", ">= 0"),
+    ({"top_k": 0}, 400, "top_k", "top_k: must be in [1, 1048576], got 0"),
+    ({"temperature": -1}, 400, "temperature", "temperature: must be in [0, 100], got -1"),
+    ({"temperature": 1e38}, 400, "temperature", "temperature: must be in [0, 100], got 1e+38"),
     ({"temperature": "hot"}, 400, "temperature", "number"),
     ({"top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ({"min_p": 2}, 400, "min_p", "[0, 1]"),
     ({"repetition_penalty": 0}, 400, "repetition_penalty", "must be in (0, 100], got 0"),
-    ({"beam_width": 0}, 400, "beam_width", "must be in [1, 1024], got 0"),
+    ({"beam_width": 0}, 400, "beam_width", "beam_width: must be in [1, 32], got 0"),
+    ({"beam_width": 10**6}, 400, "beam_width", "beam_width: must be in [1, 32], got 1000000"),
+    ({"beam_width": 32, "max_tokens": 4096, "n": 2}, 400, "beam_width", "must be at most 131,072"),
+    ({"prompt": "a" * 40_000}, 400, "prompt", "at most 32768 characters per prompt"),
+    ({"prompt": ["the ", "a" * 40_000]}, 400, "prompt", "at most 32768 characters per prompt"),
     ({"max_tokens": 5001}, 400, "max_tokens", "[0, 5000]"),
     ({"max_tokens": -1}, 400, "max_tokens", "[0, 5000]"),
     ({"n": 0}, 400, "n", "[1, 64]"),
@@ -268,7 +273,8 @@ BAD_REQUESTS = [
     ({"sampler": "nope"}, 400, "sampler", "known:"),
     ({"sampler": "greedy", "top_k": 3}, 400, "top_k", "does not apply"),
     ({"sampler": "beam", "temperature": 0.5}, 400, "temperature", "does not apply"),
-    ({"wat": 1}, 400, "wat", "unknown field"),
+    ({"wat": 1}, 400, "wat", "wat: unknown key; known keys: model, prompt, max_tokens"),
+    ({"temperatur": 1}, 400, "temperatur", "temperatur: unknown key (did you mean 'temperature'?)"),
     ({"beam_width": 2, "logprobs": 2}, 400, "logprobs", "searches"),
 ]
 
@@ -785,7 +791,8 @@ class BrokenPlugin:
 
 
 @pytest.mark.parametrize(
-    ("sampler", "words"), [("broken", "boom"), ("wild", "outside [0,"), ("nosy", "nosy")]
+    ("sampler", "words"),
+    [("broken", "boom"), ("wild", "returned [22]: expected integer ids in [0, 17)"), ("nosy", "nosy")],
 )
 def test_a_failing_sampler_plugin_is_a_500_naming_it_and_the_batch_goes_on(checkpoint, sampler, words):
     with serving(checkpoint, model=Gate, plugins=[BrokenPlugin()]) as (srv, port):
