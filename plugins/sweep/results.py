@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from charrnn import config as cfg
 from charrnn.errors import CharrnnError, ConfigError
 from charrnn.files import atomic_write
+from charrnn.metrics import read_metrics
 
 from .file import Sweep, Trial
 from .trials import _sets, resolved
@@ -21,11 +22,10 @@ FINISHED = ("done", "stopped early")
 
 
 def _metrics(sweep: Sweep, trial: Trial) -> list[dict[str, Any]]:
-    from charrnn.plot import read_metrics
-
+    """The trial's metrics records; none while it has not reported, or if its file is damaged."""
     path = trial.folder(sweep) / "model.metrics.jsonl"
     try:
-        return read_metrics(path) if path.exists() else []
+        return read_metrics(path, empty_ok=True) if path.exists() else []
     except CharrnnError:
         return []
 
