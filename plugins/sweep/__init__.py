@@ -24,9 +24,10 @@ from charrnn.hookspecs import hookimpl
 
 from .file import SCHEDULER, SCHEMA, SPACES, Space, Sweep, Trial, draw_trials, load_sweep, trial_id
 from .local import finish_local, run_local
+from .locks import release
 from .raytune import OPTUNA_HINT, TUNE_HINT, run_ray
-from .results import FINISHED, STATUSES, ranked, row, start_state, write_results
-from .trials import _sets, check_trials, resolved, run_overrides
+from .results import FINISHED, STATUSES, check_output, lock_sweep, ranked, row, start_state, write_results
+from .trials import _sets, check_size, check_trials, resolved, run_overrides
 from .trials import _value as _value  # tests and callers format values as --set reads them
 
 __all__ = [
@@ -115,29 +116,35 @@ def sweep_command(args: argparse.Namespace, out: Any, err: TextIO | None = None)
         if args.max_concurrent < 1:
             raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
         sweep.max_concurrent = args.max_concurrent
+    check_size(sweep)
     trials = draw_trials(sweep)
     check_trials(sweep, trials)
     backend = choose_backend(sweep, err)
     if args.address and backend != "ray":
         raise ConfigError("--address joins a Ray cluster: it needs the ray backend")
+    check_output(sweep, create=not (args.dry_run or args.resume))
     if args.dry_run:
         return dry_run(sweep, trials, backend, out)
-    done = start_state(sweep, trials, backend, args.resume)
-    err.write(
-        f"sweep {sweep.path}: {len(trials) if sweep.algorithm == 'random' else sweep.samples} trials on {backend}, output {sweep.output}\n"
-    )
-    err.flush()
-    if backend == "local":
-        interrupted = run_local(sweep, trials, done, err)
-        ran = [t for t in trials if t.status]
-    else:
-        ran, interrupted = run_ray(sweep, trials, done, err, args.address, args.resume)
-    code = write_results(sweep, ran, err)
-    if interrupted:
+    lock = lock_sweep(sweep, args.resume)
+    try:
+        done = start_state(sweep, trials, backend, args.resume)
+        err.write(
+            f"sweep {sweep.path}: {len(trials) if sweep.algorithm == 'random' else sweep.samples} trials on {backend}, output {sweep.output}\n"
+        )
+        err.flush()
+        if backend == "local":
+            stopped = run_local(sweep, trials, done, err)
+            ran = [t for t in trials if t.status]
+        else:
+            ran, stopped = run_ray(sweep, trials, done, err, args.address, args.resume)
+        code = write_results(sweep, ran, err)
+    finally:
+        release(lock)
+    if stopped:
         err.write(
             f"interrupted: results so far in {sweep.output}; charrnn sweep {args.sweep} --resume continues\n"
         )
-        return 130
+        return stopped
     return code
 
 

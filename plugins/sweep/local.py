@@ -1,24 +1,44 @@
-"""The local backend: each trial as a `python -m charrnn run` process."""
+"""The local backend: each trial as a `python -m charrnn run` process.
+
+The trials die with the sweep. Each runs in a process group of its own, so a signal reaches
+its whole group and nothing else; Ctrl+C and SIGTERM here are passed on to every running trial
+(each saves and stops) and the sweep then writes its results. On Linux a trial also gets
+SIGTERM from the kernel when the sweep ends in any other way (SIGKILL included), so it saves
+and stops rather than train on as an orphan. Each trial's folder is locked while its process
+lives (the lock is passed to it), so a trial never runs twice at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
+from charrnn.errors import ConfigError
+
+from . import locks
 from .file import Sweep, Trial
-from .results import _metrics
-from .trials import _sets, _value, run_overrides
+from .results import _metrics, record, row
+from .trials import _sets, _value, finished_at, run_overrides
+
+#: seconds a trial gets to save and end after SIGTERM when the sweep itself fails
+GRACE = 10.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: TextIO) -> bool:
-    """Each trial as `python -m charrnn run`, at most `max_concurrent` at once; True if interrupted.
+def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: TextIO) -> int:
+    """Each trial as `python -m charrnn run`, at most `max_concurrent` at once.
 
-    Children run in their own process group: a Ctrl+C here is forwarded to them once (each
-    stops after its step and saves), a second one again (each saves and exits at once).
+    Returns 0, or the exit status of the signal that stopped the sweep (130 for Ctrl+C, 143
+    for SIGTERM). A first Ctrl+C is forwarded to the trials once (each stops after its step
+    and saves), a second one again (each saves and exits at once); SIGTERM is forwarded as
+    SIGTERM (each saves and exits at once).
     """
     slots = sweep.max_concurrent or max(1, (os.cpu_count() or 1) // max(1, int(sweep.cpus_per_trial)))
     threads = str(max(1, int(sweep.cpus_per_trial)))
@@ -28,61 +48,167 @@ def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: Te
         "OPENBLAS_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
     }
-    queue = [t for t in trials if t.id not in done]
     for t in trials:
         if t.id in done:
             t.status, t.seconds = done[t.id].status, done[t.id].seconds
-    running: dict[str, tuple[Trial, subprocess.Popen[bytes], float, Any]] = {}
-    interrupts = [0]
+    queue = [t for t in trials if t.id not in done and not _finished_before(sweep, t, err)]
+    _wait_for_orphans(sweep, queue, err)
+    running: dict[str, tuple[Trial, subprocess.Popen[bytes], float, Any, int | None]] = {}
+    stopped = [0]  # the exit status of the signal that stopped the sweep (0: none yet)
 
     def forward(signum: int, frame: object) -> None:
-        interrupts[0] += 1
-        for _, proc, _, _ in running.values():
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGINT)
-                except OSError:
-                    pass
+        stopped[0] = 143 if signum == signal.SIGTERM or stopped[0] == 143 else 130
+        for _, proc, _, _, _ in running.values():
+            _signal_group(proc, signum)
 
-    previous = signal.signal(signal.SIGINT, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    preexec = _die_with_sweep()
     try:
         while queue or running:
-            while queue and len(running) < slots and not interrupts[0]:
+            while queue and len(running) < slots and not stopped[0]:
                 trial = queue.pop(0)
-                folder = trial.folder(sweep)
-                folder.mkdir(parents=True, exist_ok=True)
-                args = [sys.executable, "-m", "charrnn", "run", sweep.pipeline]
-                for key, value in run_overrides(sweep, trial, sweep.interval).items():
-                    args += ["--set", f"{key}={_value(value)}"]
-                log = open(folder / "train.log", "ab")  # noqa: SIM115 - closed when the trial ends
-                log.write(f"$ {' '.join(args)}\n".encode())
-                log.flush()
-                proc = subprocess.Popen(
-                    args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
-                running[trial.id] = (trial, proc, time.monotonic(), log)
-                err.write(f"trial {trial.id} started: {_sets(trial.values) or '(no searched keys)'}\n")
-            if interrupts[0]:
+                started = _start(sweep, trial, env, preexec, err)
+                if started is None:
+                    record(sweep, row(sweep, trial), err)
+                    err.write(f"trial {trial.id} {trial.status}: {trial.error}\n")
+                    continue
+                running[trial.id] = started
+                if stopped[0]:  # a signal came while it started
+                    _signal_group(started[1], signal.SIGTERM if stopped[0] == 143 else signal.SIGINT)
+            if stopped[0]:
                 queue.clear()
             time.sleep(0.05)
-            for tid, (trial, proc, began, log) in list(running.items()):
+            for tid, (trial, proc, began, log, lock) in list(running.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 log.close()
                 del running[tid]
                 trial.seconds += time.monotonic() - began
-                finish_local(sweep, trial, code, bool(interrupts[0]))
+                finish_local(sweep, trial, code, bool(stopped[0]))
+                locks.release(lock)
+                record(sweep, row(sweep, trial), err)
                 err.write(
                     f"trial {trial.id} {trial.status}" + (f": {trial.error}" if trial.error else "") + "\n"
                 )
     finally:
-        signal.signal(signal.SIGINT, previous)
-        for _, proc, _, log in running.values():  # only after an exception of our own
-            proc.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_all(running)  # only after an exception of our own: the trials save and end with us
+    return stopped[0]
+
+
+def _start(
+    sweep: Sweep, trial: Trial, env: dict[str, str], preexec: Callable[[], None] | None, err: TextIO
+) -> tuple[Trial, subprocess.Popen[bytes], float, Any, int | None] | None:
+    """Launch one trial, holding its folder's lock, which the trial's process inherits.
+
+    None if another process holds the lock: one nobody here started runs that trial, so it is
+    left alone and the trial is an error that says so.
+    """
+    folder = trial.folder(sweep)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = locks.take(folder / ".lock")
+        if lock is None:
+            trial.status = "error"
+            trial.error = (
+                f"error: trial {trial.id} is already running in process {locks.holder(folder / '.lock')}, "
+                "which this sweep did not start; stop it, then --resume"
+            )
+            return None
+        log = open(folder / "train.log", "ab")  # noqa: SIM115 - closed when the trial ends
+    except OSError as exc:
+        raise ConfigError(f"cannot write trial {trial.id}'s folder {folder}: {exc.strerror or exc}") from None
+    args = [sys.executable, "-m", "charrnn", "run", sweep.pipeline]
+    for key, value in run_overrides(sweep, trial, sweep.interval).items():
+        args += ["--set", f"{key}={_value(value)}"]
+    log.write(f"$ {' '.join(args)}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own process group: a Ctrl+C at the terminal reaches the sweep only
+        pass_fds=(lock,),
+        preexec_fn=preexec,  # safe here: the sweep's process runs no other Python threads
+    )
+    locks.name(lock, proc.pid)
+    err.write(f"trial {trial.id} started: {_sets(trial.values) or '(no searched keys)'}\n")
+    return trial, proc, time.monotonic(), log, lock
+
+
+def _finished_before(sweep: Sweep, trial: Trial, err: TextIO) -> bool:
+    """A trial whose checkpoint reached train.steps finished before a kill lost its row: keep it."""
+    meta = finished_at(sweep, trial)
+    if meta is None:
+        return False
+    trial.status = "done"
+    trial.seconds = float(meta.get("elapsed_seconds") or 0.0)
+    record(sweep, row(sweep, trial), err)
+    err.write(
+        f"trial {trial.id} done (its checkpoint reached step {meta['step']} before the sweep stopped)\n"
+    )
+    return True
+
+
+def _wait_for_orphans(sweep: Sweep, queue: list[Trial], err: TextIO) -> None:
+    """Wait (a while) for trials still running from a sweep that was killed: they are saving and ending."""
+    for trial in queue:
+        path = trial.folder(sweep) / ".lock"
+        if not path.exists():
+            continue
+        lock = locks.take(path)
+        if lock is None:
+            err.write(f"trial {trial.id}: waiting for its process {locks.holder(path)} from before to end\n")
+            err.flush()
+            lock = locks.take(path, wait=locks.ORPHAN_WAIT)
+        if lock is None:
+            raise ConfigError(
+                f"trial {trial.id} is still running in process {locks.holder(path)} from an earlier sweep; "
+                "stop it, then --resume"
+            )
+        locks.release(lock)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            os.killpg(proc.pid, signum)
+
+
+def _stop_all(running: dict[str, tuple[Trial, subprocess.Popen[bytes], float, Any, int | None]]) -> None:
+    """SIGTERM to every running trial's group (each saves), SIGKILL after GRACE seconds."""
+    for _, proc, _, _, _ in running.values():
+        _signal_group(proc, signal.SIGTERM)
+    end = time.monotonic() + GRACE
+    for _, proc, _, log, lock in running.values():
+        try:
+            proc.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
-            log.close()
-    return bool(interrupts[0])
+        log.close()
+        locks.release(lock)
+
+
+def _die_with_sweep() -> Callable[[], None] | None:
+    """On Linux, what the trial's process runs before `charrnn run`: SIGTERM to it when the sweep dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the sweep died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def finish_local(sweep: Sweep, trial: Trial, code: int, interrupted: bool) -> None:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 from charrnn import config as cfg
 from charrnn.errors import CharrnnError, ConfigError
 from charrnn.files import atomic_write
-from charrnn.metrics import read_metrics
+from charrnn.metrics import is_number, read_jsonl, read_metrics
 
+from . import locks
 from .file import Sweep, Trial
 from .trials import _sets, resolved
 
@@ -163,11 +165,99 @@ def write_svg(sweep: Sweep, trials: list[Trial], rows: list[dict[str, Any]]) -> 
         write_plot(series, sweep.output / "sweep.svg", title=f"sweep {sweep.name}: {sweep.metric}")
 
 
-# ---------------------------------------------------------------- state, for --resume
+# ---------------------------------------------------------------- as trials end, and for --resume
+
+
+def record(sweep: Sweep, r: Mapping[str, Any], err: TextIO) -> None:
+    """Append a trial's row to results.jsonl as the trial ends, on disk before the next one starts.
+
+    A sweep killed later keeps every trial that ended (a last line the kill cut short is left out
+    on --resume); the sweep's end rewrites the file whole, in trial order.
+    """
+    path = sweep.output / "results.jsonl"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(r)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        err.write(f"warning: cannot record trial {r['id']} in {path}: {exc.strerror or exc}\n")
+
+
+def read_results(sweep: Sweep, ids: set[str] | None) -> dict[str, dict[str, Any]]:
+    """The latest row of each trial in results.jsonl (`ids`: the trials there may be, None for any).
+
+    A last line cut short by a kill is left out; any other damage is a one-line error naming the line.
+    """
+    path = sweep.output / "results.jsonl"
+    if not path.exists():
+        return {}
+    keys = [s.key for s in sweep.spaces]
+
+    def problem(r: Any) -> str | None:
+        if not isinstance(r, dict):
+            return f"expected a JSON object (a trial's row), got {type(r).__name__}"
+        if not isinstance(r.get("id"), str) or (ids is not None and r["id"] not in ids):
+            return f"'id' must be the id of one of this sweep's trials, got {r.get('id')!r:.40}"
+        if r.get("status") not in STATUSES:
+            return f"'status' must be one of {', '.join(STATUSES)}; got {r.get('status')!r:.40}"
+        if not is_number(r.get("seconds")) or r["seconds"] < 0:
+            return f"'seconds' must be a number >= 0, got {r.get('seconds')!r:.40}"
+        if not isinstance(r.get("steps"), int) or isinstance(r["steps"], bool) or r["steps"] < 0:
+            return f"'steps' must be an integer >= 0, got {r.get('steps')!r:.40}"
+        missing = [key for key in keys if key not in r]
+        return f"no value for the searched key {missing[0]}" if missing else None
+
+    try:
+        rows = read_jsonl(path, "sweep results", problem)
+    except CharrnnError as exc:
+        raise ConfigError(
+            f"--resume: {exc}; mend or remove that line (a trial without a row is looked at afresh)"
+        ) from None
+    return {r["id"]: r for r in rows}
+
+
+def check_output(sweep: Sweep, create: bool) -> None:
+    """The output folder can hold the sweep: a file in its place, or a folder that cannot be
+    written, is a one-line error before anything runs. `create` makes it (else nothing is made)."""
+    from charrnn.training import check_output as check_file
+
+    out, place = sweep.output, sweep.where("output")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{place}: {out} is a file, not a folder; give a folder for the sweep's results")
+    if create:
+        check_file(str(out / "sweep.json"), place)  # makes the folders, then creates and removes a file
+        return
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{place}: cannot write {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{place}: cannot write {out}: {existing} is not writable")
+
+
+def lock_sweep(sweep: Sweep, resume: bool) -> int | None:
+    """Hold the output folder's lock for the whole sweep: two sweeps never run in one folder at once."""
+    if resume and not (sweep.output / "sweep.json").is_file():
+        raise ConfigError(f"--resume: no sweep to resume in {sweep.output} (no sweep.json)")
+    path = sweep.output / ".lock"
+    try:
+        fd = locks.take(path)
+    except OSError as exc:
+        raise ConfigError(f"{sweep.where('output')}: cannot write {path}: {exc.strerror or exc}") from None
+    if fd is None:
+        raise ConfigError(
+            f"another charrnn sweep (process {locks.holder(path)}) is running in {sweep.output}; "
+            "wait for it to end, or stop it (then --resume continues)"
+        )
+    return fd
 
 
 def start_state(sweep: Sweep, trials: list[Trial], backend: str, resume: bool) -> dict[str, Trial]:
-    """Write `sweep.json` (what this sweep is), or on --resume check it and return the finished trials."""
+    """Write `sweep.json` (what this sweep is), or on --resume check it and return the finished trials.
+
+    On --resume, results.jsonl is rewritten to the finished trials' rows, so rows appended from
+    now on start on a line of their own even after a kill cut the last one.
+    """
     state = sweep.output / "sweep.json"
     planned = {
         "backend": backend,
@@ -183,26 +273,32 @@ def start_state(sweep: Sweep, trials: list[Trial], backend: str, resume: bool) -
             raise ConfigError(f"--resume: no sweep to resume in {sweep.output} (no sweep.json)") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--resume: cannot read {state}: {exc}") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"--resume: {state} is damaged (not a JSON object)")
         for key in planned:
             if json.loads(json.dumps(planned[key])) != saved.get(key):
                 raise ConfigError(
                     f"--resume: the sweep in {sweep.output} differs ({key}); resume it with the sweep file "
                     "that started it, or set output: to a new folder"
                 )
+        drawn = {t.id: t for t in trials}
+        rows = read_results(sweep, set(drawn) if sweep.algorithm == "random" else None)
         done: dict[str, Trial] = {}
-        results = sweep.output / "results.jsonl"
-        if results.exists():
-            for line in results.read_text(encoding="utf-8").splitlines():
-                r = json.loads(line)
-                if r["status"] in FINISHED:
-                    values = {s.key: r[s.key] for s in sweep.spaces}
-                    done[r["id"]] = Trial(r["id"], values, r["status"], "", r["seconds"])
+        for r in rows.values():
+            if r["status"] in FINISHED:
+                values = (
+                    drawn[r["id"]].values if r["id"] in drawn else {s.key: r[s.key] for s in sweep.spaces}
+                )
+                done[r["id"]] = Trial(r["id"], values, r["status"], "", float(r["seconds"]))
+        kept = "".join(json.dumps(r) + "\n" for r in rows.values() if r["status"] in FINISHED)
+        with atomic_write(sweep.output / "results.jsonl", "sweep results", ConfigError) as f:
+            f.write(kept.encode("utf-8"))
         return done
     if (sweep.output / "trials").exists() or state.exists():
         raise ConfigError(
             f"{sweep.output} already holds a sweep; pass --resume to continue it, "
             "or set output: (or remove the folder) to start a new one"
         )
-    sweep.output.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps(planned, indent=1) + "\n", encoding="utf-8")
+    with atomic_write(state, "the sweep's state", ConfigError) as f:
+        f.write((json.dumps(planned, indent=1) + "\n").encode("utf-8"))
     return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,9 +22,71 @@ def resolved(sweep: Sweep, values: Mapping[str, Any]) -> dict[str, Any]:
     return Assembly(sweep.pipeline, overrides=overrides, labels=labels).config
 
 
-def check_trials(sweep: Sweep, trials: list[Trial]) -> list[dict[str, Any]]:
-    """Each trial's resolved pipeline; what a sweep needs of them, checked with the sweep file's line."""
-    configs = []
+#: trials a sweep sets up at most; drawing and checking more would take hours and gigabytes
+MAX_TRIALS = 100_000
+#: what setting up one trial costs: the memory its drawn values and state hold for the whole sweep,
+#: and the time to draw it and build its pipeline to check it (configs/sweep.yaml, see the README)
+TRIAL_BYTES, TRIAL_SECONDS = 1_300, 0.01
+
+
+def planned_trials(sweep: Sweep) -> int:
+    """How many trials the sweep draws, counted without drawing them."""
+    if sweep.algorithm == "optuna":
+        return sweep.samples  # Optuna picks them; as many random draws check the spaces
+    return math.prod(len(s.args) for s in sweep.spaces if s.kind == "grid") * sweep.samples
+
+
+def check_size(sweep: Sweep) -> None:
+    """Refuse a sweep whose set-up alone would not fit, before a single trial is drawn."""
+    n = planned_trials(sweep)
+    if n <= MAX_TRIALS:
+        return
+    grid = [s for s in sweep.spaces if s.kind == "grid"]
+    shape = " x ".join(str(len(s.args)) for s in grid)
+    made = f"{shape} grid points x {sweep.samples:,} samples" if grid else f"{sweep.samples:,} samples"
+    place = sweep.where("samples") if sweep.samples > 1 or not grid else sweep.where("search")
+    raise ConfigError(
+        f"{place}: {n:,} trials ({made}) is beyond the {MAX_TRIALS:,} a sweep sets up: drawing and checking "
+        f"them would take about {_bytes(n * TRIAL_BYTES)} of memory and {_duration(n * TRIAL_SECONDS)} "
+        f"(~{TRIAL_BYTES:,} bytes and ~{TRIAL_SECONDS * 1000:g} ms a trial); lower samples or the grid"
+    )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} seconds"
+
+
+def finished_at(sweep: Sweep, trial: Trial) -> dict[str, Any] | None:
+    """The metadata of the trial's checkpoint if it reached train.steps: the trial finished (before a
+    kill took the record of it), so it is not trained again. None while it has not, or has no checkpoint."""
+    from charrnn.checkpoint import read_meta
+
+    path = trial.checkpoint(sweep)
+    if not path.is_file():
+        return None
+    try:
+        meta = read_meta(path)
+    except CharrnnError:
+        return None  # a damaged checkpoint: resuming the trial says what is wrong with it
+    return meta if meta["step"] >= sweep.steps else None
+
+
+def check_trials(sweep: Sweep, trials: list[Trial]) -> None:
+    """Build each trial's resolved pipeline and check what a sweep needs of it, with the sweep file's line.
+
+    The pipelines are not kept: a sweep of many trials holds only their drawn values.
+    """
     for trial in trials:
         try:
             config = resolved(sweep, trial.values)
@@ -71,8 +134,6 @@ def check_trials(sweep: Sweep, trials: list[Trial]) -> list[dict[str, Any]]:
                     f"{sweep.where('scheduler', 'grace_period')}: {grace} is beyond train.steps ({t['steps']})"
                 )
         sweep.interval = interval
-        configs.append(config)
-    return configs
 
 
 def run_overrides(sweep: Sweep, trial: Trial, interval: int | None) -> dict[str, Any]:
