@@ -8,7 +8,12 @@ line), and every trial's resolved pipeline is validated by building its `Assembl
 anything trains. Ray (`charrnn[tune]`) is imported only when a sweep runs on it.
 
 Modules: `file` (the sweep file, its spaces, drawing trials), `trials` (each trial's pipeline),
-`results` (rows, ranking, best.yaml, --resume state), `local` and `raytune` (the backends).
+`results` (rows, ranking, best.yaml, --resume state), `locks` (one process per output and per
+trial), `local` and `raytune` (the backends).
+
+A finished trial stays finished: its row is appended to results.jsonl as it ends, and a trial
+whose checkpoint reached train.steps is never trained again. Ctrl+C and SIGTERM stop the
+running trials (they save), write the results and exit 130 (143 for SIGTERM).
 """
 
 from __future__ import annotations

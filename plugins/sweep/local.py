@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import BinaryIO, NamedTuple, TextIO
 
 from charrnn.errors import ConfigError
 
@@ -30,6 +30,16 @@ from .trials import _sets, _value, finished_at, run_overrides
 #: seconds a trial gets to save and end after SIGTERM when the sweep itself fails
 GRACE = 10.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class Running(NamedTuple):
+    """A trial's process, when it started, its log and the lock on its folder (which it inherits)."""
+
+    trial: Trial
+    proc: subprocess.Popen[bytes]
+    began: float
+    log: BinaryIO
+    lock: int
 
 
 def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: TextIO) -> int:
@@ -53,13 +63,13 @@ def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: Te
             t.status, t.seconds = done[t.id].status, done[t.id].seconds
     queue = [t for t in trials if t.id not in done and not _finished_before(sweep, t, err)]
     _wait_for_orphans(sweep, queue, err)
-    running: dict[str, tuple[Trial, subprocess.Popen[bytes], float, Any, int | None]] = {}
+    running: dict[str, Running] = {}
     stopped = [0]  # the exit status of the signal that stopped the sweep (0: none yet)
 
     def forward(signum: int, frame: object) -> None:
         stopped[0] = 143 if signum == signal.SIGTERM or stopped[0] == 143 else 130
-        for _, proc, _, _, _ in running.values():
-            _signal_group(proc, signum)
+        for r in running.values():
+            _signal_group(r.proc, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     preexec = _die_with_sweep()
@@ -74,7 +84,7 @@ def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: Te
                     continue
                 running[trial.id] = started
                 if stopped[0]:  # a signal came while it started
-                    _signal_group(started[1], signal.SIGTERM if stopped[0] == 143 else signal.SIGINT)
+                    _signal_group(started.proc, signal.SIGTERM if stopped[0] == 143 else signal.SIGINT)
             if stopped[0]:
                 queue.clear()
             time.sleep(0.05)
@@ -86,7 +96,7 @@ def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: Te
                 del running[tid]
                 trial.seconds += time.monotonic() - began
                 finish_local(sweep, trial, code, bool(stopped[0]))
-                locks.release(lock)
+                locks.release(lock)  # its process has ended: the trial may run again
                 record(sweep, row(sweep, trial), err)
                 err.write(
                     f"trial {trial.id} {trial.status}" + (f": {trial.error}" if trial.error else "") + "\n"
@@ -100,7 +110,7 @@ def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: Te
 
 def _start(
     sweep: Sweep, trial: Trial, env: dict[str, str], preexec: Callable[[], None] | None, err: TextIO
-) -> tuple[Trial, subprocess.Popen[bytes], float, Any, int | None] | None:
+) -> Running | None:
     """Launch one trial, holding its folder's lock, which the trial's process inherits.
 
     None if another process holds the lock: one nobody here started runs that trial, so it is
@@ -125,18 +135,23 @@ def _start(
         args += ["--set", f"{key}={_value(value)}"]
     log.write(f"$ {' '.join(args)}\n".encode())
     log.flush()
-    proc = subprocess.Popen(
-        args,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,  # its own process group: a Ctrl+C at the terminal reaches the sweep only
-        pass_fds=(lock,),
-        preexec_fn=preexec,  # safe here: the sweep's process runs no other Python threads
-    )
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: a Ctrl+C at the terminal reaches the sweep only
+            pass_fds=(lock,),
+            preexec_fn=preexec,  # safe here: the sweep's process runs no other Python threads
+        )
+    except OSError as exc:
+        log.close()
+        locks.release(lock)
+        raise ConfigError(f"cannot start trial {trial.id}: {exc.strerror or exc}") from None
     locks.name(lock, proc.pid)
     err.write(f"trial {trial.id} started: {_sets(trial.values) or '(no searched keys)'}\n")
-    return trial, proc, time.monotonic(), log, lock
+    return Running(trial, proc, time.monotonic(), log, lock)
 
 
 def _finished_before(sweep: Sweep, trial: Trial, err: TextIO) -> bool:
@@ -178,19 +193,19 @@ def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
             os.killpg(proc.pid, signum)
 
 
-def _stop_all(running: dict[str, tuple[Trial, subprocess.Popen[bytes], float, Any, int | None]]) -> None:
+def _stop_all(running: dict[str, Running]) -> None:
     """SIGTERM to every running trial's group (each saves), SIGKILL after GRACE seconds."""
-    for _, proc, _, _, _ in running.values():
-        _signal_group(proc, signal.SIGTERM)
+    for r in running.values():
+        _signal_group(r.proc, signal.SIGTERM)
     end = time.monotonic() + GRACE
-    for _, proc, _, log, lock in running.values():
+    for r in running.values():
         try:
-            proc.wait(timeout=max(0.0, end - time.monotonic()))
+            r.proc.wait(timeout=max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        locks.release(lock)
+            _signal_group(r.proc, signal.SIGKILL)
+            r.proc.wait()
+        r.log.close()
+        locks.release(r.lock)
 
 
 def _die_with_sweep() -> Callable[[], None] | None:
