@@ -216,8 +216,11 @@ class Plot:
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
         from charrnn.plot import default_output, write_loss_plot
 
+        def warn(message: str) -> None:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
         path = args.output or default_output(args.metrics[0])
-        out.write(f"{write_loss_plot(args.metrics, path, title=args.title)}\n")
+        out.write(f"{write_loss_plot(args.metrics, path, title=args.title, warn=warn)}\n")
         return 0
 
 
