@@ -345,10 +345,10 @@ def _key_problem(key: yaml.Node, constructor: yaml.constructor.SafeConstructor) 
     if not isinstance(key, yaml.ScalarNode):
         return f"a key must be a name, got a {'list' if isinstance(key, yaml.SequenceNode) else 'mapping'}"
     try:
-        value = _show(constructor.construct_object(key))
+        value = opt.show(constructor.construct_object(key))
     except (yaml.YAMLError, ValueError):
         value = "not a string"
-    return f"YAML reads this key as {value}, not as a name; quote it: {_clip(key.value)!r}"
+    return f"YAML reads this key as {value}, not as a name; quote it: {opt.clip(key.value)!r}"
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Lines, str]:
@@ -392,7 +392,7 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str] | Mapping[s
             try:
                 value = parse_yaml(raw)[0] if raw.strip() else None
             except ConfigError as exc:
-                raise ConfigError(f"--set {_clip(item)!r}: the value is not valid YAML: {exc}") from None
+                raise ConfigError(f"--set {opt.clip(item)!r}: the value is not valid YAML: {exc}") from None
             items.append((key.strip(), value))
     for key, value in items:
         parts = key.split(".")
@@ -505,51 +505,6 @@ def check_component(
 ) -> dict[str, Any]:
     """A component's options checked against its factory; the defaults filled in (plain ones)."""
     return opt.check(component_schema(factory, kind), options, locate)
-
-
-# names older modules and plugins import from here
-suggest = opt.suggest
-check_path = opt.check_path
-_show = opt.show
-_clip = opt.clip
-
-
-@dataclass(frozen=True)
-class Opt:
-    """One option of the sweep file (which moves to `charrnn.options` next)."""
-
-    types: tuple[type, ...]
-    default: Any
-    check: Callable[[Any], bool] | None = None
-    must: str = ""
-    path: int | None = None
-
-    def describe(self) -> str:
-        return opt.describe(typing_union(self.types))
-
-
-def typing_union(types: tuple[type, ...]) -> Any:
-    import functools
-    import operator
-
-    return functools.reduce(operator.or_, types)
-
-
-def check_value(o: Opt, value: Any, place: str) -> Any:
-    """Check one sweep option's type and range; ints are accepted where numbers are."""
-    f = opt.Field("", typing_union(o.types), o.default)
-    opt.check_value(f, value, lambda *k: place)
-    if o.check is not None and not o.check(value):
-        raise ConfigError(f"{place}: {o.must}, got {opt.show(value)}")
-    if o.path is not None and isinstance(value, str):
-        check_path(value, place, o.path, file=True)
-    return value
-
-
-def check_number(value: Any, place: str) -> Any:
-    """A number must be finite and an integer fit in 64 bits."""
-    opt.check_value(opt.Field("", Any), value, lambda *k: place)
-    return value
 
 
 def _check_keys(value: Any, path: tuple[str, ...], lines: Lines, origin: str, level: int = 1) -> None:

@@ -116,7 +116,7 @@ def test_loguniform_is_uniform_in_log_space():
         ("pipeline: base.yaml\nsearch:\n  optimizer.lr: {loguniform: [0.0, 1.0]}\n", 3, "low > 0"),
         ("pipeline: base.yaml\nsearch:\n  optimizer.lr: 0.1\n", 3, "expected one space"),
         ("pipeline: base.yaml\nsamples: 0\n", 2, "must be >= 1"),
-        ("pipeline: base.yaml\nmetric: loss\n", 2, "must be val_loss or train_loss"),
+        ("pipeline: base.yaml\nmetric: loss\n", 2, "metric: must be one of val_loss, train_loss, got 'loss'"),
         (
             "pipeline: base.yaml\nscheduler: {type: asha, grace_peroid: 20}\n",
             2,

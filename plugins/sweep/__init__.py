@@ -27,7 +27,7 @@ from charrnn.commands import add_set
 from charrnn.errors import ConfigError
 from charrnn.hookspecs import hookimpl
 
-from .file import SCHEDULER, SCHEMA, SPACES, Space, Sweep, Trial, draw_trials, load_sweep, trial_id
+from .file import SPACES, SWEEP_FILE, Space, Sweep, SweepFile, Trial, draw_trials, load_sweep, trial_id
 from .local import finish_local, run_local
 from .locks import release
 from .raytune import OPTUNA_HINT, TUNE_HINT, run_ray
@@ -37,13 +37,13 @@ from .trials import _value as _value  # tests and callers format values as --set
 
 __all__ = [
     "FINISHED",
-    "SCHEDULER",
-    "SCHEMA",
     "SPACES",
+    "SWEEP_FILE",
     "STATUSES",
     "Space",
     "Sweep",
     "SweepCommand",
+    "SweepFile",
     "Trial",
     "check_trials",
     "draw_trials",

@@ -8,51 +8,83 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
 from charrnn import config as cfg
+from charrnn import options
 from charrnn.errors import ConfigError
+from charrnn.options import Check, FilePath, Range
 
 #: space name -> whether it takes `[low, high]` (else a non-empty list of values)
 SPACES = {"loguniform": True, "uniform": True, "randint": True, "choice": False, "grid": False}
 ID_WIDTH = 4
 
 
-def _one_of(*names: str) -> Callable[[Any], bool]:
-    return lambda v: v in names
+@dataclass
+class Scheduler:
+    """How trials are stopped early (`scheduler: asha` is short for `{type: asha}`)."""
+
+    type: Annotated[
+        Literal["fifo", "asha"], "fifo: every trial runs to its end; asha: the worst are cut at each rung"
+    ] = "fifo"
+    grace_period: Annotated[
+        int | None, Range(ge=1), "steps before a trial may be cut (null: one report interval)"
+    ] = None
+    reduction_factor: Annotated[float, Range(gt=1), "asha keeps 1 in this many trials at each rung"] = 3
 
 
-_INT, _NONE = (int,), (type(None),)
-SCHEMA: dict[str, cfg.Opt] = {
-    "pipeline": cfg.Opt((str,), None, bool, "must be a pipeline YAML path", path=0),
-    "set": cfg.Opt((dict,), {}),
-    "search": cfg.Opt((dict,), {}),
-    "samples": cfg.Opt(_INT, 1, lambda v: v >= 1, "must be >= 1"),
-    "algorithm": cfg.Opt((str,), "random", _one_of("random", "optuna"), "must be random or optuna"),
-    "metric": cfg.Opt(
-        (str,), "val_loss", _one_of("val_loss", "train_loss"), "must be val_loss or train_loss"
-    ),
-    "mode": cfg.Opt((str,), "min", _one_of("min", "max"), "must be min or max"),
-    "scheduler": cfg.Opt((dict, str), {"type": "fifo"}),
-    "resources": cfg.Opt((dict,), {}),
-    "max_concurrent": cfg.Opt(_INT + _NONE, None, lambda v: v is None or v >= 1, "must be >= 1 or null"),
-    "backend": cfg.Opt((str,), "auto", _one_of("auto", "ray", "local"), "must be auto, ray or local"),
-    "output": cfg.Opt((str,) + _NONE, None, lambda v: v != "", "must be a folder or null", path=0),
-    "seed": cfg.Opt(_INT, 0, lambda v: v >= 0, "must be >= 0"),
-}
-SCHEDULER: dict[str, cfg.Opt] = {
-    "type": cfg.Opt((str,), "fifo", _one_of("fifo", "asha"), "must be fifo or asha"),
-    "grace_period": cfg.Opt(_INT + _NONE, None, lambda v: v is None or v >= 1, "must be >= 1 (steps)"),
-    "reduction_factor": cfg.Opt((float, int), 3, lambda v: v > 1, "must be > 1"),
-}
-RESOURCES: dict[str, cfg.Opt] = {
-    "cpus_per_trial": cfg.Opt((float, int), 1, lambda v: v > 0, "must be > 0"),
-}
+@dataclass
+class Resources:
+    """What each trial may use."""
+
+    cpus_per_trial: Annotated[float, Range(gt=0), "CPUs Ray gives each trial (it runs that many at once)"] = 1
+
+
+@dataclass
+class SweepFile:
+    """A sweep file: a base pipeline, fixed overrides, the spaces searched and how."""
+
+    pipeline: Annotated[
+        str, FilePath(file=True), Check(bool, "a pipeline YAML path"), "the base pipeline file"
+    ]
+    set: Annotated[dict[str, Any], "overrides every trial gets, as dotted keys (train.steps: 600)"] = field(
+        default_factory=dict
+    )
+    search: Annotated[
+        dict[str, Any],
+        "the searched keys, each with one space: {loguniform: [lo, hi]}, {choice: [a, b]}, ...",
+    ] = field(default_factory=dict)
+    samples: Annotated[int, Range(ge=1), "draws of the non-grid spaces (for every grid point)"] = 1
+    algorithm: Annotated[Literal["random", "optuna"], "random draws, or Optuna's sampler (Ray only)"] = (
+        "random"
+    )
+    metric: Annotated[Literal["val_loss", "train_loss"], "what ranks the trials"] = "val_loss"
+    mode: Annotated[Literal["min", "max"], "whether a lower or a higher metric is better"] = "min"
+    scheduler: Annotated[Scheduler | Literal["fifo", "asha"], "early stopping of trials"] = field(
+        default_factory=Scheduler
+    )
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: Annotated[int | None, Range(ge=1), "trials running at once (null: as the CPUs allow)"] = (
+        None
+    )
+    backend: Annotated[
+        Literal["auto", "ray", "local"], "ray (charrnn[tune]), local processes, or auto: ray when installed"
+    ] = "auto"
+    output: Annotated[
+        str | None,
+        FilePath(),
+        Check(bool, "a folder"),
+        "where the trials and results go (null: runs/sweeps/NAME)",
+    ] = None
+    seed: Annotated[int, Range(ge=0), "seeds the draws"] = 0
+
+
+SWEEP_FILE = options.schema_of(SweepFile)
 
 
 @dataclass(frozen=True)
@@ -145,24 +177,15 @@ def trial_id(index: int) -> str:
 def load_sweep(path: str, overrides: Iterable[str] = (), output: str | None = None) -> Sweep:
     """Read and check a sweep file (the pipelines of its trials are checked by `check_trials`)."""
     raw, lines, origin = cfg.load_config(path)
-    raw = raw or {}
-    for key in raw:
-        if key not in SCHEMA:
-            raise ConfigError(
-                f"{cfg.where([str(key)], lines, origin)}: unknown key{cfg.suggest(str(key), SCHEMA)}; "
-                f"known keys: {', '.join(SCHEMA)}"
-            )
-    if "pipeline" not in raw:
-        raise ConfigError(f"{origin}missing key pipeline: the base pipeline YAML file")
-    values: dict[str, Any] = {}
-    for key, opt in SCHEMA.items():
-        place = cfg.where([key], lines, origin)
-        values[key] = cfg.check_value(opt, raw[key], place) if key in raw else opt.default
+
+    def locate(*keys: str) -> str:
+        return cfg.where(keys, lines, origin)
+
+    values = options.check(SWEEP_FILE, raw or {}, locate)
     scheduler = values["scheduler"]
     if isinstance(scheduler, str):
-        scheduler = {"type": scheduler}
-    scheduler = _section("scheduler", scheduler, SCHEDULER, lines, origin)
-    resources = _section("resources", values["resources"], RESOURCES, lines, origin)
+        scheduler = options.check(Scheduler, {"type": scheduler}, locate, within=("scheduler",))
+    resources = values["resources"]
     if not Path(values["pipeline"]).is_file():
         raise ConfigError(
             f"{cfg.where(['pipeline'], lines, origin)}: pipeline file not found: {values['pipeline']}"
@@ -198,7 +221,7 @@ def load_sweep(path: str, overrides: Iterable[str] = (), output: str | None = No
             "every searched key is a grid, so the trials would repeat; set samples: 1"
         )
     out = output or values["output"] or str(Path("runs") / "sweeps" / Path(path).stem)
-    cfg.check_path(out, cfg.where(["output"], lines, origin))
+    options.check_path(out, cfg.where(["output"], lines, origin))
     return Sweep(
         path=str(path),
         origin=origin,
@@ -230,22 +253,6 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def _section(
-    name: str, value: dict[str, Any], spec: dict[str, cfg.Opt], lines: cfg.Lines, origin: str
-) -> dict[str, Any]:
-    out = {}
-    for key in value:
-        if key not in spec:
-            raise ConfigError(
-                f"{cfg.where([name, str(key)], lines, origin)}: unknown key{cfg.suggest(str(key), spec)}; "
-                f"known keys: {', '.join(spec)}"
-            )
-    for key, opt in spec.items():
-        place = cfg.where([name, key], lines, origin)
-        out[key] = cfg.check_value(opt, value[key], place) if key in value else opt.default
-    return out
-
-
 def _check_dotted(key: Any, path: tuple[str, ...], lines: cfg.Lines, origin: str) -> None:
     if not isinstance(key, str) or any(not part for part in key.split(".")):
         raise ConfigError(
@@ -263,21 +270,21 @@ def _space(key: str, spec: Any, lines: cfg.Lines, origin: str) -> Space:
     ((kind, args),) = spec.items()
     place = cfg.where(["search", key, str(kind)], lines, origin)
     if kind not in SPACES:
-        raise ConfigError(f"{place}: unknown space {kind!r}{cfg.suggest(str(kind), SPACES)}; spaces: {kinds}")
+        raise ConfigError(f"{place}: unknown space{options.suggest(str(kind), SPACES)}; spaces: {kinds}")
     if not isinstance(args, list) or not args:
-        raise ConfigError(f"{place}: expected a non-empty list, got {cfg._show(args)}")
+        raise ConfigError(f"{place}: expected a non-empty list, got {options.show(args)}")
     if not SPACES[kind]:
         for value in args:
-            cfg.check_number(value, place)
+            options.check_value(options.Field(str(kind)), value, lambda *k: place)  # finite, 64 bits
         return Space(key, kind, tuple(args))
     if len(args) != 2:
-        raise ConfigError(f"{place}: expected [low, high], got {cfg._show(args)}")
+        raise ConfigError(f"{place}: expected [low, high], got {options.show(args)}")
     number = int if kind == "randint" else (int, float)
     for value in args:
         if isinstance(value, bool) or not isinstance(value, number):
             what = "integers" if kind == "randint" else "numbers"
-            raise ConfigError(f"{place}: expected [low, high] as {what}, got {cfg._show(args)}")
-        cfg.check_number(value, place)
+            raise ConfigError(f"{place}: expected [low, high] as {what}, got {options.show(args)}")
+        options.check_value(options.Field(str(kind)), value, lambda *k: place)
     lo, hi = args
     if lo >= hi:
         high = " (the high end is exclusive)" if kind == "randint" else ""
