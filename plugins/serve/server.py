@@ -529,7 +529,7 @@ class Handler(BaseHTTPRequestHandler):
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
 
     def _whole(self, request: api.Request, served: Served, chat: bool) -> None:
-        texts: dict[int, Event] = {}
+        finished: dict[int, Event] = {}
         while True:
             try:
                 event = request.job.events.get(timeout=0.5)
@@ -542,53 +542,20 @@ class Handler(BaseHTTPRequestHandler):
             if event.kind == "error":
                 raise self._error(event.error)
             if event.kind == "finish":
-                texts[event.index] = event
+                finished[event.index] = event
             elif event.kind == "done":
                 break
-        choices, prompt_chars, completion_chars = [], 0, 0
-        for index in sorted(texts):
-            event = texts[index]
-            prompt = request.prompts[index // request.n]
-            generated = event.text
-            completion_chars += len(generated)
-            text = prompt + generated if request.echo else generated
-            if chat:
-                choices.append(
-                    {
-                        "index": index,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": event.reason,
-                    }
-                )
-            else:
-                logprobs = None
-                if request.logprobs is not None:
-                    logprobs = api.logprobs_shape(
-                        served.loaded, event.scores, event.prompt_scores, text, request.echo, 0
-                    )
-                choices.append(
-                    {"text": text, "index": index, "logprobs": logprobs, "finish_reason": event.reason}
-                )
-        prompt_chars = sum(len(p) for p in request.prompts)
-        self._chars = completion_chars
-        self._send_json(
-            200,
-            {
-                "id": api.completion_id() if not chat else "chatcmpl-" + api.completion_id()[5:],
-                "object": "chat.completion" if chat else "text_completion",
-                "created": api.now(),
-                "model": request.model,
-                "choices": choices,
-                "usage": api.usage(prompt_chars, completion_chars),
-                "system_fingerprint": None,
-            },
-        )
+        body = api.completion(request, finished, served.loaded, chat)
+        self._chars = body["usage"]["completion_tokens"]
+        self._send_json(200, body)
 
     def _stream(self, request: api.Request, served: Served, chat: bool) -> None:
-        """Server-sent events: a chunk per piece of text, a last one per choice, then [DONE]."""
-        ident = api.completion_id() if not chat else "chatcmpl-" + api.completion_id()[5:]
-        created, kind = api.now(), "chat.completion.chunk" if chat else "text_completion"
+        """Server-sent events: a chunk per piece of text, a last one per choice, then [DONE].
+
+        A stream the server cannot finish (a failure, or shutdown cutting it) ends with an error
+        in OpenAI's shape before [DONE], never like a complete one.
+        """
+        chunks = api.Chunks(request, served.loaded, chat)
         first = self._next(request)  # a request that fails at once still gets a plain 4xx/5xx
         self._status = 200
         self.close_connection = True
@@ -598,9 +565,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
-        started: set[int] = set()
-        completion_chars = 0
-
         pending: list[bytes] = []  # events made ready together go out in one write
 
         def send(obj: Any) -> None:
@@ -611,28 +575,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"".join(pending))
                 pending.clear()
 
-        def chunk(index: int, text: str | None, reason: str | None, logprobs: Any = None) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {} if text is None else {"content": text}
-                if index not in started:
-                    delta["role"] = "assistant"
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-            else:
-                choice = {"text": text or "", "index": index, "logprobs": logprobs, "finish_reason": reason}
-            started.add(index)
-            out = {
-                "id": ident,
-                "object": kind,
-                "created": created,
-                "model": request.model,
-                "choices": [choice],
-            }
-            if request.include_usage:
-                out["usage"] = None
-            return out
-
         event: Event | None = first
-        seen_prompt: set[int] = set()
         try:
             while True:
                 if event is None:
@@ -650,50 +593,22 @@ class Handler(BaseHTTPRequestHandler):
                             return
                         continue
                 if event.kind == "error":
-                    err = self._error(event.error)
-                    send(err.body())
+                    send(self._error(event.error).body())
                     break
                 if event.kind == "done":
                     break
-                index = event.index
-                prompt = request.prompts[index // request.n] if request.echo else ""
-                head = prompt if index not in seen_prompt else ""  # the echoed prompt comes first
-                seen_prompt.add(index)
-                if event.kind == "text":
-                    completion_chars += len(event.text)
-                    send(chunk(index, head + event.text, None))
-                else:  # finish: its text was streamed already
-                    logprobs = None
-                    if request.logprobs is not None and not chat:
-                        logprobs = api.logprobs_shape(
-                            served.loaded,
-                            event.scores,
-                            event.prompt_scores,
-                            prompt + event.text,
-                            request.echo,
-                            0,
-                        )
-                    send(chunk(index, head, event.reason, logprobs))
+                send(chunks.of(event))
                 event = None
-            if request.include_usage:
-                prompt_chars = sum(len(p) for p in request.prompts)
-                send(
-                    {
-                        "id": ident,
-                        "object": kind,
-                        "created": created,
-                        "model": request.model,
-                        "choices": [],
-                        "usage": api.usage(prompt_chars, completion_chars),
-                    }
-                )
+            tail = chunks.usage_chunk()
+            if tail is not None:
+                send(tail)
             pending.append(b"data: [DONE]\n\n")
             flush()
         except (BrokenPipeError, ConnectionResetError, OSError):
             request.job.cancelled.set()
             self._status = 499
         finally:
-            self._chars = completion_chars
+            self._chars = chunks.completion_chars
 
     def _gone(self) -> bool:
         """Whether the client closed its side (a readable socket with nothing to read)."""
