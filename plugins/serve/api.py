@@ -48,9 +48,12 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_exceeded"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
+        kind = {
+            401: "authentication_error",
+            404: "not_found_error",
+            429: "rate_limit_exceeded",
+            505: "invalid_request_error",  # the client's HTTP version: its mistake, not the server's
+        }.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 

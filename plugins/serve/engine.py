@@ -176,9 +176,11 @@ class Engine:
                     refused, self.waiting = list(self.waiting), collections.deque()
             for job in refused:
                 job.put(Event("error", error=Stopping("the server is shutting down")))
-            if stopping:
+            if stopping:  # a cut text is not a finished one: its request is told why it ends
                 for group in list(self.groups):
-                    self._finish(group)
+                    self._fail(
+                        group, Stopping("the server is shutting down: the text was cut before its end")
+                    )
                 self.groups = []
                 return
             changed = self._join(admitted)
