@@ -258,13 +258,6 @@ class Batch:
             self._rebuild()
         return out
 
-    def stop_all(self) -> list[Request]:
-        """End every request now with the text it has (a shutdown): reason "cancelled"."""
-        out, self.requests, self.step_fn = self.requests, [], None
-        for r in out:
-            self._finish(r, cancelled=True)
-        return out
-
     # -- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
@@ -371,11 +364,11 @@ class Batch:
 
     # -- ending --------------------------------------------------------------------------------
 
-    def _finish(self, r: Request, cancelled: bool = False) -> None:
+    def _finish(self, r: Request) -> None:
         texts, reasons = [], []
         for stream in r.streams:
             texts.append(r.seed_text + stream.finish())
-            reasons.append("stop" if stream.stopped else "cancelled" if cancelled else "length")
+            reasons.append("stop" if stream.stopped else "length")
         r.texts, r.reasons = texts, reasons
 
     def _fail(self, r: Request, exc: BaseException) -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
+import socket
+import subprocess
+import sys
 import threading
+import time
 from contextlib import contextmanager
 
 import charrnn
@@ -80,3 +85,98 @@ def streamed_texts(chunks: list) -> tuple[dict, dict]:
             texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
             reasons.setdefault(choice["index"], []).append(choice["finish_reason"])
     return texts, reasons
+
+
+TINY_CORPUS = (
+    "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. the end.\n" * 8
+)
+
+
+def tiny_checkpoint(tmp) -> str:
+    """A checkpoint trained 30 steps on the tiny text (with its metrics file), in `tmp`."""
+    corpus = tmp / "tiny.txt"
+    corpus.write_text(TINY_CORPUS, encoding="utf-8")
+    config = {
+        "seed": 1,
+        "corpus": {"type": "text", "path": str(corpus), "val_fraction": 0.1},
+        "model": {"type": "rnn", "hidden_size": 16},
+        "optimizer": {"type": "adagrad", "lr": 0.1},
+        "sampler": {"type": "temperature", "temperature": 1.0},
+        "train": {
+            "steps": 30,
+            "batch_size": 4,
+            "seq_length": 8,
+            "sample_every": 10,
+            "sample_length": 20,
+            "checkpoint": str(tmp / "model.npz"),
+        },
+        "generate": {"num_chars": 50, "seed_text": "the "},
+    }
+    return train_tiny(tmp, config)
+
+
+@contextmanager
+def cli_server(checkpoint: str, *flags: str, env=None, preexec_fn=None):
+    """`python -m charrnn serve CHECKPOINT --port 0 FLAGS` in a subprocess; yields (process, port).
+
+    Its stderr is a pipe: the first line (which names the port) is read here, the rest is the test's.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "serve", checkpoint, "--port", "0", *flags],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r":(\d+)/", line)
+        assert found, line + proc.stderr.read()
+        yield proc, int(found.group(1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def exchange(port, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a fresh connection, half-close it, and read the reply to its end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return read_reply(sock, timeout)
+
+
+def read_reply(sock, timeout: float = 10.0) -> bytes:
+    """What the server sends until it closes the connection (at most `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def parse_reply(data: bytes) -> tuple[int, dict, object]:
+    """(status, headers with lower-case names, JSON body or text) of one raw HTTP/1.x reply."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    text = body.decode("utf-8", "replace")
+    try:
+        return status, headers, json.loads(text)
+    except ValueError:
+        return status, headers, text

@@ -22,7 +22,7 @@ from charrnn.errors import CharrnnError
 from charrnn.loaded import LoadedModel
 from charrnn.options import Check, Range
 
-from .engine import Job
+from .engine import Event, Job
 
 DEFAULT_MAX_TOKENS = 256
 MAX_CHOICES = 64  # prompts times n in one request
@@ -52,9 +52,12 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_exceeded"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
+        kind = {
+            401: "authentication_error",
+            404: "not_found_error",
+            429: "rate_limit_exceeded",
+            505: "invalid_request_error",  # the client's HTTP version: its mistake, not the server's
+        }.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -347,8 +350,93 @@ def sampler_fields(fields: Mapping[str, Any], loaded: LoadedModel) -> tuple[str 
 # -- responses ----------------------------------------------------------------------------
 
 
-def completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex[:24]}"
+def completion_id(chat: bool = False) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def completion(
+    request: Request, finished: Mapping[int, Event], loaded: LoadedModel, chat: bool
+) -> dict[str, Any]:
+    """The whole response: a choice per finished row (`finish` events by choice index), the usage."""
+    choices: list[dict[str, Any]] = []
+    completion_chars = 0
+    for index in sorted(finished):
+        event = finished[index]
+        prompt = request.prompts[index // request.n]
+        completion_chars += len(event.text)
+        text = prompt + event.text if request.echo else event.text
+        if chat:
+            message = {"role": "assistant", "content": text}
+            choices.append(
+                {"index": index, "message": message, "logprobs": None, "finish_reason": event.reason}
+            )
+        else:
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = logprobs_shape(loaded, event.scores, event.prompt_scores, text, request.echo, 0)
+            choices.append(
+                {"text": text, "index": index, "logprobs": logprobs, "finish_reason": event.reason}
+            )
+    return {
+        "id": completion_id(chat),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": now(),
+        "model": request.model,
+        "choices": choices,
+        "usage": usage(sum(len(p) for p in request.prompts), completion_chars),
+        "system_fingerprint": None,
+    }
+
+
+class Chunks:
+    """The chunks of one streamed response in OpenAI's shapes: a piece of a choice's text, its last
+    chunk (finish reason, logprobs), the usage chunk. One id and `created` for all of them."""
+
+    def __init__(self, request: Request, loaded: LoadedModel, chat: bool) -> None:
+        self.request, self.loaded, self.chat = request, loaded, chat
+        self.id, self.created = completion_id(chat), now()
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+        self.started: set[int] = set()  # choices with a chunk out: the prompt and chat's role go first
+        self.completion_chars = 0
+
+    def of(self, event: Event) -> dict[str, Any]:
+        """The chunk of a `text` or `finish` event (a finish's text was streamed already)."""
+        request, index = self.request, event.index
+        prompt = request.prompts[index // request.n] if request.echo else ""
+        head = prompt if index not in self.started else ""  # the echoed prompt comes first
+        if event.kind == "text":
+            self.completion_chars += len(event.text)
+            return self._chunk(index, head + event.text, None, None)
+        logprobs = None
+        if request.logprobs is not None and not self.chat:
+            logprobs = logprobs_shape(
+                self.loaded, event.scores, event.prompt_scores, prompt + event.text, request.echo, 0
+            )
+        return self._chunk(index, head, event.reason, logprobs)
+
+    def usage_chunk(self) -> dict[str, Any] | None:
+        """The last chunk, with `stream_options.include_usage`: no choices, the usage."""
+        if not self.request.include_usage:
+            return None
+        prompt_chars = sum(len(p) for p in self.request.prompts)
+        return {**self._head(), "choices": [], "usage": usage(prompt_chars, self.completion_chars)}
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.request.model}
+
+    def _chunk(self, index: int, text: str, reason: str | None, logprobs: Any) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text}
+            if index not in self.started:
+                delta["role"] = "assistant"
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+        self.started.add(index)
+        out = {**self._head(), "choices": [choice]}
+        if self.request.include_usage:
+            out["usage"] = None
+        return out
 
 
 def token_text(loaded: LoadedModel, i: int) -> str:

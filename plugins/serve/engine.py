@@ -127,8 +127,10 @@ class Engine:
                     refused, self.waiting = list(self.waiting), collections.deque()
             for job in refused:
                 job.put(Event("error", error=Stopping("the server is shutting down")))
-            if stopping:
-                for request in self.batch.stop_all():
+            if stopping:  # a cut text is not a finished one: its request is told why it ends
+                cut = Stopping("the server is shutting down: the text was cut before its end")
+                for request in self.batch.drop(lambda r: True):
+                    request.error = cut
                     self._ended(request)
                 return
             for job in admitted:
