@@ -1,4 +1,4 @@
-"""BLAS threads chosen while training (read and set through `charrnn.machine`, with threadpoolctl).
+"""BLAS threads chosen while training (read and set through `charrnn.machine`, by threadpoolctl).
 
 OpenBLAS's threads wait for each other inside every product. When another process keeps one of
 the cores busy, the thread that lands there is descheduled and the others spin: a two-thread
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from charrnn import machine
 from charrnn.loop import Callback, Loop
-from charrnn.machine import THREAD_VARS, blas_threads, set_blas_threads, usable_cpus, user_pinned
+from charrnn.machine import THREAD_VARS, blas_threads, set_blas_threads, user_pinned
 
 __all__ = ["THREAD_VARS", "ThreadChooser", "blas_threads", "set_blas_threads", "user_pinned"]
 
@@ -47,14 +47,12 @@ class ThreadChooser(Callback):
     faster: a noisy host moves step times by 10-20%. On one thread, after `reprobe` windows a
     probe tries all threads again on the same terms, so training goes back to them when the
     other process ends; probes that find the machine still shared come less and less often.
-    Without threadpoolctl the chooser only says, once, what would help.
     """
 
     def __init__(
         self,
         threads: int,
         *,
-        can_set: bool = True,
         log: Callable[[str], None] = lambda message: None,
         clock: Callable[[], float] = time.perf_counter,
         setter: Callable[[int], object] = set_blas_threads,
@@ -65,7 +63,7 @@ class ThreadChooser(Callback):
         gain: float = 1.15,
         others: Callable[[], float | None] | None = None,
     ) -> None:
-        self.many, self.can_set, self.log, self.clock, self.setter = threads, can_set, log, clock, setter
+        self.many, self.log, self.clock, self.setter = threads, log, clock, setter
         self.window, self.min_steps, self.slower, self.reprobe = window, min_steps, slower, reprobe
         self.gain = gain
         self.others = others if others is not None else OthersLoad()
@@ -75,7 +73,6 @@ class ThreadChooser(Callback):
         self.probing: int | None = None  # the count a probe window left, to compare with
         self.windows_on_one = 0
         self.switches: list[tuple[int, int, int]] = []  # (step, from, to), for tests and logs
-        self.hinted = False
         self.windows = 0
         self.interval = reprobe  # windows on one thread before probing all threads again
         self.times: list[float] = []
@@ -88,11 +85,8 @@ class ThreadChooser(Callback):
 
         if user_pinned() or not tuning.enabled("blas_threads"):
             return None
-        threads = blas_threads()
-        if threads is None:  # no threadpoolctl: watch and advise
-            cpus = usable_cpus()
-            return cls(cpus, can_set=False, log=log) if cpus > 1 else None
-        return cls(threads, log=log) if threads > 1 else None
+        threads = blas_threads()  # None where threadpoolctl finds no BLAS to set
+        return cls(threads, log=log) if threads is not None and threads > 1 else None
 
     def on_train_begin(self, loop: Loop) -> None:
         self.last = self.start = self.clock()
@@ -127,15 +121,6 @@ class ThreadChooser(Callback):
                 self.windows_on_one = 0
                 self._say(step, before, median)
             return
-        if not self.can_set:
-            if n == self.many and not first and median > self.slower * self.best[n] and not self.hinted:
-                self.hinted = True
-                self.log(
-                    f"steps take {median / self.best[n]:.1f}x as long as at the start: if another program "
-                    "is using a core, OPENBLAS_NUM_THREADS=1 may be faster (with threadpoolctl installed, "
-                    "charrnn chooses by itself)"
-                )
-            return
         busy = shared is None or shared > SHARED  # unknown (no /proc/stat): assume it may be
         if n == self.many and ((first and busy) or median > self.slower * self.best[n]):
             self._probe(1)
@@ -165,5 +150,5 @@ class ThreadChooser(Callback):
         self.setter(threads)
 
     def on_train_end(self, loop: Loop) -> None:
-        if self.can_set and self.current != self.many:
+        if self.current != self.many:
             self._set(self.many)

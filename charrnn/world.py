@@ -307,7 +307,7 @@ def together(world: World) -> Iterator[None]:
 def limit_blas_threads(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
     """Give each rank its share of this node's cores for BLAS, unless the user set a thread count.
 
-    Needs threadpoolctl (part of `charrnn[mpi]`); returns the count set, or None.
+    Returns the count set, or None.
     """
     if user_pinned(environ):
         return None

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
 
 from charrnn import threads, tuning
 from charrnn.threads import ThreadChooser
-from conftest import IN_CI, ROOT
-
-HAVE_THREADPOOLCTL = importlib.util.find_spec("threadpoolctl") is not None
+from conftest import ROOT
 
 
 class Clock:
@@ -105,15 +102,20 @@ def test_training_ends_on_the_thread_count_it_started_with():
     assert calls[-1] == 2 and c.current == 2
 
 
-def test_without_threadpoolctl_it_only_advises_once():
-    clock, lines = Clock(), []
-    c = ThreadChooser(
-        2, can_set=False, clock=clock, setter=pytest.fail, log=lines.append, others=lambda: LOAD["others"]
-    )
-    c.on_train_begin(None)
-    run(c, clock, quiet, 300)
-    run(c, clock, shared, 600)
-    assert len(lines) == 1 and "OPENBLAS_NUM_THREADS=1" in lines[0]
+def test_threadpoolctl_is_a_runtime_dependency_so_the_chooser_works_after_a_plain_install():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(dep.startswith("threadpoolctl") for dep in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert not any(dep.startswith("threadpoolctl") for deps in extras.values() for dep in deps)
+
+
+def test_no_chooser_where_threadpoolctl_finds_no_blas(monkeypatch):
+    for name in threads.THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHARRNN_TUNING", "blas_threads")
+    monkeypatch.setattr(threads, "blas_threads", lambda: None)
+    assert ThreadChooser.create(print) is None
 
 
 def test_no_chooser_when_the_user_chose_a_thread_count(monkeypatch):
@@ -125,7 +127,6 @@ def test_no_chooser_when_the_user_chose_a_thread_count(monkeypatch):
     assert ThreadChooser.create(print) is None
 
 
-@pytest.mark.skipif(not HAVE_THREADPOOLCTL and not IN_CI, reason="needs threadpoolctl ('charrnn[bench]')")
 def test_the_chooser_sets_numpys_blas_threads(monkeypatch):
     for name in threads.THREAD_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -134,7 +135,7 @@ def test_the_chooser_sets_numpys_blas_threads(monkeypatch):
     try:
         threads.set_blas_threads(2)
         c = ThreadChooser.create(print)
-        assert c is not None and c.many == 2 and c.can_set
+        assert c is not None and c.many == 2
         c._set(1)
         assert threads.blas_threads() == 1
         c.on_train_end(None)
