@@ -127,7 +127,8 @@ class Evaluator(Callback):
 
 class Checkpointer(Callback):
     """Writes the checkpoint every `every` steps, at the run's last step (before its report),
-    and when the run is aborted. Rank 0 writes what all ranks hold (state rows gathered)."""
+    and when the run is aborted. Rank 0 writes what all ranks hold (state rows gathered); the
+    other ranks wait until it has, so none leaves the job while the file is half-written."""
 
     def __init__(
         self,
@@ -201,6 +202,8 @@ class Checkpointer(Callback):
                 ckpt_io.save(path, ckpt_io.Checkpoint(params=params, meta=meta, optim=optim, state=state))
                 self.saving = False
                 self.saved(path, st.step)
+            if world.size > 1:
+                world.broadcast(st.step)  # the other ranks go on once rank 0's file is complete
         if path == self.path:
             self.saved_at.append(st.step)
 

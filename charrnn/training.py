@@ -236,12 +236,17 @@ def start(loop: Loop, assembly: Assembly, data: Data, saved: ckpt_io.Checkpoint 
 
 
 def run(loop: Loop, state: TrainState) -> TrainResult:
-    """Run a prepared loop; a second Ctrl+C ends it with a message naming what was saved."""
-    checkpoint = next((cb.path for cb in loop.callbacks if isinstance(cb, Checkpointer)), None)
+    """Run a prepared loop; a second Ctrl+C or SIGTERM ends it with a message naming the step the
+    checkpoint holds."""
+    checkpointer = next((cb for cb in loop.callbacks if isinstance(cb, Checkpointer)), None)
+    checkpoint = checkpointer.path if checkpointer is not None else None
     try:
         result = loop.run(state)
     except Aborted as exc:
-        raise Aborted(exc.code, f"interrupted: saved step {loop.state.step} to {checkpoint}") from None
+        if checkpointer is None or not checkpointer.saved_at:
+            raise Aborted(exc.code, f"interrupted at step {loop.state.step}; nothing was saved") from None
+        step = checkpointer.saved_at[-1]
+        raise Aborted(exc.code, f"interrupted: saved step {step} to {checkpoint}") from None
     if result.stopped_early and loop.control.reason == "interrupted" and loop.world.rank == 0:
         print(f"stopped at step {result.steps}; saved {checkpoint}", file=loop.stderr, flush=True)
     return result
