@@ -57,7 +57,8 @@ class Run:
         from charrnn.cli import report
         from charrnn.interrupts import Aborted
         from charrnn.pipeline import Pipeline
-        from charrnn.world import SharedFailure, detect, limit_blas_threads
+        from charrnn.threads import for_mpi_rank
+        from charrnn.world import SharedFailure, detect
 
         pipeline = Pipeline(args.pipeline, overrides=args.overrides)
         if args.print_config:
@@ -69,7 +70,7 @@ class Run:
         if world is None or world.size == 1:
             pipeline.run(stdout=out, stderr=sys.stderr)  # type: ignore[arg-type]
             return 0
-        limit_blas_threads()
+        for_mpi_rank()
         try:
             pipeline.run(stdout=out, stderr=sys.stderr, world=world)  # type: ignore[arg-type]
         except SharedFailure as exc:  # every rank failed alike at start-up: said once, all leave normally

@@ -20,7 +20,7 @@ import functools
 import os
 import platform
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,15 +115,6 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-#: variables by which a user sets BLAS threads; charrnn never overrides them
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
-
-
-def user_pinned(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether the user chose a BLAS thread count through the environment."""
-    return any(name in environ for name in THREAD_VARS)
-
-
 @functools.cache
 def _blas() -> Any:
     """threadpoolctl's controller of NumPy's BLAS, or None where it finds none (a BLAS it does not know)."""
@@ -143,8 +134,7 @@ def blas_threads() -> int | None:
 def set_blas_threads(n: int) -> bool:
     """Set NumPy's BLAS threads (one ctypes call); False where threadpoolctl finds no BLAS.
 
-    The one way charrnn sets them: MPI ranks (`world.limit_blas_threads`), the server, and
-    training's `ThreadChooser`.
+    The one way charrnn sets them; how many, and when, `charrnn.threads` decides.
     """
     lib = _blas()
     if lib is None:

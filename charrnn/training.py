@@ -23,7 +23,7 @@ from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.memory import check as check_memory
 from charrnn.plugins import call_hook
-from charrnn.threads import ThreadChooser
+from charrnn.threads import for_training
 from charrnn.transforms import allreduce_mean, chain, clipping
 from charrnn.types import Model, Schedule
 from charrnn.world import World, agree, rows, together
@@ -328,7 +328,7 @@ def prepare(
         show_lr=schedule is not None,
         plot_path=plot_path if lead else None,
     )
-    chooser = ThreadChooser.create(console.log if lead else print_nothing) if choose_threads else None
+    chooser = for_training(console.log if lead else print_nothing) if choose_threads else None
     chain_ = [chooser] if chooser is not None else []
     chain_ += [ProgressBar(console)] if lead else []
     chain_ += [cb for cb in (evaluator, checkpointer) if cb is not None]

@@ -15,7 +15,7 @@ The tricks (see README, Performance, for the measurements):
   threshold; a generation matrix just below it gets zero rows up to it, so both cores share the
   product (`padded_rows`).
 - `blas_threads`: training watches its step time and moves BLAS to one thread while another
-  process holds a core (`charrnn.threads.ThreadChooser`). It
+  process holds a core (`charrnn.threads.ThreadChooser`; `charrnn.threads` decides every count). It
   measures itself on every machine, so it is on everywhere.
 """
 
