@@ -224,11 +224,13 @@ class Reporter(Callback):
         report: Callable[[int, dict[str, Any]], None] = lambda step, metrics: None,
         show_lr: bool = False,
         plot_path: str | None = None,
+        name: str = "",
     ) -> None:
+        """`name` is the run's (`RunFiles.name`), the label of its loss picture."""
         self.every, self.console, self.evaluator = every, console, evaluator
         self.sampler, self.vocab, self.sample_length = sampler, vocab, sample_length
         self.metrics_path, self.report, self.show_lr = metrics_path, report, show_lr
-        self.plot_path = plot_path
+        self.plot_path, self.name = plot_path, name
 
     def on_train_begin(self, loop: Loop) -> None:
         """A fresh run starts the metrics file anew; a resumed one keeps the lines up to its step.
@@ -335,7 +337,7 @@ class Reporter(Callback):
             write_loss_svg(
                 self.metrics_path or loop.result.history,
                 self.plot_path,
-                labels=[Path(self.plot_path).name.removesuffix(".loss.svg")],
+                labels=[self.name],
             )
         except (OSError, CharrnnError) as exc:
             self.console.log(f"warning: cannot draw {self.plot_path}: {exc}; training goes on without it")

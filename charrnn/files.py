@@ -1,4 +1,4 @@
-"""Writing files so that a reader never sees half of one: the one atomic writer of charrnn.
+"""The files of a run: their names beside the checkpoint (`RunFiles`), and the one atomic writer.
 
 `atomic_write` writes a unique temporary beside the file and renames it over the file. The
 temporary is named `.<name>.<pid>-<start>.<random>.tmp`: the writer's process id and its start
@@ -30,6 +30,55 @@ os.umask(_UMASK)  # read once: temporary files are created 0600, the result gets
 _TEMPORARY = re.compile(r"(\d+)-(\d+)\.[a-z0-9_]{8}\.tmp")
 #: the longest such tail: a 7-digit pid (Linux's largest), a 20-digit start, 8 characters, `.tmp`
 _TAG_BYTES = 7 + 1 + 20 + 1 + 8 + 4
+
+
+class RunFiles:
+    """The files that belong with a checkpoint, named from its path in this one place.
+
+    `runs/x/model.npz` has `model.best.npz` (the best validation loss), `model.metrics.jsonl`
+    and `model.loss.svg` beside it, and its TensorBoard events in `runs/x/tb/model/`; a name
+    without `.npz` keeps all of it (`model.ckpt` -> `model.ckpt.best.npz`). Each of these files
+    is written through `atomic_write`, whose temporaries `temporary_prefix` names.
+    """
+
+    #: the most bytes a name beside the checkpoint adds to the checkpoint's own name
+    NAME_RESERVE = len(".metrics.jsonl")
+
+    def __init__(self, checkpoint: str | os.PathLike[str]) -> None:
+        self.checkpoint = Path(checkpoint)
+
+    @classmethod
+    def from_metrics(cls, metrics: str | os.PathLike[str]) -> RunFiles:
+        """The run a metrics file belongs to (`model.metrics.jsonl`; a bare `.jsonl` too)."""
+        path = Path(metrics)
+        for suffix in (".metrics.jsonl", ".jsonl"):
+            if path.name.endswith(suffix) and len(path.name) > len(suffix):
+                return cls(path.with_name(path.name.removesuffix(suffix) + ".npz"))
+        return cls(path.with_name(path.name + ".npz"))
+
+    @property
+    def name(self) -> str:
+        """The run's name: the checkpoint's file name without `.npz` (`model`)."""
+        return self.checkpoint.name.removesuffix(".npz") or self.checkpoint.name
+
+    def _beside(self, suffix: str) -> Path:
+        return self.checkpoint.with_name(self.name + suffix)
+
+    @property
+    def best(self) -> Path:
+        return self._beside(".best.npz")
+
+    @property
+    def metrics(self) -> Path:
+        return self._beside(".metrics.jsonl")
+
+    @property
+    def plot(self) -> Path:
+        return self._beside(".loss.svg")
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.checkpoint.parent / "tb" / self.name
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from charrnn.assembly import Assembly
 from charrnn.callbacks import Checkpointer, Console, Evaluator, ProgressBar, Reporter, RunHooks
 from charrnn.data import Data
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
+from charrnn.files import RunFiles
 from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.memory import check as check_memory
@@ -27,14 +28,6 @@ from charrnn.threads import for_training
 from charrnn.transforms import allreduce_mean, chain, clipping
 from charrnn.types import Model, Schedule
 from charrnn.world import World, agree, rows, together
-
-
-def sibling(checkpoint: str, suffix: str) -> str:
-    """`runs/x/model.npz` -> `runs/x/model<suffix>`: files that belong with a checkpoint."""
-    path = Path(checkpoint)
-    return str(
-        path.with_name(path.stem + suffix) if path.suffix == ".npz" else path.with_name(path.name + suffix)
-    )
 
 
 def check_lengths(data: Data, train: dict[str, Any]) -> None:
@@ -284,9 +277,10 @@ def prepare(
 
     console = Console(stderr)
     lead = world.rank == 0
-    best_path = sibling(t["checkpoint"], ".best.npz") if t["keep_best"] and data.val_ids is not None else None
-    metrics_path = sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] else None
-    plot_path = sibling(t["checkpoint"], ".loss.svg") if t["plot"] else None
+    files = RunFiles(t["checkpoint"])
+    best_path = str(files.best) if t["keep_best"] and data.val_ids is not None else None
+    metrics_path = str(files.metrics) if t["metrics"] else None
+    plot_path = str(files.plot) if t["plot"] else None
     if lead:
         for path, key in (
             (best_path, "train.keep_best"),
@@ -327,6 +321,7 @@ def prepare(
         ),
         show_lr=schedule is not None,
         plot_path=plot_path if lead else None,
+        name=files.name,
     )
     chooser = for_training(console.log if lead else print_nothing) if choose_threads else None
     chain_ = [chooser] if chooser is not None else []

@@ -149,3 +149,37 @@ def test_a_long_name_keeps_its_temporaries_within_the_file_system_limit(tmp_path
     left.write_bytes(b"partial")
     ckpt_io.save(target, ckpt_io.Checkpoint({"W": np.zeros(2)}, {"step": 1}))
     assert temporaries(tmp_path) == []
+
+
+# -- the names beside a checkpoint -------------------------------------------------------------
+
+
+def test_the_files_of_a_run_are_named_beside_its_checkpoint():
+    from charrnn.files import RunFiles
+
+    files = RunFiles("runs/x/model.npz")
+    assert files.name == "model"
+    assert [p.as_posix() for p in (files.best, files.metrics, files.plot, files.tensorboard)] == [
+        "runs/x/model.best.npz",
+        "runs/x/model.metrics.jsonl",
+        "runs/x/model.loss.svg",
+        "runs/x/tb/model",
+    ]
+    assert RunFiles("runs/x/model.ckpt").best.as_posix() == "runs/x/model.ckpt.best.npz"
+    assert RunFiles.from_metrics(files.metrics).checkpoint == files.checkpoint
+    assert RunFiles.from_metrics("a/b.jsonl").plot.as_posix() == "a/b.loss.svg"
+    longest = max(len(p.name) for p in (files.best, files.metrics, files.plot)) - len("model.npz")
+    assert longest <= RunFiles.NAME_RESERVE
+
+
+def test_a_training_run_writes_its_files_where_run_files_names_them(tiny_config, tmp_path):
+    import io
+
+    import charrnn
+    from charrnn.files import RunFiles
+    from charrnn.plot import default_output
+
+    charrnn.run_pipeline(tiny_config, stdout=io.StringIO(), stderr=io.StringIO())
+    files = RunFiles(tiny_config["train"]["checkpoint"])
+    assert files.best.exists() and files.metrics.exists() and files.plot.exists()
+    assert default_output(files.metrics) == files.plot  # `charrnn plot` redraws the same picture
