@@ -80,8 +80,6 @@ class _Packed:
         self.keys = tuple(params)
         self.params, self.grads = tuple(params.values()), tuple(grads.values())
         self.flat_p, self.flat_g = flat_p, flat_g
-        ends = np.cumsum([a.size for a in self.params]).tolist()
-        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))  # each parameter's part of the buffers
         self.state: dict[str, np.ndarray] = {}
 
     def matches(self, params: Params, grads: Params) -> bool:

@@ -23,8 +23,6 @@ from charrnn import hookimpl
 from charrnn.generate import StepAdapter
 from charrnn.tuning import padded_rows
 from charrnn_plugins.recurrent import (
-    DENSE_SCATTER_MAX_VOCAB,
-    MAX_CACHED_SHAPES,
     Arrays,
     Buffers,
     LayerBuffers,
@@ -33,9 +31,6 @@ from charrnn_plugins.recurrent import (
     layer_name,
     transpose_into,
 )
-
-_MAX_CACHED_SHAPES = MAX_CACHED_SHAPES  # the names this module had before the shared code moved
-_DENSE_SCATTER_MAX_VOCAB = DENSE_SCATTER_MAX_VOCAB
 
 
 def _rows_t(a: np.ndarray) -> np.ndarray:
