@@ -1,7 +1,8 @@
-"""Shared plumbing for optimizer plugins: option checks, gradient clipping, state loading.
+"""Shared plumbing for optimizer plugins: option checks, packed updates, state loading.
 
-Part of the public API so that third-party optimizers clip and checkpoint the way the
-builtin ones do.
+Part of the public API so that third-party optimizers take their options and checkpoint the
+way the builtin ones do. Clipping is not here: the training loop clips every optimizer's
+gradients before `step` (`charrnn.transforms`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def packed_buffer(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
 
 @dataclass
 class Slot:
-    """What one update works on: a parameter, its clipped gradient and its state arrays.
+    """What one update works on: a parameter, its gradient (clipped already) and its state arrays.
 
     `key` is the parameter's name, or `"*"` when one slot covers all parameters packed together.
     """
