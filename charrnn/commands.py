@@ -55,8 +55,10 @@ class Run:
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
         from charrnn import config as cfg
         from charrnn.cli import report
+        from charrnn.interrupts import Aborted
         from charrnn.pipeline import Pipeline
-        from charrnn.world import SharedFailure, detect, limit_blas_threads
+        from charrnn.threads import for_mpi_rank
+        from charrnn.world import SharedFailure, detect
 
         pipeline = Pipeline(args.pipeline, overrides=args.overrides)
         if args.print_config:
@@ -68,10 +70,12 @@ class Run:
         if world is None or world.size == 1:
             pipeline.run(stdout=out, stderr=sys.stderr)  # type: ignore[arg-type]
             return 0
-        limit_blas_threads()
+        for_mpi_rank()
         try:
             pipeline.run(stdout=out, stderr=sys.stderr, world=world)  # type: ignore[arg-type]
         except SharedFailure as exc:  # every rank failed alike at start-up: said once, all leave normally
+            return report(exc) if world.rank == 0 else exc.code
+        except Aborted as exc:  # every rank stopped at one step, after rank 0's save: said once, all leave
             return report(exc) if world.rank == 0 else exc.code
         except BaseException as exc:  # one rank failed: end the whole job now, not at the next collective
             try:

@@ -22,6 +22,7 @@ import yaml
 
 from charrnn import options as opt
 from charrnn.errors import ConfigError
+from charrnn.files import RunFiles
 from charrnn.options import Check, Choice, FilePath, Range
 
 Lines = dict[tuple[str, ...], int | str]  # a str: how the value was given, e.g. a command-line flag
@@ -49,9 +50,9 @@ class Train:
     save_every: Annotated[
         int | None, Range(ge=1), "also save the checkpoint every N steps; null: at the end only"
     ] = None
-    # 16 bytes: `.metrics.jsonl` and `.best.npz.tmp` replace `.npz` in files named after it
+    # the files named after it (`.metrics.jsonl`, `.best.npz`) need RunFiles.NAME_RESERVE bytes more
     checkpoint: Annotated[
-        str, FilePath(reserve=16, file=True), _NOT_EMPTY, "where the checkpoint is written"
+        str, FilePath(reserve=RunFiles.NAME_RESERVE, file=True), _NOT_EMPTY, "where the checkpoint is written"
     ] = "runs/default/final_model.npz"
     resume: Annotated[
         bool | str,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from charrnn.errors import CharrnnError
-from charrnn.files import atomic_write
+from charrnn.files import RunFiles, atomic_write
 from charrnn.metrics import is_number, read_metrics
 
 # matplotlib's tab10: distinct, colour-blind tolerant, and the same colours in the SVG and the PNG
@@ -97,7 +97,7 @@ def loss_series(
 
 def run_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Short, distinct labels: the file stems, with as many parent folders as it takes to tell them apart."""
-    parts = [Path(p).parent.parts + (_stem(Path(p)),) for p in paths]
+    parts = [Path(p).parent.parts + (RunFiles.from_metrics(p).name,) for p in paths]
     for depth in range(1, max((len(p) for p in parts), default=1) + 1):
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
@@ -105,18 +105,9 @@ def run_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".metrics.jsonl", ".jsonl"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def default_output(path: str | os.PathLike) -> Path:
     """Where `charrnn plot` writes without -o: `<run>.loss.svg` beside the (first) metrics file."""
-    path = Path(path)
-    return path.with_name(_stem(path) + ".loss.svg")
+    return RunFiles.from_metrics(path).plot
 
 
 def write_loss_plot(

@@ -21,6 +21,8 @@ pre-activations are computed halved (by halved copies of the weights) and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from charrnn import hookimpl
@@ -40,6 +42,48 @@ from charrnn_plugins.recurrent import (
     orthogonal,
     transpose_into,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """What the forward loop touches at time step t: (F, B) views into the layer's buffers.
+
+    Named, so the loop says what it reads and writes; a slotted dataclass rather than a
+    NamedTuple, because the loop reads some twenty fields per step and slots read fastest.
+    """
+
+    a: np.ndarray  # (4H, B) pre-activations, then the gate values [o, i, f, g]
+    sig: np.ndarray  # (3H, B) the sigmoid gates [o, i, f] of `a`
+    o: np.ndarray  # (H, B) each gate of `a`
+    i: np.ndarray
+    f: np.ndarray
+    g: np.ndarray
+    x: np.ndarray  # (4H, B) the input projection, sigmoid rows halved
+    h_prev: np.ndarray  # (H, B) h_{t-1}
+    h: np.ndarray  # (H, B) h_t
+    c_prev: np.ndarray  # (H, B) c_{t-1}
+    c: np.ndarray  # (H, B) c_t
+    tc: np.ndarray  # (H, B) tanh(c_t)
+
+
+@dataclass(frozen=True, slots=True)
+class _Backward:
+    """What the backward loop touches at time step t (views, as `_Forward`)."""
+
+    d: np.ndarray  # (4H, B) dL/d(pre-activations) of step t; step t + 1's is the other buffer
+    do: np.ndarray  # (H, B) its o block
+    difg: np.ndarray  # (3, H, B) its [i, f, g] blocks
+    dsig: np.ndarray  # (3H, B) its sigmoid blocks [o, i, f]: first σ' = σ(1 - σ)
+    dg: np.ndarray  # (H, B) its g block: first tanh' = 1 - g^2
+    sig: np.ndarray  # the gate values of step t, as in `_Forward`
+    o: np.ndarray
+    i: np.ndarray
+    f: np.ndarray
+    g: np.ndarray
+    c_prev: np.ndarray  # (H, B) c_{t-1}
+    tc: np.ndarray  # (H, B) tanh(c_t)
+    dh_above: np.ndarray  # (H, B) dL/dh_t from the layer above (or the output layer)
+    dx: np.ndarray  # (4H, B) where dL/d(pre-activations) of step t is kept for the weight gradients
 
 
 class _Layer(LayerBuffers):
@@ -73,23 +117,40 @@ class _Layer(LayerBuffers):
         self.tcs = np.empty((T, H, B), dtype)  # tanh(c_t)
         self.dxs = np.empty((2, G, B), dtype)  # dL/d(pre-activations) of steps t and t + 1
         self.tmp, self.dh, self.dc = (np.empty((H, B), dtype) for _ in range(3))  # dh: dL/dh_t, dc: dL/dc_t
-        acts = [(a, a[: 3 * H], a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]) for a in self.acts]
         self.forward_steps = [
-            (
-                *acts[t],
-                self.xs[t] if first else self.xs[:, t],
-                self.hs[:, t],
-                self.hs[:, t + 1],
-                self.cs[t],
-                self.cs[t + 1],
-                self.tcs[t],
+            _Forward(
+                a=a,
+                sig=a[: 3 * H],
+                o=a[:H],
+                i=a[H : 2 * H],
+                f=a[2 * H : 3 * H],
+                g=a[3 * H :],
+                x=self.xs[t] if first else self.xs[:, t],
+                h_prev=self.hs[:, t],
+                h=self.hs[:, t + 1],
+                c_prev=self.cs[t],
+                c=self.cs[t + 1],
+                tc=self.tcs[t],
             )
-            for t in range(T)
+            for t, a in enumerate(self.acts)
         ]
-        dxs = [(d, d[:H], d[H:].reshape(3, H, B), d[: 3 * H], d[3 * H :]) for d in self.dxs]
+        ds = [
+            dict(d=d, do=d[:H], difg=d[H:].reshape(3, H, B), dsig=d[: 3 * H], dg=d[3 * H :]) for d in self.dxs
+        ]
         self.backward_steps = [
-            (*dxs[t % 2], *acts[t][1:], self.cs[t], self.tcs[t], self.dh_above[:, t], self.dx[:, t])
-            for t in range(T - 1, -1, -1)
+            _Backward(
+                **ds[t % 2],
+                sig=s.sig,
+                o=s.o,
+                i=s.i,
+                f=s.f,
+                g=s.g,
+                c_prev=s.c_prev,
+                tc=s.tc,
+                dh_above=self.dh_above[:, t],
+                dx=self.dx[:, t],
+            )
+            for t, s in reversed(list(enumerate(self.forward_steps)))
         ]
 
 
@@ -150,17 +211,17 @@ class LSTM(Recurrent):
         transpose_into(self.params[layer_name("Whh", layer)], WT)
         WT *= self._gate_scale[:, None]
         tmp = lb.tmp
-        for a, sig, o, i, f, g, x, h_prev, h, c_prev, c, tc in lb.forward_steps:
-            np.matmul(WT, h_prev, out=a)  # (4H, B)
-            np.add(a, x, out=a)  # pre-activations, sigmoid rows halved
-            np.tanh(a, out=a)
-            np.multiply(sig, 0.5, out=sig)
-            np.add(sig, 0.5, out=sig)  # [o, i, f] = σ
-            np.multiply(f, c_prev, out=c)
-            np.multiply(i, g, out=tmp)
-            np.add(c, tmp, out=c)  # c_t = f * c_{t-1} + i * g
-            np.tanh(c, out=tc)
-            np.multiply(o, tc, out=h)  # h_t = o * tanh(c_t)
+        for s in lb.forward_steps:
+            np.matmul(WT, s.h_prev, out=s.a)  # (4H, B)
+            np.add(s.a, s.x, out=s.a)  # pre-activations, sigmoid rows halved
+            np.tanh(s.a, out=s.a)
+            np.multiply(s.sig, 0.5, out=s.sig)
+            np.add(s.sig, 0.5, out=s.sig)  # [o, i, f] = σ
+            np.multiply(s.f, s.c_prev, out=s.c)
+            np.multiply(s.i, s.g, out=tmp)
+            np.add(s.c, tmp, out=s.c)  # c_t = f * c_{t-1} + i * g
+            np.tanh(s.c, out=s.tc)
+            np.multiply(s.o, s.tc, out=s.h)  # h_t = o * tanh(c_t)
 
     def _backward_layer(self, layer: int, lb: _Layer) -> None:
         Whh, bh = layer_name("Whh", layer), layer_name("bh", layer)
@@ -168,30 +229,31 @@ class LSTM(Recurrent):
         dh, dc, tmp = lb.dh, lb.dc, lb.tmp
         dc.fill(0)  # nothing flows into the last cell state from beyond the chunk
         d_next = None
-        for d, do, difg, dsig, dg, sig, o, i, f, g, c_prev, tc, dh_above, dx in lb.backward_steps:
+        for s in lb.backward_steps:
             if d_next is None:
-                np.copyto(dh, dh_above)
+                np.copyto(dh, s.dh_above)
             else:
                 np.matmul(W, d_next, out=dh)  # (H, B) dL/dh_t through the gates of t + 1
-                np.add(dh, dh_above, out=dh)
-            np.multiply(tc, tc, out=tmp)
+                np.add(dh, s.dh_above, out=dh)
+            np.multiply(s.tc, s.tc, out=tmp)
             np.subtract(1, tmp, out=tmp)
-            np.multiply(tmp, o, out=tmp)
+            np.multiply(tmp, s.o, out=tmp)
             np.multiply(tmp, dh, out=tmp)
             np.add(dc, tmp, out=dc)  # dc_t += dh_t * o * tanh'(c_t)
-            np.multiply(sig, sig, out=dsig)
-            np.subtract(sig, dsig, out=dsig)  # σ' = σ(1 - σ) for o, i, f
-            np.multiply(g, g, out=dg)
-            np.subtract(1, dg, out=dg)  # tanh' = 1 - g^2
+            np.multiply(s.sig, s.sig, out=s.dsig)
+            np.subtract(s.sig, s.dsig, out=s.dsig)  # σ' = σ(1 - σ) for o, i, f
+            np.multiply(s.g, s.g, out=s.dg)
+            np.subtract(1, s.dg, out=s.dg)  # tanh' = 1 - g^2
+            difg = s.difg
             np.multiply(difg, dc, out=difg)  # [i, f, g] blocks: times dc
-            np.multiply(do, dh, out=do)
-            np.multiply(do, tc, out=do)  # do = dh * tanh(c) * σ'
-            np.multiply(difg[0], g, out=difg[0])  # di = dc * g * σ'
-            np.multiply(difg[1], c_prev, out=difg[1])  # df = dc * c_{t-1} * σ'
-            np.multiply(difg[2], i, out=difg[2])  # dg = dc * i * tanh'
-            np.multiply(dc, f, out=dc)  # dL/dc_{t-1} through the cell
-            np.copyto(dx, d)
-            d_next = d
+            np.multiply(s.do, dh, out=s.do)
+            np.multiply(s.do, s.tc, out=s.do)  # do = dh * tanh(c) * σ'
+            np.multiply(difg[0], s.g, out=difg[0])  # di = dc * g * σ'
+            np.multiply(difg[1], s.c_prev, out=difg[1])  # df = dc * c_{t-1} * σ'
+            np.multiply(difg[2], s.i, out=difg[2])  # dg = dc * i * tanh'
+            np.multiply(dc, s.f, out=dc)  # dL/dc_{t-1} through the cell
+            np.copyto(s.dx, s.d)
+            d_next = s.d
         np.dot(lb.h_prevT, lb.dxT.T, out=g_[Whh])  # (H, 4H) summed over all steps at once
         np.dot(lb.dxT, lb.ones_n, out=g_[bh])  # (4H,)
 

@@ -25,8 +25,6 @@ from charrnn.options import Range
 from charrnn.tuning import padded_rows
 from charrnn.types import ExportNetwork
 from charrnn_plugins.recurrent import (
-    DENSE_SCATTER_MAX_VOCAB,
-    MAX_CACHED_SHAPES,
     Arrays,
     Buffers,
     Dropout,
@@ -40,9 +38,6 @@ from charrnn_plugins.recurrent import (
     layer_name,
     transpose_into,
 )
-
-_MAX_CACHED_SHAPES = MAX_CACHED_SHAPES  # the names this module had before the shared code moved
-_DENSE_SCATTER_MAX_VOCAB = DENSE_SCATTER_MAX_VOCAB
 
 
 def _rows_t(a: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Any
 
 from charrnn import hookimpl
 from charrnn.errors import PluginError
+from charrnn.files import RunFiles
 
 EXTRA = "pip install 'charrnn[tensorboard]'"
 
@@ -41,8 +42,7 @@ _local = threading.local()
 
 def log_dir(checkpoint: str) -> Path:
     """Where the run with this checkpoint path writes its event files."""
-    path = Path(checkpoint)
-    return path.parent / "tb" / path.stem
+    return RunFiles(checkpoint).tensorboard
 
 
 class EventFile:

@@ -186,3 +186,50 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_saves(pipeline_file, tmp_path):
     assert saved.meta["world_size"] == 2 and saved.meta["step"] > 0
     assert f"stopped at step {saved.meta['step']}; saved {ckpt}" in err
     assert "the " in out  # then the generate stage ran (on rank 0; MPICH adds notes of its own)
+
+
+# an optimizer whose state takes a second to collect: rank 0's save is slow, as a large model's is
+SLOW_TO_SAVE = """\
+import time
+
+import charrnn
+from charrnn_plugins.optimizers import Adam
+
+
+class SlowToSave(Adam):
+    def state_dict(self):
+        time.sleep(1.0)
+        return super().state_dict()
+
+
+@charrnn.hookimpl
+def charrnn_optimizer(register):
+    register("slow_to_save", SlowToSave)
+"""
+
+
+def test_sigterm_to_mpiexec_saves_on_rank_0_before_the_job_ends(pipeline_file, tmp_path):
+    path, _ = pipeline_file
+    plugin = tmp_path / "slow_to_save.py"
+    plugin.write_text(SLOW_TO_SAVE, encoding="utf-8")
+    ckpt = tmp_path / "term.npz"
+    proc = subprocess.Popen(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "charrnn", "run", str(path), "--set", "train.steps=null",
+         "--set", "train.save_every=10", "--set", f"train.checkpoint={ckpt}", "--set", f"plugins=[{plugin}]",
+         "--set", "optimizer={type: slow_to_save, lr: 0.01}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for _ in range(1200):  # the first save, up to a minute
+        if ckpt.exists():
+            break
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "Abort" not in err, err
+    saved = ckpt_io.load(ckpt)
+    assert saved.meta["world_size"] == 2 and saved.meta["step"] > 10
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert lines == [f"interrupted: saved step {saved.meta['step']} to {ckpt}"], err  # said once, by rank 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

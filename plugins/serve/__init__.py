@@ -115,9 +115,9 @@ def one_blas_thread() -> bool:
     the HTTP threads and the worker need: measured with 16 clients, 0.7x of serial throughput
     with them against 1.9x without (tests/bench_serve.py).
     """
-    from charrnn.machine import set_blas_threads, user_pinned
+    from charrnn.threads import for_serving
 
-    return not user_pinned() and set_blas_threads(1)
+    return for_serving() is not None
 
 
 def _url_host(host: str) -> str:

@@ -33,9 +33,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from charrnn.checkpoint import read_meta
 from charrnn.errors import CharrnnError, PluginFailure
+from charrnn.files import RunFiles
 from charrnn.loaded import LoadedModel
+from charrnn.metrics import read_metrics
 
 from . import api
 from .api import ApiError, bad
@@ -96,8 +97,8 @@ class Served:
     def __init__(self, name: str, loaded: LoadedModel, engine: Engine) -> None:
         self.name, self.loaded, self.engine = name, loaded, engine
         path = Path(loaded.path or name)
-        self.metrics = path.with_name(path.stem + ".metrics.jsonl") if path.suffix == ".npz" else None
-        self.model_type = model_type(loaded)
+        self.metrics = RunFiles(path).metrics if path.suffix == ".npz" else None
+        self.model_type = loaded.model_type
         try:
             self.created = int(path.stat().st_mtime)
         except OSError:
@@ -125,34 +126,10 @@ class Served:
         if self.metrics is None:
             raise ApiError(404, f"model {self.name!r} has no metrics file", None, "metrics_not_found")
         try:
-            text = self.metrics.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            raise ApiError(
-                404,
-                f"model {self.name!r} has no readable metrics file beside its checkpoint",
-                None,
-                "metrics_not_found",
-            ) from None
-        records = []
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
-
-
-def model_type(loaded: LoadedModel) -> str | None:
-    """The model's registered name, from the checkpoint's metadata (the loaded config keeps only
-    the generation sections)."""
-    if loaded.path is None:
-        return None
-    try:
-        return read_meta(loaded.path)["config"]["model"]["type"]
-    except (CharrnnError, KeyError, TypeError):
-        return None
+            return read_metrics(self.metrics, empty_ok=True)
+        except CharrnnError as exc:
+            message = str(exc).replace(str(self.metrics), f"the metrics file of model {self.name!r}")
+            raise ApiError(404, message, None, "metrics_not_found") from None
 
 
 class Connection:

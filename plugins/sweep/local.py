@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO, NamedTuple, TextIO
 
+from charrnn import threads
 from charrnn.errors import ConfigError
 
 from . import locks
@@ -51,13 +52,7 @@ def run_local(sweep: Sweep, trials: list[Trial], done: dict[str, Trial], err: Te
     SIGTERM (each saves and exits at once).
     """
     slots = sweep.max_concurrent or max(1, (os.cpu_count() or 1) // max(1, int(sweep.cpus_per_trial)))
-    threads = str(max(1, int(sweep.cpus_per_trial)))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": threads,
-        "OPENBLAS_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-    }
+    env = {**os.environ, **threads.environment(max(1, int(sweep.cpus_per_trial)))}
     for t in trials:
         if t.id in done:
             t.status, t.seconds = done[t.id].status, done[t.id].seconds

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from charrnn import config as cfg
 from charrnn.errors import CharrnnError, ConfigError
-from charrnn.files import atomic_write
+from charrnn.files import RunFiles, atomic_write
 from charrnn.metrics import is_number, read_jsonl, read_metrics
 
 from . import locks
@@ -25,7 +25,7 @@ FINISHED = ("done", "stopped early")
 
 def _metrics(sweep: Sweep, trial: Trial) -> list[dict[str, Any]]:
     """The trial's metrics records; none while it has not reported, or if its file is damaged."""
-    path = trial.folder(sweep) / "model.metrics.jsonl"
+    path = RunFiles(trial.checkpoint(sweep)).metrics
     try:
         return read_metrics(path, empty_ok=True) if path.exists() else []
     except CharrnnError:
@@ -37,7 +37,7 @@ def row(sweep: Sweep, trial: Trial) -> dict[str, Any]:
     records = _metrics(sweep, trial)
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     trains = [r["train_loss"] for r in records if r.get("train_loss") is not None]
-    best = trial.folder(sweep) / "model.best.npz"
+    best = RunFiles(trial.checkpoint(sweep)).best
     final = trial.checkpoint(sweep)
     return {
         "id": trial.id,
