@@ -228,20 +228,6 @@ class Plot:
         return 0
 
 
-class Options:
-    help = "print every pipeline key and component option (type, default, rules, help) as Markdown"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_plugin(parser)
-
-    def __call__(self, args: argparse.Namespace, out: Any) -> int:
-        from charrnn.plugins import get_plugin_manager
-        from charrnn.reference import pipeline_reference
-
-        out.write(pipeline_reference(get_plugin_manager(extra=args.plugins)))
-        return 0
-
-
 class Plugins:
     help = "list plugins and their components as JSON"
 
@@ -249,11 +235,24 @@ class Plugins:
         add_plugin(parser)
 
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
-        from charrnn.plugins import get_plugin_manager, list_plugins
+        from charrnn.plugins import get_plugin_manager
 
-        pm = get_plugin_manager(extra=args.plugins)
-        out.write(json.dumps(list_plugins(pm), indent=2) + "\n")
+        out.write(self.render(get_plugin_manager(extra=args.plugins)))
         return 0
+
+    def render(self, pm: Any) -> str:
+        from charrnn.plugins import list_plugins
+
+        return json.dumps(list_plugins(pm), indent=2) + "\n"
+
+
+class Options(Plugins):
+    help = "print every pipeline key and component option (type, default, rules, help) as Markdown"
+
+    def render(self, pm: Any) -> str:
+        from charrnn.reference import pipeline_reference
+
+        return pipeline_reference(pm)
 
 
 @hookimpl

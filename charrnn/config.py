@@ -32,6 +32,13 @@ COMPONENTS = ("corpus", "model", "optimizer", "sampler", "schedule")
 
 Stage = Literal["train", "evaluate", "generate"]
 _NOT_EMPTY = Check(lambda v: v != "", "a non-empty string")
+#: a stage's `checkpoint`: the model it loads when it runs without a train stage before it
+StageModel = Annotated[
+    str | None,
+    FilePath(file=True),
+    _NOT_EMPTY,
+    "the model to load when no train stage runs before (else train.checkpoint)",
+]
 
 
 @dataclass
@@ -90,12 +97,7 @@ class Generate:
 
     num_chars: Annotated[int, Range(ge=0), "characters to generate after the seed text"] = 1000
     seed_text: Annotated[str, "text that primes the hidden state; it is printed first"] = "The "
-    checkpoint: Annotated[
-        str | None,
-        FilePath(file=True),
-        _NOT_EMPTY,
-        "the model to load when no train stage runs before (else train.checkpoint)",
-    ] = None
+    checkpoint: StageModel = None
     num_samples: Annotated[int, Range(ge=1), "independent samples, generated at once as parallel streams"] = 1
     stop: Annotated[
         list[Annotated[str, _NOT_EMPTY]] | Annotated[str, _NOT_EMPTY],
@@ -112,12 +114,7 @@ class Evaluate:
     path: Annotated[
         str | None, FilePath(file=True), _NOT_EMPTY, "the text to score; null: the validation split"
     ] = None
-    checkpoint: Annotated[
-        str | None,
-        FilePath(file=True),
-        _NOT_EMPTY,
-        "the model to load when no train stage runs before (else train.checkpoint)",
-    ] = None
+    checkpoint: StageModel = None
 
 
 @dataclass

@@ -23,21 +23,8 @@ import numpy as np
 
 from charrnn import hookimpl
 from charrnn.types import ExportNetwork
-from charrnn_plugins.recurrent import (
-    Arrays,
-    Buffers,
-    Dropout,
-    DType,
-    HiddenSize,
-    LayerBuffers,
-    NumLayers,
-    Recurrent,
-    export_stack,
-    features_first,
-    layer_name,
-    orthogonal,
-    transpose_into,
-)
+from charrnn_plugins import recurrent as rec
+from charrnn_plugins.recurrent import Arrays, features_first, layer_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +57,7 @@ class _Backward:
     du_seq: np.ndarray  # (3H, B) where dL/du of step t is kept for the weight gradients
 
 
-class _Layer(LayerBuffers):
+class _Layer(rec.LayerBuffers):
     """One GRU layer's work arrays for a (B, T) shape, feature-major as in `lstm`; per-step views prebuilt."""
 
     def __init__(self, B: int, T: int, H: int, dtype: np.dtype, dropout: bool, first: bool) -> None:
@@ -130,7 +117,7 @@ class _Layer(LayerBuffers):
         self.d_blocks = (d[:H], d[H : 2 * H], d[2 * H :], d[: 2 * H])  # dr, dz, dn, drz
 
 
-class GRU(Recurrent):
+class GRU(rec.Recurrent):
     """GRU character model (see the module docstring for the equations and gate layout).
 
     Init: `Whh` is three independent random orthogonal (H, H) blocks, so at the start the
@@ -154,10 +141,10 @@ class GRU(Recurrent):
         self,
         vocab_size: int,
         rng: np.random.Generator,
-        hidden_size: HiddenSize = 128,
-        num_layers: NumLayers = 1,
-        dropout: Dropout = 0.0,
-        dtype: DType = "float32",
+        hidden_size: rec.HiddenSize = 128,
+        num_layers: rec.NumLayers = 1,
+        dropout: rec.Dropout = 0.0,
+        dtype: rec.DType = "float32",
     ) -> None:
         super().__init__(vocab_size, rng, hidden_size, num_layers, dropout, dtype)
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers
@@ -165,7 +152,9 @@ class GRU(Recurrent):
         params: Arrays = {}
         for layer in range(L):
             params[layer_name("Wxh", layer)] = rng.standard_normal((V if layer == 0 else H, 3 * H)) * std
-            params[layer_name("Whh", layer)] = np.concatenate([orthogonal(rng, H) for _ in range(3)], axis=1)
+            params[layer_name("Whh", layer)] = np.concatenate(
+                [rec.orthogonal(rng, H) for _ in range(3)], axis=1
+            )
             params[layer_name("bh", layer)] = np.zeros(3 * H)
             params[layer_name("bhn", layer)] = np.zeros(H)
         params["Why"], params["by"] = rng.standard_normal((H, V)) * std, np.zeros(V)
@@ -180,7 +169,7 @@ class GRU(Recurrent):
         H = self.hidden_size
         np.copyto(lb.hs[:, 0], state[layer_name("h", layer)].T)
         WT = self._WhhT_half[layer]  # (3H, H)
-        transpose_into(self.params[layer_name("Whh", layer)], WT)
+        rec.transpose_into(self.params[layer_name("Whh", layer)], WT)
         WT *= self._gate_scale[:, None]
         bhn = self.params[layer_name("bhn", layer)][:, None]  # (H, 1)
         u, tmp = lb.u, lb.tmp
@@ -259,7 +248,7 @@ class GRU(Recurrent):
         new[name] = h
         return h
 
-    def _state_out(self, b: Buffers) -> Arrays:
+    def _state_out(self, b: rec.Buffers) -> Arrays:
         return {
             layer_name("h", layer): np.ascontiguousarray(lb.hs[:, -1].T) for layer, lb in enumerate(b.layers)
         }
@@ -274,7 +263,7 @@ def export_network(model: GRU) -> ExportNetwork:
         bhn = p[layer_name("bhn", layer)]
         return np.concatenate([np.zeros(2 * H, bhn.dtype), bhn])  # (3H,) [z, r, h]
 
-    return export_stack(model, "GRU", (1, 0, 2), recurrent_bias)
+    return rec.export_stack(model, "GRU", (1, 0, 2), recurrent_bias)
 
 
 @hookimpl

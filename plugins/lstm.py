@@ -27,21 +27,8 @@ import numpy as np
 
 from charrnn import hookimpl
 from charrnn.types import ExportNetwork
-from charrnn_plugins.recurrent import (
-    Arrays,
-    Buffers,
-    Dropout,
-    DType,
-    HiddenSize,
-    LayerBuffers,
-    NumLayers,
-    Recurrent,
-    export_stack,
-    features_first,
-    layer_name,
-    orthogonal,
-    transpose_into,
-)
+from charrnn_plugins import recurrent as rec
+from charrnn_plugins.recurrent import Arrays, features_first, layer_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +73,7 @@ class _Backward:
     dx: np.ndarray  # (4H, B) where dL/d(pre-activations) of step t is kept for the weight gradients
 
 
-class _Layer(LayerBuffers):
+class _Layer(rec.LayerBuffers):
     """One LSTM layer's work arrays for a (B, T) shape, feature-major; per-step views prebuilt.
 
     The per-step matmul is (4H, H) @ (H, B): with B the short axis OpenBLAS runs it ~1.8x faster
@@ -154,7 +141,7 @@ class _Layer(LayerBuffers):
         ]
 
 
-class LSTM(Recurrent):
+class LSTM(rec.Recurrent):
     """LSTM character model (see the module docstring for the equations and gate layout).
 
     Init: `Whh` is four independent random orthogonal (H, H) blocks, so at the start the
@@ -181,10 +168,10 @@ class LSTM(Recurrent):
         self,
         vocab_size: int,
         rng: np.random.Generator,
-        hidden_size: HiddenSize = 128,
-        num_layers: NumLayers = 1,
-        dropout: Dropout = 0.0,
-        dtype: DType = "float32",
+        hidden_size: rec.HiddenSize = 128,
+        num_layers: rec.NumLayers = 1,
+        dropout: rec.Dropout = 0.0,
+        dtype: rec.DType = "float32",
     ) -> None:
         super().__init__(vocab_size, rng, hidden_size, num_layers, dropout, dtype)
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers
@@ -194,7 +181,9 @@ class LSTM(Recurrent):
         params: Arrays = {}
         for layer in range(L):
             params[layer_name("Wxh", layer)] = rng.standard_normal((V if layer == 0 else H, 4 * H)) * std
-            params[layer_name("Whh", layer)] = np.concatenate([orthogonal(rng, H) for _ in range(4)], axis=1)
+            params[layer_name("Whh", layer)] = np.concatenate(
+                [rec.orthogonal(rng, H) for _ in range(4)], axis=1
+            )
             params[layer_name("bh", layer)] = bias
         params["Why"], params["by"] = rng.standard_normal((H, V)) * std, np.zeros(V)
         order = ["Wxh", "Whh", "Why", "bh", "by"]  # the one-layer names first, as in `rnn`
@@ -208,7 +197,7 @@ class LSTM(Recurrent):
         np.copyto(lb.hs[:, 0], state[layer_name("h", layer)].T)
         np.copyto(lb.cs[0], state[layer_name("c", layer)].T)
         WT = self._WhhT_half[layer]  # (4H, H)
-        transpose_into(self.params[layer_name("Whh", layer)], WT)
+        rec.transpose_into(self.params[layer_name("Whh", layer)], WT)
         WT *= self._gate_scale[:, None]
         tmp = lb.tmp
         for s in lb.forward_steps:
@@ -275,7 +264,7 @@ class LSTM(Recurrent):
         new[hn], new[cn] = h, c
         return h
 
-    def _state_out(self, b: Buffers) -> Arrays:
+    def _state_out(self, b: rec.Buffers) -> Arrays:
         out = {}
         for layer, lb in enumerate(b.layers):
             out[layer_name("h", layer)] = np.ascontiguousarray(lb.hs[:, -1].T)  # (B, H)
@@ -285,7 +274,7 @@ class LSTM(Recurrent):
 
 def export_network(model: LSTM) -> ExportNetwork:
     """The model as ONNX `LSTM` layers: gate blocks [o, i, f, g] become ONNX's [i, o, f, c]; Rb = 0."""
-    return export_stack(model, "LSTM", (1, 0, 2, 3))
+    return rec.export_stack(model, "LSTM", (1, 0, 2, 3))
 
 
 @hookimpl

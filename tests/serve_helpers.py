@@ -17,6 +17,7 @@ import charrnn
 from charrnn.loaded import LoadedModel
 from charrnn_plugins.serve.engine import Engine
 from charrnn_plugins.serve.server import Served, Server
+from conftest import TINY_TEXT, tiny_pipeline
 
 
 def train_tiny(tmp_path, tiny_config, steps: int = 30) -> str:
@@ -87,32 +88,11 @@ def streamed_texts(chunks: list) -> tuple[dict, dict]:
     return texts, reasons
 
 
-TINY_CORPUS = (
-    "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. the end.\n" * 8
-)
-
-
 def tiny_checkpoint(tmp) -> str:
     """A checkpoint trained 30 steps on the tiny text (with its metrics file), in `tmp`."""
     corpus = tmp / "tiny.txt"
-    corpus.write_text(TINY_CORPUS, encoding="utf-8")
-    config = {
-        "seed": 1,
-        "corpus": {"type": "text", "path": str(corpus), "val_fraction": 0.1},
-        "model": {"type": "rnn", "hidden_size": 16},
-        "optimizer": {"type": "adagrad", "lr": 0.1},
-        "sampler": {"type": "temperature", "temperature": 1.0},
-        "train": {
-            "steps": 30,
-            "batch_size": 4,
-            "seq_length": 8,
-            "sample_every": 10,
-            "sample_length": 20,
-            "checkpoint": str(tmp / "model.npz"),
-        },
-        "generate": {"num_chars": 50, "seed_text": "the "},
-    }
-    return train_tiny(tmp, config)
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    return train_tiny(tmp, tiny_pipeline(corpus, tmp / "model.npz"))
 
 
 @contextmanager

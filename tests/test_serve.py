@@ -18,39 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_helpers import events, post, request, serving, streamed_texts, train_tiny
+from serve_helpers import events, post, request, serving, streamed_texts, tiny_checkpoint, train_tiny
 
 import charrnn
 from charrnn.engine import log_softmax
 from charrnn.loaded import LoadedModel
+from conftest import wait_for
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    corpus = tmp / "tiny.txt"
-    corpus.write_text(
-        "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. the end.\n"
-        * 8,
-        encoding="utf-8",
-    )
-    config = {
-        "seed": 1,
-        "corpus": {"type": "text", "path": str(corpus), "val_fraction": 0.1},
-        "model": {"type": "rnn", "hidden_size": 16},
-        "optimizer": {"type": "adagrad", "lr": 0.1},
-        "sampler": {"type": "temperature", "temperature": 1.0},
-        "train": {
-            "steps": 30,
-            "batch_size": 4,
-            "seq_length": 8,
-            "sample_every": 10,
-            "sample_length": 20,
-            "checkpoint": str(tmp / "model.npz"),
-        },
-        "generate": {"num_chars": 50, "seed_text": "the "},
-    }
-    return train_tiny(tmp, config)
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -478,15 +456,6 @@ def test_auth_requires_the_bearer_key_but_not_for_health(checkpoint):
         assert post(port, {"model": "model", "max_tokens": 3}, headers=ok)[0] == 200
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_disconnect_stops_generation_at_the_next_chunk(server):
     srv, port = server
     engine = srv.models["model"].engine
@@ -517,11 +486,13 @@ class Gate:
     def __init__(self, model):
         self.model, self.open = model, threading.Event()
         self.vocab_size, self.dtype = model.vocab_size, model.dtype
+        self.calls = 0  # steps begun
 
     def init_state(self, k):
         return self.model.init_state(k)
 
     def step(self, ids, state):
+        self.calls += 1
         self.open.wait(10)
         return self.model.step(ids, state)
 
@@ -665,7 +636,11 @@ def test_serve_is_a_command_plugin():
         (["--max-tokens-limit", "0"], "--max-tokens-limit"),
         (["--port", "70000"], "--port"),
         (["--api-key", " "], "empty"),
+        (["--api-key", ""], "--api-key is empty"),
         (["--queue-size", "0"], "--queue-size"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--request-timeout", "0"], "--request-timeout"),
+        (["--request-timeout", "nan"], "--request-timeout"),
     ],
 )
 def test_serve_refuses_bad_flags_in_one_line(checkpoint, capsys, monkeypatch, argv, words):
@@ -864,3 +839,53 @@ def test_a_bytes_model_serves_utf8_text_and_logprobs(tmp_path, tiny_config):
         assert len(lp["tokens"]) == len("caf\u00e9 ".encode()) + 30
         status, _, text = post(port, {"model": "model", "prompt": "the ", "max_tokens": 40, "stream": True})
         assert status == 200 and events(text)[-1] == "[DONE]"
+
+
+class WildSearch:
+    """A searching sampler whose search returns ids outside the vocabulary."""
+
+    def __call__(self, logits, rng):
+        return logits.argmax(1)
+
+    def search(self, model, state, last_ids, num_chars, rng):
+        return np.full((len(last_ids), num_chars), 10**6)
+
+
+class WildSearchPlugin:
+    @charrnn.hookimpl
+    def charrnn_sampler(self, register):
+        register("wild_search", WildSearch)
+
+
+def test_ids_from_a_search_are_checked_where_every_id_is_and_name_the_plugin(checkpoint):
+    """Regression: the server's search path did not check ids: 500 `IndexError: list index out of
+    range`, naming nobody; `charrnn generate` said which plugin failed."""
+    with serving(checkpoint, plugins=[WildSearchPlugin()]) as (srv, port):
+        status, _, out = post(
+            port, {"model": "model", "prompt": "t", "max_tokens": 5, "sampler": "wild_search"}
+        )
+        assert status == 500, out
+        message = out["error"]["message"]
+        assert "(sampler 'wild_search') failed: search returned" in message
+        assert "expected integer ids in [0, " in message and "IndexError" not in message
+        assert post(port, {"model": "model", "prompt": "t", "max_tokens": 5})[0] == 200
+
+
+def test_a_search_stops_between_steps_when_its_client_is_gone(checkpoint):
+    """Regression: a beam search ran to its end after its client had gone, holding the model."""
+    with serving(checkpoint, model=Gate, max_tokens_limit=4096) as (srv, port):
+        gate = srv.models["model"].loaded.model
+        body = json.dumps({"model": "model", "prompt": "t", "max_tokens": 4000, "beam_width": 32}).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_for(lambda: gate.calls > 0)  # the search has begun (held at the gate)
+        sock.close()
+        assert wait_for(lambda: " 499 " in srv.log.getvalue())
+        held = gate.calls
+        gate.open.set()
+        assert wait_for(lambda: post(port, {"model": "model", "prompt": "t", "max_tokens": 3})[0] == 200)
+        assert gate.calls - held < 100  # it stopped at its next step, not after 4,000 of them

@@ -31,6 +31,7 @@ from serve_helpers import (
 from charrnn import options
 from charrnn_plugins.serve.api import CompletionBody
 from charrnn_plugins.serve.server import MAX_CONNECTIONS, REQUEST_TIMEOUT, json_depth
+from conftest import wait_for
 
 KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -52,15 +53,6 @@ def keyed(checkpoint):
 @pytest.fixture
 def port(keyed):
     return keyed[1]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def is_error(out) -> bool:
@@ -85,24 +77,6 @@ def test_the_default_limits_are_the_documented_flags(checkpoint):
     args = parser.parse_args([checkpoint])
     assert args.max_connections == MAX_CONNECTIONS == 256
     assert args.request_timeout == REQUEST_TIMEOUT == 30
-
-
-@pytest.mark.parametrize(
-    ("argv", "words"),
-    [
-        (["--max-connections", "0"], "--max-connections"),
-        (["--request-timeout", "0"], "--request-timeout"),
-        (["--request-timeout", "nan"], "--request-timeout"),
-        (["--api-key", ""], "--api-key is empty"),
-    ],
-)
-def test_bad_limit_flags_and_an_empty_key_are_one_line_errors(checkpoint, capsys, monkeypatch, argv, words):
-    from charrnn.cli import main
-
-    monkeypatch.delenv("CHARRNN_API_KEY", raising=False)
-    assert main(["serve", checkpoint, *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
 
 
 def test_an_empty_charrnn_api_key_is_refused_not_ignored(checkpoint, capsys, monkeypatch):

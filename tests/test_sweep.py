@@ -8,18 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
+from sweep_helpers import first_done_second_running, results, resume_keeps_0000
 
 from charrnn import cli
 from charrnn.errors import ConfigError
 from charrnn_plugins import sweep as sw
 from charrnn_plugins.sweep import locks
 from charrnn_plugins.sweep import trials as sweep_trials
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, process_gone, wait_for
 
 BASE = {
     "seed": 1,
@@ -300,14 +300,6 @@ def test_a_sweep_whose_every_trial_fails_exits_1(here, capsys):
     assert "error: " in err.splitlines()[-2] or "error: " in err
 
 
-def wait_for(predicate, limit=60.0):
-    end = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_ctrl_c_saves_writes_results_exits_130_and_resume_finishes_exactly(here, cli_env):
     base = dict(BASE, train={**BASE["train"], "steps": 3000, "eval_every": 100})
@@ -318,7 +310,7 @@ def test_ctrl_c_saves_writes_results_exits_130_and_resume_finishes_exactly(here,
     proc = subprocess.Popen(
         [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], env=cli_env, stderr=subprocess.PIPE, text=True
     )
-    wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0)
+    assert wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 60.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -414,64 +406,6 @@ def _long_sweep(here, backend="local"):
     )
 
 
-def _rows(here):
-    return [json.loads(line) for line in (here / "out" / "results.jsonl").read_text().splitlines()]
-
-
-def _first_done_second_running(here, proc):
-    """Wait until trial 0000 has its row (it finished) and trial 0001 has reported; 0001's process id."""
-    results = here / "out" / "results.jsonl"
-    metrics = here / "out" / "trials" / "0001" / "model.metrics.jsonl"
-
-    def ready():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        return (
-            results.exists()
-            and '"0000"' in results.read_text()
-            and metrics.exists()
-            and metrics.stat().st_size
-        )
-
-    wait_for(ready, limit=120)
-    return int((here / "out" / "trials" / "0001" / ".lock").read_text())
-
-
-def _gone(pid, limit=30.0):
-    """Whether process `pid` ended within `limit` seconds (a zombie of ours counts as ended)."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        except OSError:
-            pass
-        if not os.path.exists(f"/proc/{pid}"):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _resume_finishes_keeping_0000(here, cli_env):
-    done = subprocess.run(
-        [sys.executable, "-m", "charrnn", "sweep", "s.yaml", "--resume"],
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    rows = _rows(here)
-    assert [(r["id"], r["status"], r["steps"]) for r in rows] == [
-        ("0000", "done", 3000),
-        ("0001", "done", 3000),
-        ("0002", "done", 3000),
-    ]
-    return rows, done.stderr
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_means_ctrl_c_and_resume_keeps_the_finished_trials(here, cli_env):
@@ -479,18 +413,18 @@ def test_sigterm_means_ctrl_c_and_resume_keeps_the_finished_trials(here, cli_env
     proc = subprocess.Popen(
         [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], env=cli_env, stderr=subprocess.PIPE, text=True
     )
-    child = _first_done_second_running(here, proc)
+    child = first_done_second_running(here, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "interrupted: results so far in" in err and "--resume continues" in err
-    assert _gone(child), f"trial 0001's process {child} outlived the sweep"
-    rows = _rows(here)
+    assert process_gone(child), f"trial 0001's process {child} outlived the sweep"
+    rows = results(here)
     assert [(r["id"], r["status"]) for r in rows] == [("0000", "done"), ("0001", "interrupted")]
     assert rows[0]["steps"] == 3000 and 0 < rows[1]["steps"] < 3000
     assert (here / "out" / "best.yaml").is_file()
 
-    rows, err = _resume_finishes_keeping_0000(here, cli_env)
+    rows, err = resume_keeps_0000(here, cli_env)
     log = (here / "out" / "trials" / "0000" / "train.log").read_text()
     assert log.count("$ ") == 1  # the finished trial did not train again
     assert "train.resume=true" in (here / "out" / "trials" / "0001" / "train.log").read_text()
@@ -507,19 +441,19 @@ def test_sigkill_keeps_finished_trials_and_the_running_one_dies_with_the_sweep(h
     proc = subprocess.Popen(
         [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], env=cli_env, stderr=subprocess.PIPE, text=True
     )
-    child = _first_done_second_running(here, proc)
+    child = first_done_second_running(here, proc)
     proc.kill()
     proc.communicate(timeout=60)
-    assert _gone(child), f"trial 0001's process {child} went on as an orphan"
+    assert process_gone(child), f"trial 0001's process {child} went on as an orphan"
     # it stopped where the kill found it, saving on its way out, instead of training on to the end
     log = (here / "out" / "trials" / "0001" / "train.log").read_text()
     assert "interrupted: saved step " in log and "step 3000/3000" not in log
     with np.load(here / "out" / "trials" / "0001" / "model.npz") as saved:
         assert json.loads(str(saved["meta"]))["step"] < 3000
-    rows = _rows(here)  # written as 0000 ended, before the kill
+    rows = results(here)  # written as 0000 ended, before the kill
     assert [(r["id"], r["status"], r["steps"]) for r in rows] == [("0000", "done", 3000)]
 
-    rows, err = _resume_finishes_keeping_0000(here, cli_env)
+    rows, err = resume_keeps_0000(here, cli_env)
     assert (here / "out" / "trials" / "0000" / "train.log").read_text().count("$ ") == 1
     assert "must be beyond the checkpoint" not in err
     assert (here / "out" / "best.yaml").is_file() and "best: trial " in err
@@ -530,13 +464,13 @@ def test_resume_recognises_a_trial_whose_checkpoint_reached_the_end(here, capsys
     text = "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2]}\nbackend: local\noutput: out\n"
     code, _, err = sweep_main(capsys, write(here, text))
     assert code == 0, err
-    before = _rows(here)
+    before = results(here)
     (here / "out" / "results.jsonl").unlink()  # as if the sweep was killed before it could record them
     code, _, err = sweep_main(capsys, "s.yaml", "--resume")
     assert code == 0, err
     assert "trial 0000 done (its checkpoint reached step 40 before the sweep stopped)" in err
     assert "must be beyond" not in err and "started" not in err
-    after = _rows(here)
+    after = results(here)
     assert [(r["id"], r["status"], r["best_val_loss"]) for r in after] == [
         (r["id"], r["status"], r["best_val_loss"]) for r in before
     ]
@@ -593,7 +527,7 @@ def test_a_results_line_cut_by_a_kill_is_left_out(here, capsys):
     code, _, err = sweep_main(capsys, "s.yaml", "--resume")
     assert code == 0, err  # both trials finished earlier: nothing runs
     assert "started" not in err
-    assert [(r["id"], r["status"]) for r in _rows(here)] == [("0000", "done"), ("0001", "done")]
+    assert [(r["id"], r["status"]) for r in results(here)] == [("0000", "done"), ("0001", "done")]
 
 
 def test_an_output_that_is_a_file_is_one_line(here, capsys):

@@ -9,9 +9,10 @@ import signal
 
 import pytest
 import yaml
+from sweep_helpers import first_done_second_running, results, resume_keeps_0000
 
 from charrnn import cli
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, process_gone
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 HAVE_OPTUNA = importlib.util.find_spec("optuna") is not None
@@ -61,10 +62,6 @@ def here(tmp_path, monkeypatch):
     (tmp_path / "tiny.txt").write_text(TINY_TEXT, encoding="utf-8")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE), encoding="utf-8")
     return tmp_path
-
-
-def results(here):
-    return [json.loads(line) for line in (here / "out" / "results.jsonl").read_text().splitlines()]
 
 
 def test_asha_stops_poor_trials_early_and_keeps_every_model(ray_cluster, here, capsys):
@@ -217,66 +214,19 @@ def _long_sweep(here):
     )
 
 
-def _first_done_second_running(here, proc):
-    """Wait until trial 0000 has its row (it finished) and 0001 has reported; 0001's process id."""
-    import time
-
-    rows = here / "out" / "results.jsonl"
-    metrics = here / "out" / "trials" / "0001" / "model.metrics.jsonl"
-    end = time.monotonic() + 180
-    while not (
-        rows.exists() and '"0000"' in rows.read_text() and metrics.exists() and metrics.stat().st_size
-    ):
-        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.1)
-    return int((here / "out" / "trials" / "0001" / ".lock").read_text())
-
-
-def _gone(pid, limit=60.0):
-    import time
-
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def _resume_keeps_0000(here):
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", "charrnn", "sweep", "s.yaml", "--resume"],
-        cwd=here,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    rows = results(here)
-    assert [(r["id"], r["status"], r["steps"]) for r in rows] == [
-        ("0000", "done", 3000),
-        ("0001", "done", 3000),
-        ("0002", "done", 3000),
-    ]
+    rows, err = resume_keeps_0000(here)
     log = (here / "out" / "trials" / "0000" / "train.log").read_text()
     assert log.count("step 100/3000 ") == 1  # trained once
-    assert "must be beyond the checkpoint" not in done.stderr
     winner = min(rows, key=lambda r: r["best_val_loss"])
-    assert f"best: trial {winner['id']} " in done.stderr
+    assert f"best: trial {winner['id']} " in err
     assert (
         yaml.safe_load((here / "out" / "best.yaml").read_text())["optimizer"]["lr"] == winner["optimizer.lr"]
     )
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
-def test_sigterm_on_ray_means_ctrl_c_and_resume_keeps_the_finished_trials(here):
+def _started_long_sweep(here):
+    """The long sweep on Ray, running until trial 0000 is done and 0001 has reported: (process, 0001's pid)."""
     import subprocess
     import sys
 
@@ -284,12 +234,17 @@ def test_sigterm_on_ray_means_ctrl_c_and_resume_keeps_the_finished_trials(here):
     proc = subprocess.Popen(
         [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], cwd=here, stderr=subprocess.PIPE, text=True
     )
-    child = _first_done_second_running(here, proc)
+    return proc, first_done_second_running(here, proc, 180.0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_sigterm_on_ray_means_ctrl_c_and_resume_keeps_the_finished_trials(here):
+    proc, child = _started_long_sweep(here)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "interrupted: results so far in" in err
-    assert _gone(child), f"trial 0001's Ray worker {child} outlived the sweep"
+    assert process_gone(child), f"trial 0001's Ray worker {child} outlived the sweep"
     rows = results(here)
     assert [(r["id"], r["status"]) for r in rows] == [("0000", "done"), ("0001", "interrupted")]
     assert rows[0]["steps"] == 3000 and 0 < rows[1]["steps"] < 3000
@@ -298,17 +253,10 @@ def test_sigterm_on_ray_means_ctrl_c_and_resume_keeps_the_finished_trials(here):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
 def test_sigkill_on_ray_keeps_the_finished_trials_and_no_trial_trains_on(here):
-    import subprocess
-    import sys
-
-    _long_sweep(here)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], cwd=here, stderr=subprocess.PIPE, text=True
-    )
-    child = _first_done_second_running(here, proc)
+    proc, child = _started_long_sweep(here)
     proc.kill()
     proc.communicate(timeout=60)
-    assert _gone(child), f"trial 0001's Ray worker {child} went on as an orphan"
+    assert process_gone(child), f"trial 0001's Ray worker {child} went on as an orphan"
     assert [(r["id"], r["status"]) for r in results(here)] == [("0000", "done")]  # recorded as it ended
     _resume_keeps_0000(here)
 
