@@ -31,7 +31,8 @@ dL/dh, and the gate and candidate gradients follow for all positions at once.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 
@@ -46,6 +47,7 @@ from charrnn_plugins.recurrent import (
     DType,
     OutputBuffers,
     cross_entropy,
+    fast_dot,
     layer_name,
     output_backward,
     output_forward,
@@ -66,7 +68,8 @@ BlockDropout = Annotated[
 ]
 
 EPS = 1e-5  # RMSNorm: added to the mean square
-GELU_K0, GELU_K1 = np.sqrt(2 / np.pi), 0.044715  # gelu(a) = a/2 (1 + tanh(K0 (a + K1 a^3)))
+# gelu(a) = a/2 (1 + tanh(K0 (a + K1 a^3))); Python floats: a NumPy float64 would make float32 passes float64
+GELU_K0, GELU_K1 = math.sqrt(2 / math.pi), 0.044715
 
 __all__ = ["MinGRU"]
 
@@ -404,13 +407,15 @@ class MinGRU:
                 return p[layer_name(base, layer)]
 
             u = _rms_rows(x) * w("gm")  # (k, D)
-            Wc = w("Wc")
-            c = u * Wc[K - 1]
             if K > 1:
-                window = state[layer_name("conv", layer)]  # (k, K - 1, D), oldest first
-                for j in range(K - 1):
-                    c += window[:, j] * Wc[j]
-                new[layer_name("conv", layer)] = np.concatenate([window[:, 1:], u[:, None]], axis=1)
+                window = np.concatenate([state[layer_name("conv", layer)], u[:, None]], axis=1)  # (k, K, D)
+                new[layer_name("conv", layer)] = window[:, 1:].copy()
+            else:
+                window = u[:, None]
+            Wc = w("Wc")
+            c = window[:, 0] * Wc[0]
+            for j in range(1, K):
+                c += window[:, j] * Wc[j]  # c_t = sum_j Wc[j] * u_{t - K + 1 + j}
             a = np.dot(c, w("Wzh"))  # (k, 2H)
             a += w("bzh")
             z = np.tanh(a[:, :H] * 0.5)
@@ -430,6 +435,10 @@ class MinGRU:
         logits = np.dot(_rms_rows(x) * p["gy"], p["Why"])  # (k, V)
         logits += p["by"]
         return logits, new
+
+    def stepper(self, state: Arrays) -> _Stepper:
+        """A stepper for generation (see `charrnn.types.Model.step`): `step` without per-call arrays."""
+        return _Stepper(self, state)
 
     def matmul_shapes(self, batch_size: int, seq_length: int) -> dict[str, list[tuple[int, int, int, int]]]:
         """The matrix products this model performs, as (m, k, n, count): `count` (m, k) @ (k, n).
@@ -547,8 +556,8 @@ class MinGRU:
             if K > 1:
                 np.copyto(blk.upad[: K - 1], state[layer_name("conv", layer)].transpose(1, 0, 2))
             Wc, c3, sq3 = w("Wc"), blk.c.reshape(T, B, D), sq.reshape(T, B, D)
-            np.multiply(blk.upad[K - 1 :], Wc[K - 1], out=c3)
-            for j in range(K - 1):
+            np.multiply(blk.upad[:T], Wc[0], out=c3)  # the taps in order j = 0 .. K-1, as `step` sums them
+            for j in range(1, K):
                 np.multiply(blk.upad[j : j + T], Wc[j], out=sq3)
                 c3 += sq3
             np.dot(blk.c, w("Wzh"), out=blk.a)  # (N, 2H) all steps at once
@@ -642,6 +651,150 @@ class MinGRU:
             out[layer_name("h", layer)] = blk.hs[-1].copy()  # (B, H)
             if K > 1:
                 out[layer_name("conv", layer)] = np.ascontiguousarray(blk.upad[-(K - 1) :].transpose(1, 0, 2))
+        return out
+
+
+class _StepBlock(NamedTuple):
+    """One block as the stepper uses it: parameter views, its state, its conv window."""
+
+    gm: np.ndarray
+    Wc: np.ndarray  # (K, 1, D), to broadcast over the window
+    Wzh: np.ndarray
+    bzh: np.ndarray
+    Wo: np.ndarray
+    bo: np.ndarray
+    gf: np.ndarray
+    Wu: np.ndarray
+    bu: np.ndarray
+    Wd: np.ndarray
+    bd: np.ndarray
+    h: np.ndarray  # (k, H)
+    window: np.ndarray  # (K, k, D): the last K - 1 conv inputs, oldest first, then room for u_t
+
+
+class _Stepper:
+    """`MinGRU.step` for a generation loop: the same arithmetic into preallocated buffers.
+
+    Generation builds no dict and no array per character: each block's conv window is a
+    (K, k, D) array whose last row receives u_t and which shifts by one row after the step. The
+    logits agree with `step` to rounding.
+    """
+
+    def __init__(self, model: MinGRU, state: Arrays) -> None:
+        if "h" not in state:
+            raise ValueError(f"state lacks 'h' (it has {sorted(state)})")
+        k = state["h"].shape[0]
+        model._check_state(state, k)
+        p, dtype = model.params, model.dtype
+        D, H, F, K, V = (
+            model.hidden_size,
+            model.inner_size,
+            model.ffn_size,
+            model.conv_kernel,
+            model.vocab_size,
+        )
+        self.k, self.K, self.H, self.gelu = k, K, H, model.activation == "gelu"
+        self.E, self.gy, self.Why, self.by = p["E"], p["gy"], p["Why"], p["by"]
+        self.blocks = []
+        for layer in range(model.num_layers):
+            window = np.zeros((K, k, D), dtype)
+            if K > 1:
+                window[: K - 1] = state[layer_name("conv", layer)].transpose(1, 0, 2)
+            views = [
+                p[layer_name(n, layer)]
+                for n in ("gm", "Wc", "Wzh", "bzh", "Wo", "bo", "gf", "Wu", "bu", "Wd", "bd")
+            ]
+            views[1] = views[1][:, None, :]
+            h = np.array(state[layer_name("h", layer)], dtype, order="C")
+            self.blocks.append(_StepBlock(*views, h, window))
+        self.x, self.xn, self.c, self.m = (np.empty((k, D), dtype) for _ in range(4))
+        self.cw = np.empty((K, k, D), dtype)  # the window times the taps
+        self.s = np.empty(k, dtype)
+        self.s_col = self.s[:, None]
+        self.a = np.empty((k, 2 * H), dtype)
+        self.z, self.tmp = np.empty((k, H), dtype), np.empty((k, H), dtype)
+        self.f, self.t = np.empty((k, F), dtype), np.empty((k, F), dtype)
+        self.logits = np.empty((k, V), dtype)
+        self.dot = fast_dot
+
+    def _norm(self, x: np.ndarray, gain: np.ndarray, out: np.ndarray) -> None:
+        """out = x / sqrt(mean(x^2) + eps) * gain per row, as `_rms_rows` computes it."""
+        s = self.s
+        np.multiply(x, x, out=out)
+        np.add.reduce(out, axis=1, out=s)
+        s *= 1 / x.shape[1]
+        s += EPS
+        np.sqrt(s, out=s)
+        np.divide(1, s, out=s)
+        np.multiply(x, self.s_col, out=out)
+        out *= gain
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """ids (k,) -> logits (k, V), in a buffer that the next call overwrites."""
+        x, xn, c, m, cw, a, z, tmp, f, t = (
+            self.x,
+            self.xn,
+            self.c,
+            self.m,
+            self.cw,
+            self.a,
+            self.z,
+            self.tmp,
+            self.f,
+            self.t,
+        )
+        dot, H, K = self.dot, self.H, self.K
+        np.take(self.E, ids, axis=0, out=x)  # (k, D)
+        for b in self.blocks:
+            self._norm(x, b.gm, b.window[K - 1])  # u_t
+            np.multiply(b.window, b.Wc, out=cw)
+            np.add.reduce(cw, axis=0, out=c)  # sum over the taps, j = 0 .. K-1
+            if K > 1:
+                np.copyto(b.window[:-1], b.window[1:])  # shift: u_t becomes the newest kept input
+            dot(c, b.Wzh, out=a)  # (k, 2H)
+            a += b.bzh
+            np.multiply(a[:, :H], 0.5, out=z)
+            np.tanh(z, out=z)
+            z *= 0.5
+            z += 0.5  # σ
+            np.subtract(1, z, out=tmp)
+            tmp *= b.h
+            np.multiply(z, a[:, H:], out=b.h)
+            np.add(b.h, tmp, out=b.h)  # h_t = (1 - z) h_{t-1} + z h~
+            dot(b.h, b.Wo, out=m)  # (k, D)
+            m += b.bo
+            x += m
+            self._norm(x, b.gf, xn)
+            dot(xn, b.Wu, out=f)  # (k, F)
+            f += b.bu
+            if self.gelu:
+                np.multiply(f, f, out=t)
+                t *= GELU_K1
+                t += 1
+                t *= f
+                t *= GELU_K0
+                np.tanh(t, out=t)
+                t += 1
+                f *= t
+                f *= 0.5
+            else:
+                np.maximum(f, 0, out=f)
+            dot(f, b.Wd, out=m)  # (k, D)
+            m += b.bd
+            x += m
+        self._norm(x, self.gy, xn)
+        dot(xn, self.Why, out=self.logits)  # (k, V)
+        self.logits += self.by
+        return self.logits
+
+    def state(self) -> Arrays:
+        out: Arrays = {}
+        for layer, b in enumerate(self.blocks):
+            out[layer_name("h", layer)] = b.h.copy()
+            if self.K > 1:
+                out[layer_name("conv", layer)] = np.ascontiguousarray(
+                    b.window[: self.K - 1].transpose(1, 0, 2)
+                )
         return out
 
 

@@ -135,18 +135,27 @@ def test_one_step_generation_equals_the_full_forward_pass(conv_kernel, num_layer
         assert model.loss(inputs, targets, state)[0] == pytest.approx(nll, rel=1e-12)
 
 
-def test_the_generation_stepper_is_step(rng):
-    """Generation (`charrnn.generate.stepper`) goes through `step`: same logits, same state."""
-    model = make_model(V=6, D=5)
-    state = random_state(model, 2)
+@pytest.mark.parametrize("conv_kernel", [1, 4])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_generation_stepper_computes_what_step_does(rng, conv_kernel, activation, k):
+    """The stepper generation uses (`charrnn.generate.stepper`): `step`'s logits and state, call after call."""
+    model = make_model(V=6, D=5, conv_kernel=conv_kernel, activation=activation)
+    state = random_state(model, k)
     run = stepper(model, state)
-    ids = rng.integers(0, 6, (4, 2))
     s = state
-    for row in ids:
+    for row in rng.integers(0, 6, (6, k)):
         expected, s = model.step(row, s)
-        np.testing.assert_array_equal(run(row), expected)
-    for key, value in run.state().items():
-        np.testing.assert_array_equal(value, s[key])
+        np.testing.assert_allclose(run(row), expected, rtol=1e-13, atol=1e-15)
+        got = run.state()
+        assert set(got) == set(s)
+        for key, value in got.items():
+            np.testing.assert_allclose(value, s[key], rtol=1e-13, atol=1e-15)
+    for key in state:  # the state it started from is untouched
+        assert not np.shares_memory(got[key], state[key])
+    key = "conv" if conv_kernel > 1 else "h"
+    with pytest.raises(ValueError, match=rf"state\['{key}'\] must have shape"):
+        stepper(model, {**state, key: state[key][:, :1]})
 
 
 @pytest.mark.parametrize("conv_kernel", [1, 3, 6])
@@ -376,12 +385,12 @@ def test_a_plain_model_plugin_loaded_from_its_file_as_a_third_party_would(tiny_c
 
 
 def test_imports_only_what_a_third_party_plugin_can():
-    """numpy, the typing helpers, `charrnn`'s exported names and public modules, the shared recurrent code."""
+    """numpy, the standard library, `charrnn`'s exported names and public modules, the shared recurrent code."""
     tree = ast.parse(Path(mingru_plugin.__file__).read_text())
     public_modules = {"charrnn.memory", "charrnn.optim", "charrnn.options", "charrnn_plugins.recurrent"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            assert [a.name for a in node.names] == ["numpy"]
+            assert {a.name for a in node.names} <= {"numpy", "math"}
         elif isinstance(node, ast.ImportFrom):
             if node.module == "charrnn":
                 assert {a.name for a in node.names} <= set(charrnn.__all__)
@@ -412,6 +421,7 @@ def recorded(monkeypatch):
 
     monkeypatch.setattr(np, "dot", wrap(np.dot))
     monkeypatch.setattr(np, "matmul", wrap(np.matmul))
+    monkeypatch.setattr(mingru_plugin, "fast_dot", wrap(mingru_plugin.fast_dot))
     monkeypatch.setattr(mingru_plugin, "DENSE_SCATTER_MAX_VOCAB", 0)  # the one-hot scatter is a shortcut
     return seen
 
