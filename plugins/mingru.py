@@ -10,7 +10,7 @@ After "Were RNNs All We Needed?" (Feng et al., 2024). Over N = B*T positions, ro
         h_t = (1 - z_t) * h_{t-1} + z_t * h~_t                     the minGRU: the only loop over time
         x = x + dropout(h @ Wo + bo)
     block l, feed-forward branch:
-        x = x + dropout(act(rms(x) * gf @ Wu + bu) @ Wd + bd)      act: GELU (tanh form) or ReLU
+        x = x + dropout(act(rms(x) * gf @ Wu + bu) @ Wd + bd)      act: GELU (tanh form), SiLU or ReLU
     logits = rms(x) * gy @ Why + by
 
 D is `hidden_size`, H = round(`expansion` * D) the minGRU's width, F = round(`ffn_mult` * D) the
@@ -60,7 +60,9 @@ Blocks = Annotated[int, Range(ge=1, le=64), "residual blocks (conv + minGRU, fee
 Expansion = Annotated[float, Range(gt=0, le=8), "the minGRU's width as a multiple of hidden_size"]
 FfnMult = Annotated[float, Range(gt=0, le=16), "the feed-forward layer's width as a multiple of hidden_size"]
 ConvKernel = Annotated[int, Range(ge=1, le=32), "time steps each causal depthwise conv sees (1: no conv)"]
-Activation = Annotated[Literal["gelu", "relu"], "the feed-forward nonlinearity (GELU in its tanh form)"]
+Activation = Annotated[
+    Literal["gelu", "silu", "relu"], "the feed-forward nonlinearity (GELU in its tanh form; SiLU: p σ(p))"
+]
 BlockDropout = Annotated[
     float,
     Range(ge=0, lt=1),
@@ -115,6 +117,59 @@ def rms_backward(
     dx += dy
 
 
+def activation_forward(kind: str, p: np.ndarray, q: np.ndarray, t: np.ndarray | None) -> None:
+    """q = act(p), p and q (N, F); `t` keeps what the backward pass needs (GELU's 1 + tanh, SiLU's σ(p)).
+
+    `train_step`, `step` and the stepper all call this, so they compute the same numbers.
+    """
+    if kind == "relu":
+        np.maximum(p, 0, out=q)
+        return
+    assert t is not None
+    if kind == "silu":
+        np.multiply(p, 0.5, out=t)
+        np.tanh(t, out=t)
+        t *= 0.5
+        t += 0.5  # σ(p)
+        np.multiply(p, t, out=q)
+        return
+    np.multiply(p, p, out=t)
+    t *= GELU_K0 * GELU_K1
+    t += GELU_K0
+    t *= p  # K0 (p + K1 p^3)
+    np.tanh(t, out=t)
+    t += 1  # t = 1 + tanh(...), kept for the backward pass
+    np.multiply(p, t, out=q)  # q may be p itself (one step's in-place call)
+    q *= 0.5  # gelu(p) = p/2 (1 + tanh(...))
+
+
+def activation_backward(
+    kind: str, p: np.ndarray, q: np.ndarray, t: np.ndarray | None, fs: np.ndarray, dq: np.ndarray
+) -> None:
+    """dq *= act'(p), all (N, F); overwrites q, t and the scratch fs (the forward pass's last use was dWd)."""
+    if kind == "relu":
+        np.greater(p, 0, out=fs)
+        dq *= fs
+        return
+    assert t is not None
+    if kind == "silu":
+        np.subtract(1, t, out=fs)
+        fs *= p
+        fs += 1
+        fs *= t  # silu'(p) = σ (1 + p (1 - σ))
+        dq *= fs
+        return
+    np.multiply(p, p, out=fs)
+    fs *= 1.5 * GELU_K0 * GELU_K1
+    fs += 0.5 * GELU_K0
+    fs *= p  # A = K0/2 p (1 + 3 K1 p^2)
+    np.subtract(2, t, out=q)  # 1 - tanh
+    fs *= q
+    fs += 0.5
+    fs *= t  # gelu'(p) = (1 + tanh)/2 + A (1 - tanh^2) = (1 + tanh) (1/2 + A (1 - tanh))
+    dq *= fs
+
+
 class _Block:
     """One block's work arrays for a (B, T) shape, row-major (N, F), time-major rows; views prebuilt."""
 
@@ -128,7 +183,7 @@ class _Block:
         K: int,
         dtype: np.dtype,
         dropout: bool,
-        gelu: bool,
+        keeps: bool,
         G: np.ndarray,
     ) -> None:
         N = B * T
@@ -144,7 +199,7 @@ class _Block:
         self.xhat_f, self.s_f = np.empty((N, D), dtype), np.empty(N, dtype)  # norm before the FFN
         self.v = np.empty((N, D), dtype)  # xhat_f * gf
         self.p, self.q = np.empty((N, F), dtype), np.empty((N, F), dtype)  # FFN pre-activation, act(p)
-        self.t = np.empty((N, F), dtype) if gelu else None  # tanh of GELU's inner term
+        self.t = np.empty((N, F), dtype) if keeps else None  # GELU's 1 + tanh term, SiLU's σ(p)
         self.mask_m = np.empty((N, D), dtype) if dropout else None  # keep / (1 - p)
         self.mask_f = np.empty((N, D), dtype) if dropout else None
         omz3, zh3, G3 = self.omz.reshape(T, B, H), self.zh.reshape(T, B, H), G.reshape(T, B, H)
@@ -167,12 +222,12 @@ class _Buffers:
         L: int,
         dtype: np.dtype,
         dropout: bool,
-        gelu: bool,
+        keeps: bool,
     ) -> None:
         N = B * T
         self.T, self.B = T, B
         self.G = np.empty((N, H), dtype)  # dL/dh_t, the reverse scan
-        self.blocks = [_Block(B, T, D, H, F, K, dtype, dropout, gelu, self.G) for _ in range(L)]
+        self.blocks = [_Block(B, T, D, H, F, K, dtype, dropout, keeps, self.G) for _ in range(L)]
         self.x = np.empty((N, D), dtype)  # the residual stream
         self.branch = np.empty((N, D), dtype)  # a branch's output; backward: its gradient
         self.sq = np.empty((N, D), dtype)  # scratch
@@ -276,8 +331,8 @@ class MinGRU:
         H, F, size = self.inner_size, self.ffn_size, self.dtype.itemsize
         P = V * D + L * (K * D + 2 * D * H + 2 * H + H * D + 4 * D + 2 * D * F + F) + D * V + D + V
         build = P * (8 + 2 * size)  # float64 init arrays while packing
-        gelu, drop = self.activation == "gelu", self.dropout > 0
-        block = 6 * D + 6 * H + (3 if gelu else 2) * F + 2 + (2 * D if drop else 0)
+        keeps, drop = self.activation != "relu", self.dropout > 0
+        block = 6 * D + 6 * H + (3 if keeps else 2) * F + 2 + (2 * D if drop else 0)
         shared = 9 * D + 4 * H + 2 * F + 2 + (D + D // size + 1 if drop else 0)
         logits = (2 if V <= DENSE_SCATTER_MAX_VOCAB else 1) * V + 4
         N = batch_size * seq_length
@@ -334,7 +389,7 @@ class MinGRU:
             np.dot(blk.q.T, df, out=g[name("Wd")])  # (F, D)
             np.dot(ones_n, df, out=g[name("bd")])
             np.dot(df, p[name("Wd")].T, out=b.dq)  # (N, F)
-            self._activation_backward(blk, b)  # b.dq = dL/dp
+            activation_backward(self.activation, blk.p, blk.q, blk.t, b.fs, b.dq)  # b.dq = dL/dp
             np.dot(blk.v.T, b.dq, out=g[name("Wu")])  # (D, F)
             np.dot(ones_n, b.dq, out=g[name("bu")])
             np.dot(b.dq, p[name("Wu")].T, out=dv)  # (N, D)
@@ -429,7 +484,8 @@ class MinGRU:
             x = x + m
             f = np.dot(_rms_rows(x) * w("gf"), w("Wu"))  # (k, F)
             f += w("bu")
-            f = np.dot(self._activate(f), w("Wd"))  # (k, D)
+            activation_forward(self.activation, f, f, np.empty_like(f))  # in place
+            f = np.dot(f, w("Wd"))  # (k, D)
             f += w("bd")
             x += f
         logits = np.dot(_rms_rows(x) * p["gy"], p["Why"])  # (k, V)
@@ -519,7 +575,7 @@ class MinGRU:
                 self.num_layers,
                 self.dtype,
                 self.dropout > 0,
-                self.activation == "gelu",
+                self.activation != "relu",
             )
         return b
 
@@ -583,7 +639,7 @@ class MinGRU:
             np.multiply(blk.xhat_f, w("gf"), out=blk.v)
             np.dot(blk.v, w("Wu"), out=blk.p)  # (N, F)
             blk.p += w("bu")
-            self._activation_forward(blk)
+            activation_forward(self.activation, blk.p, blk.q, blk.t)
             np.dot(blk.q, w("Wd"), out=branch)  # (N, D)
             branch += w("bd")
             self._dropout(rng, b, blk.mask_f, branch)
@@ -592,57 +648,6 @@ class MinGRU:
         np.multiply(b.xhat_y, p["gy"], out=b.y)
         output_forward(b.out, b.y.T, p["Why"], p["by"], targets)
         return b
-
-    def _activation_forward(self, blk: _Block) -> None:
-        p, q, t = blk.p, blk.q, blk.t
-        if t is None:
-            np.maximum(p, 0, out=q)
-            return
-        np.multiply(p, p, out=t)
-        t *= GELU_K1
-        t += 1
-        t *= p
-        t *= GELU_K0  # K0 (p + K1 p^3)
-        np.tanh(t, out=t)
-        np.add(t, 1, out=q)
-        q *= p
-        q *= 0.5  # gelu(p) = p/2 (1 + t)
-
-    def _activation_backward(self, blk: _Block, b: _Buffers) -> None:
-        """b.dq *= act'(p). Overwrites blk.q and blk.t (their last use was dWd)."""
-        p, t, fs, dq = blk.p, blk.t, b.fs, b.dq
-        if t is None:
-            np.greater(p, 0, out=fs)
-            dq *= fs
-            return
-        np.multiply(p, p, out=fs)
-        fs *= 3 * GELU_K1
-        fs += 1
-        fs *= p
-        fs *= 0.5 * GELU_K0  # K0/2 p (1 + 3 K1 p^2)
-        q = blk.q
-        np.multiply(t, t, out=q)
-        np.subtract(1, q, out=q)
-        fs *= q  # ... (1 - t^2)
-        t += 1
-        t *= 0.5
-        fs += t  # gelu'(p) = (1 + t)/2 + K0/2 p (1 - t^2)(1 + 3 K1 p^2)
-        dq *= fs
-
-    def _activate(self, f: np.ndarray) -> np.ndarray:
-        """act(f) for one step's (k, F), the same arithmetic as the forward pass."""
-        if self.activation == "relu":
-            return np.maximum(f, 0)
-        t = f * f
-        t *= GELU_K1
-        t += 1
-        t *= f
-        t *= GELU_K0
-        np.tanh(t, out=t)
-        t += 1
-        t *= f
-        t *= 0.5
-        return t
 
     def _state_out(self, b: _Buffers) -> Arrays:
         """Copies of every block's state after the last time step."""
@@ -693,7 +698,7 @@ class _Stepper:
             model.conv_kernel,
             model.vocab_size,
         )
-        self.k, self.K, self.H, self.gelu = k, K, H, model.activation == "gelu"
+        self.k, self.K, self.H, self.activation = k, K, H, model.activation
         self.E, self.gy, self.Why, self.by = p["E"], p["gy"], p["Why"], p["by"]
         self.blocks = []
         for layer in range(model.num_layers):
@@ -767,18 +772,7 @@ class _Stepper:
             self._norm(x, b.gf, xn)
             dot(xn, b.Wu, out=f)  # (k, F)
             f += b.bu
-            if self.gelu:
-                np.multiply(f, f, out=t)
-                t *= GELU_K1
-                t += 1
-                t *= f
-                t *= GELU_K0
-                np.tanh(t, out=t)
-                t += 1
-                f *= t
-                f *= 0.5
-            else:
-                np.maximum(f, 0, out=f)
+            activation_forward(self.activation, f, f, t)  # in place
             dot(f, b.Wd, out=m)  # (k, D)
             m += b.bd
             x += m

@@ -79,7 +79,7 @@ def test_parameters_state_and_init(rng):
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("conv_kernel", [1, 3, 6])
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
 def test_gradient_check_every_parameter_entry(num_layers, conv_kernel, activation):
     """Float64 central differences on every entry, from a non-zero carried state (T < K - 1 included)."""
     model = make_model(num_layers=num_layers, conv_kernel=conv_kernel, activation=activation)
@@ -136,7 +136,7 @@ def test_one_step_generation_equals_the_full_forward_pass(conv_kernel, num_layer
 
 
 @pytest.mark.parametrize("conv_kernel", [1, 4])
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_the_generation_stepper_computes_what_step_does(rng, conv_kernel, activation, k):
     """The stepper generation uses (`charrnn.generate.stepper`): `step`'s logits and state, call after call."""
@@ -255,7 +255,7 @@ def test_state_of_the_wrong_layout_raises_value_error(rng):
         ({"ffn_mult": -1}, r"ffn_mult: must be in \(0, 16\], got -1"),
         ({"conv_kernel": 0}, r"conv_kernel: must be in \[1, 32\], got 0"),
         ({"conv_kernel": 1.5}, "conv_kernel: expected an integer, got 1.5"),
-        ({"activation": "tanh"}, "activation: must be one of gelu, relu, got 'tanh'"),
+        ({"activation": "tanh"}, "activation: must be one of gelu, silu, relu, got 'tanh'"),
         ({"dropout": 1.0}, r"dropout: must be in \[0, 1\), got 1.0"),
         ({"dropout": "0.2"}, r"dropout: expected a number, got '0.2'"),
         ({"dtype": "float16"}, "dtype: must be one of float32, float64, got 'float16'"),
