@@ -251,12 +251,12 @@ class MinGRU:
     """minGRU character model (see the module docstring for the equations and the state).
 
     Init: embedding rows standard normal, so the residual stream starts at unit scale; `Wzh`,
-    `Wu`, `Why` normal with std 1/sqrt(fan-in); the branch outputs `Wo`, `Wd` that again divided
+    `Wu`, `Why` normal with std 1/sqrt(fan-in); the branch outputs `Wo`, `Wd` the same divided
     by sqrt(2L), so the stream's scale grows slowly with depth; gains 1, biases 0 except the
-    gate's, whose z = σ(bz) spread from 1/2 to 1/64 over the units (memory from ~2 to ~64 steps,
-    as in chrono initialisation); the conv starts as the identity (Wc[K - 1] = 1, the other taps
-    0). Learning rate (tiny-shakespeare, D 256-384, B 32): Adam 2e-3 to 3e-3 with warm-up.
-    `dtype` is "float32" (fast) or "float64" (gradient checks). `dropout` needs `train_step`'s `rng`.
+    gate's, whose z = σ(bz) spread from 1/2 to 1/64 over the units (memory from ~2 to ~64 steps
+    at the start, as in chrono initialisation); the conv starts as the identity (Wc[K - 1] = 1,
+    the other taps 0), so a fresh block is a plain minGRU. `dtype` is "float32" (fast) or
+    "float64" (gradient checks). `dropout` needs `train_step`'s `rng`.
 
     Returned arrays: `train_step` grads are buffers overwritten by the next `train_step`; state
     arrays and `step` logits are fresh, and incoming state is never modified.
