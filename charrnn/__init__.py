@@ -1,4 +1,15 @@
-"""charrnn: plugin-based character-level text generation in pure NumPy."""
+"""charrnn: plugin-based character-level text generation in pure NumPy.
+
+The names below are the API: `load` a checkpoint and `generate` from it, `run_pipeline` a YAML
+pipeline, `hookimpl` to write a plugin, and the contracts plugins fulfil (`Model`, `Sampler`,
+`Optimizer`, `Corpus`, ...). Besides these, plugin authors may import these modules, which keep
+their names stable: `charrnn.options` (describing and checking options), `charrnn.hookspecs`
+(the hooks), `charrnn.types` (the contracts), `charrnn.errors`, `charrnn.optim` (the common
+optimizer options and packed updates), `charrnn.memory` (refusing what cannot fit),
+`charrnn.engine` (the generation engine: `Request`, `Batch`, `stepper`), `charrnn.files`
+(`atomic_write`, `RunFiles`), `charrnn.metrics`, `charrnn.commands` (`add_set`, `add_plugin`)
+and `charrnn.world`. Everything else is charrnn's own and may change.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +30,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from charrnn.hookspecs import hookimpl
+    from charrnn.loaded import Generation, LoadedModel, load
     from charrnn.pipeline import Pipeline, RunResult, generate_samples, generate_text, run_pipeline
     from charrnn.plugins import get_plugin_manager
     from charrnn.types import (
@@ -36,6 +48,7 @@ if TYPE_CHECKING:
 #: so the CLI is already catching Ctrl+C while the heavy modules load
 _LAZY = {
     **dict.fromkeys(["hookimpl"], "charrnn.hookspecs"),
+    **dict.fromkeys(["Generation", "LoadedModel", "load"], "charrnn.loaded"),
     **dict.fromkeys(
         ["Pipeline", "RunResult", "generate_samples", "generate_text", "run_pipeline"], "charrnn.pipeline"
     ),
@@ -72,6 +85,8 @@ __all__ = [
     "CorpusError",
     "ExportLayer",
     "ExportNetwork",
+    "Generation",
+    "LoadedModel",
     "Model",
     "Optimizer",
     "Pipeline",
@@ -87,5 +102,6 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "ids_dtype",
+    "load",
     "run_pipeline",
 ]

@@ -25,7 +25,7 @@ from charrnn import machine, tuning
 from charrnn.machine import blas_info
 from charrnn.pipeline import Pipeline
 
-__all__ = ["bench", "blas_info", "format_table"]
+__all__ = ["bench", "format_table"]
 
 MACHINE_SHARE, MACHINE_MAX_SECONDS = 0.2, 2.0  # of the time budget, for timing the products
 WARM_STEPS = 5  # steps of the warm-up and of the baseline run

@@ -127,7 +127,8 @@ class Evaluator(Callback):
 
 class Checkpointer(Callback):
     """Writes the checkpoint every `every` steps, at the run's last step (before its report),
-    and when the run is aborted. Rank 0 writes what all ranks hold (state rows gathered)."""
+    and when the run is aborted. Rank 0 writes what all ranks hold (state rows gathered); the
+    other ranks wait until it has, so none leaves the job while the file is half-written."""
 
     def __init__(
         self,
@@ -200,6 +201,8 @@ class Checkpointer(Callback):
                 ckpt_io.save(path, ckpt_io.Checkpoint(params=params, meta=meta, optim=optim, state=state))
                 self.saving = False
                 self.saved(path, st.step)
+            if world.size > 1:
+                world.broadcast(st.step)  # the other ranks go on once rank 0's file is complete
         if path == self.path:
             self.saved_at.append(st.step)
 
@@ -220,11 +223,13 @@ class Reporter(Callback):
         report: Callable[[int, dict[str, Any]], None] = lambda step, metrics: None,
         show_lr: bool = False,
         plot_path: str | None = None,
+        name: str = "",
     ) -> None:
+        """`name` is the run's (`RunFiles.name`), the label of its loss picture."""
         self.every, self.console, self.evaluator = every, console, evaluator
         self.sampler, self.vocab, self.sample_length = sampler, vocab, sample_length
         self.metrics_path, self.report, self.show_lr = metrics_path, report, show_lr
-        self.plot_path = plot_path
+        self.plot_path, self.name = plot_path, name
 
     def on_train_begin(self, loop: Loop) -> None:
         """A fresh run starts the metrics file anew; a resumed one keeps the lines up to its step.
@@ -331,7 +336,7 @@ class Reporter(Callback):
             write_loss_svg(
                 self.metrics_path or loop.result.history,
                 self.plot_path,
-                labels=[Path(self.plot_path).name.removesuffix(".loss.svg")],
+                labels=[self.name],
             )
         except (OSError, CharrnnError) as exc:
             self.console.log(f"warning: cannot draw {self.plot_path}: {exc}; training goes on without it")

@@ -55,8 +55,10 @@ class Run:
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
         from charrnn import config as cfg
         from charrnn.cli import report
+        from charrnn.interrupts import Aborted
         from charrnn.pipeline import Pipeline
-        from charrnn.world import SharedFailure, detect, limit_blas_threads
+        from charrnn.threads import for_mpi_rank
+        from charrnn.world import SharedFailure, detect
 
         pipeline = Pipeline(args.pipeline, overrides=args.overrides)
         if args.print_config:
@@ -68,10 +70,12 @@ class Run:
         if world is None or world.size == 1:
             pipeline.run(stdout=out, stderr=sys.stderr)  # type: ignore[arg-type]
             return 0
-        limit_blas_threads()
+        for_mpi_rank()
         try:
             pipeline.run(stdout=out, stderr=sys.stderr, world=world)  # type: ignore[arg-type]
         except SharedFailure as exc:  # every rank failed alike at start-up: said once, all leave normally
+            return report(exc) if world.rank == 0 else exc.code
+        except Aborted as exc:  # every rank stopped at one step, after rank 0's save: said once, all leave
             return report(exc) if world.rank == 0 else exc.code
         except BaseException as exc:  # one rank failed: end the whole job now, not at the next collective
             try:
@@ -119,10 +123,6 @@ class Generate:
         from charrnn import config as cfg
         from charrnn.pipeline import generate_samples
 
-        if args.num_chars is not None and args.num_chars < 0:
-            raise CharrnnError(f"--num-chars must be >= 0, got {args.num_chars}")
-        if args.num_samples is not None and args.num_samples < 1:
-            raise CharrnnError(f"--num-samples must be >= 1, got {args.num_samples}")
         options: dict[str, object] = {}
         cfg.apply_overrides(options, args.options)
         result = generate_samples(
@@ -137,10 +137,32 @@ class Generate:
             stop=args.stop,
             on_text=out.write if args.stream else None,
             plugins=args.plugins,
+            labels=flag_labels(args, options),
         )
         text = result.text or ""
         out.write((text[len(result.texts[0]) :] if args.stream else text) + "\n")
         return 0
+
+
+def flag_labels(args: argparse.Namespace, options: dict[str, object]) -> dict[str, str]:
+    """How `charrnn generate` names each value it was given, for messages (`--num-chars: ...`)."""
+    flags = (
+        ("generate.num_chars", "--num-chars", args.num_chars),
+        ("generate.seed_text", "--seed-text", args.seed_text),
+        ("generate.num_samples", "--num-samples", args.num_samples),
+        ("generate.stop", "--stop", args.stop),
+        ("seed", "--seed", args.seed),
+        ("sampler.type", "--sampler", args.sampler),
+        ("sampler.temperature", "--temperature", args.temperature),
+    )
+    labels = {key: flag for key, flag, value in flags if value is not None}
+    labels.update({f"sampler.{key}": f"-o {key}" for key in options})
+    typed = [f"--sampler {args.sampler}"] if args.sampler is not None else []
+    typed += [f"--temperature {args.temperature:g}"] if args.temperature is not None else []
+    typed += [f"-o {key}={value}" for key, value in options.items()]
+    if typed:  # the sampler's own refusals (rules between options) are named by the whole call
+        labels["sampler"] = " ".join(typed)
+    return labels
 
 
 class Bench:
@@ -198,22 +220,11 @@ class Plot:
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
         from charrnn.plot import default_output, write_loss_plot
 
+        def warn(message: str) -> None:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
         path = args.output or default_output(args.metrics[0])
-        out.write(f"{write_loss_plot(args.metrics, path, title=args.title)}\n")
-        return 0
-
-
-class Options:
-    help = "print every pipeline key and component option (type, default, rules, help) as Markdown"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_plugin(parser)
-
-    def __call__(self, args: argparse.Namespace, out: Any) -> int:
-        from charrnn.plugins import get_plugin_manager
-        from charrnn.reference import pipeline_reference
-
-        out.write(pipeline_reference(get_plugin_manager(extra=args.plugins)))
+        out.write(f"{write_loss_plot(args.metrics, path, title=args.title, warn=warn)}\n")
         return 0
 
 
@@ -224,11 +235,24 @@ class Plugins:
         add_plugin(parser)
 
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
-        from charrnn.plugins import get_plugin_manager, list_plugins
+        from charrnn.plugins import get_plugin_manager
 
-        pm = get_plugin_manager(extra=args.plugins)
-        out.write(json.dumps(list_plugins(pm), indent=2) + "\n")
+        out.write(self.render(get_plugin_manager(extra=args.plugins)))
         return 0
+
+    def render(self, pm: Any) -> str:
+        from charrnn.plugins import list_plugins
+
+        return json.dumps(list_plugins(pm), indent=2) + "\n"
+
+
+class Options(Plugins):
+    help = "print every pipeline key and component option (type, default, rules, help) as Markdown"
+
+    def render(self, pm: Any) -> str:
+        from charrnn.reference import pipeline_reference
+
+        return pipeline_reference(pm)
 
 
 @hookimpl

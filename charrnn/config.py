@@ -22,6 +22,7 @@ import yaml
 
 from charrnn import options as opt
 from charrnn.errors import ConfigError
+from charrnn.files import RunFiles
 from charrnn.options import Check, Choice, FilePath, Range
 
 Lines = dict[tuple[str, ...], int | str]  # a str: how the value was given, e.g. a command-line flag
@@ -31,6 +32,13 @@ COMPONENTS = ("corpus", "model", "optimizer", "sampler", "schedule")
 
 Stage = Literal["train", "evaluate", "generate"]
 _NOT_EMPTY = Check(lambda v: v != "", "a non-empty string")
+#: a stage's `checkpoint`: the model it loads when it runs without a train stage before it
+StageModel = Annotated[
+    str | None,
+    FilePath(file=True),
+    _NOT_EMPTY,
+    "the model to load when no train stage runs before (else train.checkpoint)",
+]
 
 
 @dataclass
@@ -49,9 +57,9 @@ class Train:
     save_every: Annotated[
         int | None, Range(ge=1), "also save the checkpoint every N steps; null: at the end only"
     ] = None
-    # 16 bytes: `.metrics.jsonl` and `.best.npz.tmp` replace `.npz` in files named after it
+    # the files named after it (`.metrics.jsonl`, `.best.npz`) need RunFiles.NAME_RESERVE bytes more
     checkpoint: Annotated[
-        str, FilePath(reserve=16, file=True), _NOT_EMPTY, "where the checkpoint is written"
+        str, FilePath(reserve=RunFiles.NAME_RESERVE, file=True), _NOT_EMPTY, "where the checkpoint is written"
     ] = "runs/default/final_model.npz"
     resume: Annotated[
         bool | str,
@@ -89,12 +97,7 @@ class Generate:
 
     num_chars: Annotated[int, Range(ge=0), "characters to generate after the seed text"] = 1000
     seed_text: Annotated[str, "text that primes the hidden state; it is printed first"] = "The "
-    checkpoint: Annotated[
-        str | None,
-        FilePath(file=True),
-        _NOT_EMPTY,
-        "the model to load when no train stage runs before (else train.checkpoint)",
-    ] = None
+    checkpoint: StageModel = None
     num_samples: Annotated[int, Range(ge=1), "independent samples, generated at once as parallel streams"] = 1
     stop: Annotated[
         list[Annotated[str, _NOT_EMPTY]] | Annotated[str, _NOT_EMPTY],
@@ -111,12 +114,7 @@ class Evaluate:
     path: Annotated[
         str | None, FilePath(file=True), _NOT_EMPTY, "the text to score; null: the validation split"
     ] = None
-    checkpoint: Annotated[
-        str | None,
-        FilePath(file=True),
-        _NOT_EMPTY,
-        "the model to load when no train stage runs before (else train.checkpoint)",
-    ] = None
+    checkpoint: StageModel = None
 
 
 @dataclass
@@ -345,10 +343,10 @@ def _key_problem(key: yaml.Node, constructor: yaml.constructor.SafeConstructor) 
     if not isinstance(key, yaml.ScalarNode):
         return f"a key must be a name, got a {'list' if isinstance(key, yaml.SequenceNode) else 'mapping'}"
     try:
-        value = _show(constructor.construct_object(key))
+        value = opt.show(constructor.construct_object(key))
     except (yaml.YAMLError, ValueError):
         value = "not a string"
-    return f"YAML reads this key as {value}, not as a name; quote it: {_clip(key.value)!r}"
+    return f"YAML reads this key as {value}, not as a name; quote it: {opt.clip(key.value)!r}"
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Lines, str]:
@@ -392,7 +390,7 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str] | Mapping[s
             try:
                 value = parse_yaml(raw)[0] if raw.strip() else None
             except ConfigError as exc:
-                raise ConfigError(f"--set {_clip(item)!r}: the value is not valid YAML: {exc}") from None
+                raise ConfigError(f"--set {opt.clip(item)!r}: the value is not valid YAML: {exc}") from None
             items.append((key.strip(), value))
     for key, value in items:
         parts = key.split(".")
@@ -505,51 +503,6 @@ def check_component(
 ) -> dict[str, Any]:
     """A component's options checked against its factory; the defaults filled in (plain ones)."""
     return opt.check(component_schema(factory, kind), options, locate)
-
-
-# names older modules and plugins import from here
-suggest = opt.suggest
-check_path = opt.check_path
-_show = opt.show
-_clip = opt.clip
-
-
-@dataclass(frozen=True)
-class Opt:
-    """One option of the sweep file (which moves to `charrnn.options` next)."""
-
-    types: tuple[type, ...]
-    default: Any
-    check: Callable[[Any], bool] | None = None
-    must: str = ""
-    path: int | None = None
-
-    def describe(self) -> str:
-        return opt.describe(typing_union(self.types))
-
-
-def typing_union(types: tuple[type, ...]) -> Any:
-    import functools
-    import operator
-
-    return functools.reduce(operator.or_, types)
-
-
-def check_value(o: Opt, value: Any, place: str) -> Any:
-    """Check one sweep option's type and range; ints are accepted where numbers are."""
-    f = opt.Field("", typing_union(o.types), o.default)
-    opt.check_value(f, value, lambda *k: place)
-    if o.check is not None and not o.check(value):
-        raise ConfigError(f"{place}: {o.must}, got {opt.show(value)}")
-    if o.path is not None and isinstance(value, str):
-        check_path(value, place, o.path, file=True)
-    return value
-
-
-def check_number(value: Any, place: str) -> Any:
-    """A number must be finite and an integer fit in 64 bits."""
-    opt.check_value(opt.Field("", Any), value, lambda *k: place)
-    return value
 
 
 def _check_keys(value: Any, path: tuple[str, ...], lines: Lines, origin: str, level: int = 1) -> None:

@@ -87,7 +87,9 @@ def charrnn_sampler(register: Register) -> None:
         ``bind(vocab)`` once with the vocabulary; ``reset(k)`` at the start of each generation;
         ``observe(ids)`` with every (k,) ids of the text, seed and generated (for repetition
         penalties); ``search(model, state, last_ids, num_chars, rng) -> (k, num_chars) ids``
-        takes over the whole generation, for strategies that need the model (beam search);
+        takes over the whole generation, for strategies that need the model (beam search); a
+        ``search`` that also takes ``cancelled`` gets a callable to ask between steps whether the
+        caller is gone (a client disconnected), and may then stop and return None;
         ``perturb(rng, k, V, steps) -> (steps, k, V) noise or None``: the next ``steps`` calls
         would return ``argmax(logits + noise[t])`` (Gumbel-max sampling, greedy), so a caller
         running many samplers on one batch (the server) takes one argmax for all of them.

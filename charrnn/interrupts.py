@@ -4,8 +4,10 @@
 `mpiexec` forwards while it kills jobs on SIGINT) stops after the current step, saves and goes
 on to the next stage; a second Ctrl+C, or SIGTERM, saves and exits (status 130 or 143). The
 handlers only set flags, which the loop reads between steps, so parameters are never saved
-half-updated. `NoInterrupts` installs nothing: for callers (a sweep trial, a thread) that
-handle signals themselves.
+half-updated. Under `mpiexec` (MPICH's forwards SIGINT and SIGTERM to every rank) the loop
+shares the flags at each step, so every rank stops at the same step, rank 0 saves, and only then
+do all ranks leave, with the largest status asked. `NoInterrupts` installs nothing: for callers
+(a sweep trial, a thread) that handle signals themselves.
 """
 
 from __future__ import annotations

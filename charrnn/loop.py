@@ -233,7 +233,7 @@ class Loop:
                         shared[:] = loss, stop, abort is not None
                         world.allreduce(shared)
                         loss, stop = float(shared[0]) / world.size, bool(shared[1])
-                        abort = (abort or 130) if shared[2] else None
+                        abort = self._shared_abort(abort) if shared[2] else None
                     if not math.isfinite(loss):
                         raise Diverged(self.diverged(f"loss became {loss}", st.step + 1))
                     if transform is not None:
@@ -267,8 +267,12 @@ class Loop:
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self)
-        if interrupts.abort is not None:  # a second Ctrl+C during the last step's saves
-            raise Aborted(interrupts.abort, f"interrupted at step {st.step}")
+        abort = interrupts.abort  # a second Ctrl+C or SIGTERM during the last step's saves
+        if world.size > 1:  # on some rank: every rank leaves alike
+            asked = world.allreduce(np.array([float(abort is not None)]))
+            abort = self._shared_abort(abort) if asked[0] else None
+        if abort is not None:
+            raise Aborted(abort, f"interrupted at step {st.step}")
         result.stopped_early = self.control.should_stop
         result.steps, result.train_loss, result.best_val_loss = st.step, st.smooth_loss, st.best_val
         result.seconds = time.perf_counter() - started
@@ -280,6 +284,12 @@ class Loop:
         if isinstance(exc, (CharrnnError, PluginFailure)):
             return exc
         return PluginFailure(self.labels.get(kind, kind), exc)
+
+    def _shared_abort(self, code: int | None) -> int:
+        """The exit status of an abort that some ranks asked for: the largest asked (SIGTERM's 143
+        over Ctrl+C's 130), on every rank; a collective, called by all ranks at once."""
+        codes = self.world.broadcast(self.world.gather(code))
+        return max(c for c in codes if c is not None)
 
     def _abort(self, code: int) -> None:
         self.control.stop("interrupted")

@@ -20,7 +20,7 @@ import functools
 import os
 import platform
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,38 +115,26 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-#: variables by which a user sets BLAS threads; charrnn never overrides them
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
-
-
-def user_pinned(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether the user chose a BLAS thread count through the environment."""
-    return any(name in environ for name in THREAD_VARS)
-
-
 @functools.cache
 def _blas() -> Any:
-    """threadpoolctl's controller of NumPy's BLAS, or None (not installed, or no BLAS found)."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
+    """threadpoolctl's controller of NumPy's BLAS, or None where it finds none (a BLAS it does not know)."""
+    from threadpoolctl import ThreadpoolController
+
     libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
     libs.sort(key=lambda lib: "numpy" not in str(getattr(lib, "filepath", "")))  # NumPy's own first
     return libs[0] if libs else None
 
 
 def blas_threads() -> int | None:
-    """The BLAS threads NumPy's products may use now; None where threadpoolctl cannot tell."""
+    """The BLAS threads NumPy's products may use now; None where threadpoolctl finds no BLAS."""
     lib = _blas()
     return None if lib is None else int(lib.get_num_threads())
 
 
 def set_blas_threads(n: int) -> bool:
-    """Set NumPy's BLAS threads (one ctypes call); False where threadpoolctl is not installed.
+    """Set NumPy's BLAS threads (one ctypes call); False where threadpoolctl finds no BLAS.
 
-    The one way charrnn sets them: MPI ranks (`world.limit_blas_threads`), the server, and
-    training's `ThreadChooser`.
+    The one way charrnn sets them; how many, and when, `charrnn.threads` decides.
     """
     lib = _blas()
     if lib is None:
@@ -165,18 +153,16 @@ def numpy_blas_name() -> str | None:
 
 
 def blas_info() -> dict[str, Any]:
-    """NumPy's BLAS library and kernel: threadpoolctl's view where installed, else NumPy's build info."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        info: dict[str, Any] = {"note": "pip install threadpoolctl (or 'charrnn[bench]') to see the kernel"}
-        if numpy_blas_name() is not None:
-            info["name"] = numpy_blas_name()
-        return info
+    """NumPy's BLAS library and kernel, as threadpoolctl sees them."""
+    from threadpoolctl import threadpool_info
+
     libs = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
     libs.sort(key=lambda lib: "numpy" not in str(lib.get("filepath", "")))  # NumPy's own first
     if not libs:
-        return {"note": "threadpoolctl found no BLAS library"}
+        info: dict[str, Any] = {"note": "threadpoolctl found no BLAS library"}
+        if numpy_blas_name() is not None:
+            info["name"] = numpy_blas_name()
+        return info
     return {k: libs[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
 
 

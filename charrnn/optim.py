@@ -1,7 +1,8 @@
 """Shared plumbing for optimizer plugins: the common options, packed updates, state loading.
 
-Part of the public API so that third-party optimizers take, clip by and checkpoint the same
-options the way the builtin ones do.
+Part of the public API so that third-party optimizers take their options and checkpoint the
+way the builtin ones do. Clipping is not here: the training loop clips every optimizer's
+gradients before `step` (`charrnn.transforms`), reading the `clip` and `clip_norm` options.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def packed_buffer(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
 
 @dataclass
 class Slot:
-    """What one update works on: a parameter, its clipped gradient and its state arrays.
+    """What one update works on: a parameter, its gradient (clipped already) and its state arrays.
 
     `key` is the parameter's name, or `"*"` when one slot covers all parameters packed together.
     """
@@ -80,8 +81,6 @@ class _Packed:
         self.keys = tuple(params)
         self.params, self.grads = tuple(params.values()), tuple(grads.values())
         self.flat_p, self.flat_g = flat_p, flat_g
-        ends = np.cumsum([a.size for a in self.params]).tolist()
-        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))  # each parameter's part of the buffers
         self.state: dict[str, np.ndarray] = {}
 
     def matches(self, params: Params, grads: Params) -> bool:

@@ -208,8 +208,9 @@ class Schema:
         """The defaults that are plain values (YAML and JSON can hold them)."""
         out = {}
         for f in self:
-            if isinstance(_section_schema(f.annotation), Schema):
-                out[f.name] = _section_schema(f.annotation).defaults() if f.default is not None else None
+            sub = _section_of(f.annotation)
+            if sub is not None and not plain(f.default):
+                out[f.name] = sub.defaults()
             elif not f.required and plain(f.default):
                 out[f.name] = _copy(f.default)
         return out
@@ -366,7 +367,7 @@ def check(
         elif f.required:
             raise OptionError(where(*at, f.name), (*at, f.name), "required, but not given")
         elif fill:
-            sub = _section_schema(f.annotation)
+            sub = _section_of(f.annotation)
             if isinstance(sub, Schema) and f.default is not None and not isinstance(f.default, Mapping):
                 out[f.name] = check(sub, {}, where, within=(*at, f.name))
             elif plain(f.default):
@@ -394,7 +395,7 @@ def _check(annotation: Any, constraints: tuple[Any, ...], value: Any, where: Loc
         raise fail(f"expected {describe(annotation)}, got {show(value)}")
     chosen = fits[0]
     base, inner, _ = _split(chosen)
-    constraints = constraints + inner
+    constraints = inner + constraints  # the chosen alternative's own rules first: they are the more precise
     _check_number(value, fail)
     sub = _section_schema(base)
     if isinstance(sub, Schema) and isinstance(value, Mapping):
@@ -411,7 +412,7 @@ def _check(annotation: Any, constraints: tuple[Any, ...], value: Any, where: Loc
             names = list(c.names) or [str(v) for v in c.values]
             hint = suggest(str(value), names) if isinstance(value, str) else ""
             raise fail(f"must be {c.describe()}, got {show(value)}{hint}")
-        if isinstance(c, Check) and not c.ok(value):
+        if isinstance(c, Check) and not _holds(c, value):
             raise fail(f"must be {c.must}, got {show(value)}")
         if isinstance(c, FilePath) and isinstance(value, str):
             check_path(value, place, c.reserve, c.file, keys)
@@ -420,6 +421,14 @@ def _check(annotation: Any, constraints: tuple[Any, ...], value: Any, where: Loc
         hint = suggest(str(value), [str(v) for v in c.values]) if isinstance(value, str) else ""
         raise fail(f"must be {c.describe()}, got {show(value)}{hint}")
     return value
+
+
+def _holds(c: Check, value: Any) -> bool:
+    """A rule that cannot even look at the value (a length of a number) does not hold."""
+    try:
+        return bool(c.ok(value))
+    except Exception:  # noqa: BLE001 - the value is of a kind the rule was not written for
+        return False
 
 
 def _indexed(where: Locate, keys: tuple, i: int) -> Locate:
@@ -497,6 +506,15 @@ def _section_schema(annotation: Any) -> Schema | None:
         return base
     if dataclasses.is_dataclass(base) and isinstance(base, type):
         return schema_of(base)
+    return None
+
+
+def _section_of(annotation: Any) -> Schema | None:
+    """The nested section a field takes, also as one alternative of several (`Scheduler | str`)."""
+    for a in _alternatives(annotation):
+        found = _section_schema(a)
+        if found is not None:
+            return found
     return None
 
 
@@ -702,9 +720,9 @@ def markdown(schema: Schema, prefix: str = "") -> str:
 def _rows(schema: Schema, prefix: str) -> list[str]:
     out = []
     for f in schema:
-        sub = _section_schema(f.annotation)
+        sub = _section_of(f.annotation)
         key = f"{prefix}{f.name}"
-        if isinstance(sub, Schema) and not _alternatives(f.annotation)[1:]:
+        if sub is not None:
             out.extend(_rows(sub, key + "."))
             continue
         default = "required" if f.required else f"`{show_plain(f.default)}`" if plain(f.default) else "—"

@@ -18,11 +18,11 @@ import numpy as np
 from charrnn import training
 from charrnn.assembly import Assembly
 from charrnn.data import Data, load_corpus
+from charrnn.engine import held_text_bytes
 from charrnn.errors import ConfigError, CorpusError
 from charrnn.evaluation import EVAL_STREAMS, evaluate, format_evaluation, ngram_baselines
-from charrnn.generate import held_text_bytes
 from charrnn.interrupts import Interrupts
-from charrnn.loaded import LoadedModel
+from charrnn.loaded import Generation, LoadedModel
 from charrnn.loop import TrainResult
 from charrnn.memory import check as check_memory
 from charrnn.textfile import encode_file
@@ -138,10 +138,10 @@ class Pipeline(Assembly):
                 )
                 streamed = stdout is not None and self.config["generate"]["stream"]
                 on_text = (lambda t: write_text(stdout, t)) if streamed else None
-                texts = loaded.generate(on_text=on_text)
-                result.texts, result.text = texts, self.config["generate"]["separator"].join(texts)
+                generation = loaded.generate(on_text=on_text)
+                result.texts, result.text = list(generation), generation.text
                 if stdout is not None:
-                    rest = result.text[len(texts[0]) :] if streamed else result.text
+                    rest = result.text[len(result.texts[0]) :] if streamed else result.text
                     write_text(stdout, rest + "\n")
         return result
 
@@ -223,57 +223,35 @@ def generate_samples(
     stop: Iterable[str] | None = None,
     on_text: Callable[[str], None] | None = None,
     plugins: Iterable[object] = (),
-) -> RunResult:
+    labels: Mapping[str, str] | None = None,
+) -> Generation:
     """Generate from a checkpoint. `None` for an argument means the value saved in the checkpoint.
 
     `sampler` is a name or a `{type: ..., option: ...}` mapping; a name other than the saved
     one starts from that sampler's defaults; `temperature` and `sampler_options` then set
-    options. `on_text` receives the first sample as it is produced (streaming). The result
-    has every sample in `texts` and them joined by `generate.separator` in `text`.
+    options. `on_text` receives the first sample as it is produced (streaming). The result is
+    the sequence of samples; its `text` joins them with `generate.separator`. `labels` name the
+    arguments in the caller's words (`charrnn generate` passes its flags).
     """
-    # messages locate a value by the flag that set it, or in the checkpoint (never `--set`)
-    labels = {"plugins": "--plugin"}
-    flags = (
-        ("generate.num_chars", "--num-chars", num_chars),
-        ("generate.seed_text", "--seed-text", seed_text),
-        ("generate.num_samples", "--num-samples", num_samples),
-        ("generate.stop", "--stop", stop),
-        ("seed", "--seed", seed),
-    )
-    labels.update({key: flag for key, flag, value in flags if value is not None})
-    typed: list[str] = []
-    if isinstance(sampler, str):
-        labels["sampler.type"] = "--sampler"
-        typed.append(f"--sampler {sampler}")
-    elif isinstance(sampler, Mapping):
-        labels.update({f"sampler.{key}": f"sampler[{key!r}]" for key in sampler})
-        typed.append(f"sampler={dict(sampler)!r}")
+    options = dict(sampler_options or {})
     if temperature is not None:
-        labels["sampler.temperature"] = "--temperature"
-        typed.append(f"--temperature {temperature:g}")
-    for key, value in (sampler_options or {}).items():
-        labels[f"sampler.{key}"] = f"-o {key}"
-        typed.append(f"-o {key}={value}")
-    if typed:
-        labels["sampler"] = " ".join(typed)
+        options["temperature"] = temperature
     loaded = LoadedModel.load(checkpoint_path, plugins=plugins, labels={"plugins": "--plugin"})
-    texts = loaded.generate(
-        on_text=on_text,
-        num_chars=num_chars,
-        seed_text=seed_text,
+    return loaded.generate(  # type: ignore[return-value]
+        seed_text,
+        num_chars,
         sampler=sampler,
-        temperature=temperature,
-        sampler_options=sampler_options,
         seed=seed,
         num_samples=num_samples,
         stop=stop,
+        on_text=on_text,
         labels=labels,
+        **options,
     )
-    return RunResult(loaded.config, loaded.separator().join(texts), texts)
 
 
 def generate_text(
     checkpoint_path: str | Path, num_chars: int | None = 1000, seed_text: str | None = "The ", **options: Any
 ) -> str:
     """The classic `generate.py`: text from a checkpoint (see `generate_samples` for the options)."""
-    return generate_samples(checkpoint_path, num_chars, seed_text, **options).text or ""
+    return generate_samples(checkpoint_path, num_chars, seed_text, **options).text

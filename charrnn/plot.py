@@ -8,19 +8,18 @@ validation curve per trial with `end_marker=True` on the ones stopped early.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import numbers
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from charrnn.errors import CharrnnError
-from charrnn.files import atomic_write
+from charrnn.files import RunFiles, atomic_write
+from charrnn.metrics import is_number, read_metrics
 
 # matplotlib's tab10: distinct, colour-blind tolerant, and the same colours in the SVG and the PNG
 PALETTE = (
@@ -72,55 +71,6 @@ class Series:
         return [seg for seg in segments if seg]
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a `.metrics.jsonl` file; a malformed line is an error naming file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CharrnnError(f"metrics file not found: {path}") from None
-    except IsADirectoryError:
-        raise CharrnnError(f"metrics path is a directory, not a file: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise CharrnnError(
-            f"{path}: not UTF-8 text (byte {exc.start}); is it a metrics .jsonl file?"
-        ) from None
-    except OSError as exc:
-        raise CharrnnError(f"cannot read metrics file {path}: {exc.strerror or exc}") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise CharrnnError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
-        problem = _record_problem(record)
-        if problem:
-            raise CharrnnError(f"{path}:{number}: {problem}")
-        records.append(record)
-    if not records:
-        raise CharrnnError(f"{path}: no metrics records (an empty file?)")
-    return records
-
-
-def _record_problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return f'expected a JSON object like {{"step": 100, "train_loss": 2.1}}, got {type(record).__name__}'
-    step = record.get("step")
-    if not _is_number(step) or step < 0:
-        return f"'step' must be a number >= 0, got {step!r}"
-    for key in ("train_loss", "val_loss"):
-        if record.get(key) is not None and not _is_number(record[key]):
-            return f"{key!r} must be a number or null, got {record[key]!r}"
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    """A float or int (NumPy's too), not a bool: what a step or a loss may be."""
-    return isinstance(value, float) or (isinstance(value, numbers.Real) and not isinstance(value, bool))
-
-
 def loss_series(
     records: Iterable[Mapping[str, Any]], label: str = "", color: str | None = None
 ) -> list[Series]:
@@ -147,7 +97,7 @@ def loss_series(
 
 def run_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Short, distinct labels: the file stems, with as many parent folders as it takes to tell them apart."""
-    parts = [Path(p).parent.parts + (_stem(Path(p)),) for p in paths]
+    parts = [Path(p).parent.parts + (RunFiles.from_metrics(p).name,) for p in paths]
     for depth in range(1, max((len(p) for p in parts), default=1) + 1):
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
@@ -155,18 +105,9 @@ def run_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".metrics.jsonl", ".jsonl"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def default_output(path: str | os.PathLike) -> Path:
     """Where `charrnn plot` writes without -o: `<run>.loss.svg` beside the (first) metrics file."""
-    path = Path(path)
-    return path.with_name(_stem(path) + ".loss.svg")
+    return RunFiles.from_metrics(path).plot
 
 
 def write_loss_plot(
@@ -176,13 +117,15 @@ def write_loss_plot(
     labels: Sequence[str] | None = None,
     title: str | None = None,
     fmt: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Draw the loss curves of one run or several, atomically; `fmt` (default: the suffix) is svg or png.
 
     `runs` is a metrics file, a list of records (training passes its in-memory history), or a
     sequence of either. Labels default to the files' names; a single in-memory run has none.
+    `warn` hears about a file's unfinished last line (a run still writing it), which is left out.
     """
-    series, legend, default_title = _loss_plot(runs, labels)
+    series, legend, default_title = _loss_plot(runs, labels, warn)
     write_plot(series, out_path, title=default_title if title is None else title, legend=legend, fmt=fmt)
     return Path(out_path)
 
@@ -199,7 +142,7 @@ def write_loss_svg(
 
 
 def _loss_plot(
-    runs: Run | Sequence[Run], labels: Sequence[str] | None
+    runs: Run | Sequence[Run], labels: Sequence[str] | None, warn: Callable[[str], None] | None = None
 ) -> tuple[list[Series], list[Series] | None, str]:
     """The series, the legend (one run: per line; several: a colour per run and a line-style key), a title."""
     if isinstance(runs, (str, os.PathLike)) or (
@@ -219,7 +162,7 @@ def _loss_plot(
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
     series, legend = [], []
     for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
-        records = read_metrics(run) if isinstance(run, (str, os.PathLike)) else run
+        records = read_metrics(run, warn=warn) if isinstance(run, (str, os.PathLike)) else run
         color = PALETTE[i % len(PALETTE)]
         series += loss_series(records, label if len(runs) > 1 else "", color)
         legend.append(Series(label, [], [], color))
@@ -459,7 +402,7 @@ def _esc(text: str) -> str:
 
 
 def _finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 # ---- PNG ----

@@ -152,6 +152,7 @@ def _import_file(path: Path, spec: str) -> ModuleType:
 
 def load_module(spec: str) -> ModuleType:
     """Import a plugin module by import name, or from a path ending in `.py`."""
+    _check_name(spec)
     if _is_path(spec):
         return _import_file(_plugin_file(spec), spec)
     try:
@@ -162,6 +163,18 @@ def load_module(spec: str) -> ModuleType:
         raise PluginFailure(f"plugin module {spec!r} (importing it)", exc) from exc
     except Exception as exc:  # the plugin's own code raised: a bug in it, not the user's input
         raise PluginFailure(f"plugin module {spec!r} (importing it)", exc) from exc
+
+
+def _check_name(spec: str) -> None:
+    """An empty or relative plugin name is the user's mistake, not a plugin's failure to import."""
+    if not spec.strip():
+        raise PluginError(
+            f"empty plugin name {spec!r}: name a module (such as charrnn_plugins.tensorboard) or a .py file"
+        )
+    if spec.startswith(".") and not _is_path(spec):
+        raise PluginError(
+            f"plugin name {spec!r} is relative: give the module's full import name, or a .py file"
+        )
 
 
 def _source_file(plugin: object) -> Path | None:
@@ -198,6 +211,7 @@ def add_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
     name = None
     if isinstance(plugin, (str, os.PathLike)):
         spec = os.fspath(plugin)
+        _check_name(spec)
         if _is_path(spec):
             path = _plugin_file(spec)
             if _registered_file(pm, path):

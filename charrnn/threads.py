@@ -1,23 +1,69 @@
-"""BLAS threads chosen while training (read and set through `charrnn.machine`, with threadpoolctl).
+"""How many BLAS threads NumPy's products use, and who decides: the one home of that policy.
 
-OpenBLAS's threads wait for each other inside every product. When another process keeps one of
-the cores busy, the thread that lands there is descheduled and the others spin: a two-thread
-product then takes several times as long as a one-thread product. `ThreadChooser` watches the
-step time and trains on one thread while that is faster, going back when the load goes away.
-A user who sets a `*_NUM_THREADS` variable has chosen: charrnn never overrides it.
+The mechanism (reading and setting the count, through threadpoolctl) is `charrnn.machine`'s; the
+decisions are here, and callers ask for theirs. First match wins:
+
+1. The user: a `*_NUM_THREADS` variable (`THREAD_VARS`) is a choice charrnn never overrides.
+2. The caller's role: a server runs on one thread (`for_serving`: a batched step is a small
+   product, and OpenBLAS's spinning threads would take the cores its HTTP threads need); an MPI
+   rank on its share of this node's cores (`for_mpi_rank`: ranks that oversubscribe the cores
+   wait on each other); a sweep's trial processes on their `cpus_per_trial` (`environment`); a
+   benchmark on the count NumPy started with (no chooser).
+3. Training in one process: `ThreadChooser` (`for_training`), unless `CHARRNN_TUNING` turns
+   `blas_threads` off. OpenBLAS's threads wait for each other inside every product; when another
+   process keeps a core busy, the thread that lands there is descheduled and the others spin, so
+   a two-thread product can take several times as long as a one-thread one. The chooser watches
+   the step time and trains on one thread while that is faster, going back when the load ends.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from charrnn import machine
+from charrnn import machine, tuning
 from charrnn.loop import Callback, Loop
-from charrnn.machine import THREAD_VARS, blas_threads, set_blas_threads, usable_cpus, user_pinned
+from charrnn.machine import blas_threads, set_blas_threads, usable_cpus
+from charrnn.world import local_size
 
-__all__ = ["THREAD_VARS", "ThreadChooser", "blas_threads", "set_blas_threads", "user_pinned"]
+#: variables by which a user sets BLAS threads; charrnn never overrides them
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def user_pinned(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the user chose a BLAS thread count through the environment."""
+    return any(name in environ for name in THREAD_VARS)
+
+
+def for_serving(environ: Mapping[str, str] = os.environ) -> int | None:
+    """Put a server's BLAS on one thread, unless the user chose; the count set, or None."""
+    if user_pinned(environ):
+        return None
+    return 1 if set_blas_threads(1) else None
+
+
+def for_mpi_rank(environ: Mapping[str, str] = os.environ) -> int | None:
+    """Give this MPI rank its share of the node's cores, unless the user chose; the count set, or None."""
+    if user_pinned(environ):
+        return None
+    threads = max(1, usable_cpus() // local_size(environ))
+    return threads if set_blas_threads(threads) else None
+
+
+def for_training(log: Callable[[str], None]) -> ThreadChooser | None:
+    """The chooser for a training run in this process, or None: the user chose a count, the
+    `blas_threads` trick is off, BLAS is on one thread already, or threadpoolctl finds no BLAS."""
+    if user_pinned() or not tuning.enabled("blas_threads"):
+        return None
+    threads = blas_threads()
+    return ThreadChooser(threads, log=log) if threads is not None and threads > 1 else None
+
+
+def environment(threads: int) -> dict[str, str]:
+    """The variables that pin a child process's BLAS to `threads` (what a user's pin would be)."""
+    return dict.fromkeys(THREAD_VARS, str(threads))
 
 
 SHARED = 0.25  # other processes' share of all CPUs from which a first window probes one thread
@@ -47,14 +93,12 @@ class ThreadChooser(Callback):
     faster: a noisy host moves step times by 10-20%. On one thread, after `reprobe` windows a
     probe tries all threads again on the same terms, so training goes back to them when the
     other process ends; probes that find the machine still shared come less and less often.
-    Without threadpoolctl the chooser only says, once, what would help.
     """
 
     def __init__(
         self,
         threads: int,
         *,
-        can_set: bool = True,
         log: Callable[[str], None] = lambda message: None,
         clock: Callable[[], float] = time.perf_counter,
         setter: Callable[[int], object] = set_blas_threads,
@@ -65,7 +109,7 @@ class ThreadChooser(Callback):
         gain: float = 1.15,
         others: Callable[[], float | None] | None = None,
     ) -> None:
-        self.many, self.can_set, self.log, self.clock, self.setter = threads, can_set, log, clock, setter
+        self.many, self.log, self.clock, self.setter = threads, log, clock, setter
         self.window, self.min_steps, self.slower, self.reprobe = window, min_steps, slower, reprobe
         self.gain = gain
         self.others = others if others is not None else OthersLoad()
@@ -75,24 +119,10 @@ class ThreadChooser(Callback):
         self.probing: int | None = None  # the count a probe window left, to compare with
         self.windows_on_one = 0
         self.switches: list[tuple[int, int, int]] = []  # (step, from, to), for tests and logs
-        self.hinted = False
         self.windows = 0
         self.interval = reprobe  # windows on one thread before probing all threads again
         self.times: list[float] = []
         self.last = self.start = 0.0
-
-    @classmethod
-    def create(cls, log: Callable[[str], None]) -> ThreadChooser | None:
-        """The chooser for this process, or None: one thread already, or the user chose a count."""
-        from charrnn import tuning  # imports threads: not at module level
-
-        if user_pinned() or not tuning.enabled("blas_threads"):
-            return None
-        threads = blas_threads()
-        if threads is None:  # no threadpoolctl: watch and advise
-            cpus = usable_cpus()
-            return cls(cpus, can_set=False, log=log) if cpus > 1 else None
-        return cls(threads, log=log) if threads > 1 else None
 
     def on_train_begin(self, loop: Loop) -> None:
         self.last = self.start = self.clock()
@@ -127,15 +157,6 @@ class ThreadChooser(Callback):
                 self.windows_on_one = 0
                 self._say(step, before, median)
             return
-        if not self.can_set:
-            if n == self.many and not first and median > self.slower * self.best[n] and not self.hinted:
-                self.hinted = True
-                self.log(
-                    f"steps take {median / self.best[n]:.1f}x as long as at the start: if another program "
-                    "is using a core, OPENBLAS_NUM_THREADS=1 may be faster (with threadpoolctl installed, "
-                    "charrnn chooses by itself)"
-                )
-            return
         busy = shared is None or shared > SHARED  # unknown (no /proc/stat): assume it may be
         if n == self.many and ((first and busy) or median > self.slower * self.best[n]):
             self._probe(1)
@@ -165,5 +186,5 @@ class ThreadChooser(Callback):
         self.setter(threads)
 
     def on_train_end(self, loop: Loop) -> None:
-        if self.can_set and self.current != self.many:
+        if self.current != self.many:
             self._set(self.many)

@@ -19,22 +19,15 @@ from charrnn.assembly import Assembly
 from charrnn.callbacks import Checkpointer, Console, Evaluator, ProgressBar, Reporter, RunHooks
 from charrnn.data import Data
 from charrnn.errors import CheckpointError, ConfigError, CorpusError
+from charrnn.files import RunFiles
 from charrnn.interrupts import Aborted, Interrupts, SignalInterrupts
 from charrnn.loop import Batches, Callback, Loop, TrainResult, TrainState
 from charrnn.memory import check as check_memory
 from charrnn.plugins import call_hook
-from charrnn.threads import ThreadChooser
+from charrnn.threads import for_training
 from charrnn.transforms import allreduce_mean, chain, clipping
 from charrnn.types import Model, Schedule
 from charrnn.world import World, agree, rows, together
-
-
-def sibling(checkpoint: str, suffix: str) -> str:
-    """`runs/x/model.npz` -> `runs/x/model<suffix>`: files that belong with a checkpoint."""
-    path = Path(checkpoint)
-    return str(
-        path.with_name(path.stem + suffix) if path.suffix == ".npz" else path.with_name(path.name + suffix)
-    )
 
 
 def check_lengths(data: Data, train: dict[str, Any]) -> None:
@@ -236,12 +229,17 @@ def start(loop: Loop, assembly: Assembly, data: Data, saved: ckpt_io.Checkpoint 
 
 
 def run(loop: Loop, state: TrainState) -> TrainResult:
-    """Run a prepared loop; a second Ctrl+C ends it with a message naming what was saved."""
-    checkpoint = next((cb.path for cb in loop.callbacks if isinstance(cb, Checkpointer)), None)
+    """Run a prepared loop; a second Ctrl+C or SIGTERM ends it with a message naming the step the
+    checkpoint holds."""
+    checkpointer = next((cb for cb in loop.callbacks if isinstance(cb, Checkpointer)), None)
+    checkpoint = checkpointer.path if checkpointer is not None else None
     try:
         result = loop.run(state)
     except Aborted as exc:
-        raise Aborted(exc.code, f"interrupted: saved step {loop.state.step} to {checkpoint}") from None
+        if checkpointer is None or not checkpointer.saved_at:
+            raise Aborted(exc.code, f"interrupted at step {loop.state.step}; nothing was saved") from None
+        step = checkpointer.saved_at[-1]
+        raise Aborted(exc.code, f"interrupted: saved step {step} to {checkpoint}") from None
     if result.stopped_early and loop.control.reason == "interrupted" and loop.world.rank == 0:
         print(f"stopped at step {result.steps}; saved {checkpoint}", file=loop.stderr, flush=True)
     return result
@@ -279,9 +277,10 @@ def prepare(
 
     console = Console(stderr)
     lead = world.rank == 0
-    best_path = sibling(t["checkpoint"], ".best.npz") if t["keep_best"] and data.val_ids is not None else None
-    metrics_path = sibling(t["checkpoint"], ".metrics.jsonl") if t["metrics"] else None
-    plot_path = sibling(t["checkpoint"], ".loss.svg") if t["plot"] else None
+    files = RunFiles(t["checkpoint"])
+    best_path = str(files.best) if t["keep_best"] and data.val_ids is not None else None
+    metrics_path = str(files.metrics) if t["metrics"] else None
+    plot_path = str(files.plot) if t["plot"] else None
     if lead:
         for path, key in (
             (best_path, "train.keep_best"),
@@ -322,8 +321,9 @@ def prepare(
         ),
         show_lr=schedule is not None,
         plot_path=plot_path if lead else None,
+        name=files.name,
     )
-    chooser = ThreadChooser.create(console.log if lead else print_nothing) if choose_threads else None
+    chooser = for_training(console.log if lead else print_nothing) if choose_threads else None
     chain_ = [chooser] if chooser is not None else []
     chain_ += [ProgressBar(console)] if lead else []
     chain_ += [cb for cb in (evaluator, checkpointer) if cb is not None]

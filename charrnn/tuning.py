@@ -15,7 +15,7 @@ The tricks (see README, Performance, for the measurements):
   threshold; a generation matrix just below it gets zero rows up to it, so both cores share the
   product (`padded_rows`).
 - `blas_threads`: training watches its step time and moves BLAS to one thread while another
-  process holds a core (`charrnn.threads.ThreadChooser`; needs `threadpoolctl` to act). It
+  process holds a core (`charrnn.threads.ThreadChooser`; `charrnn.threads` decides every count). It
   measures itself on every machine, so it is on everywhere.
 """
 
@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 from charrnn.errors import CharrnnError
-from charrnn.machine import blas_threads, numpy_blas_name, usable_cpus
+from charrnn.machine import blas_threads, numpy_blas_name
 
 TRICKS = ("pad_gemv", "blas_threads")
 
@@ -112,10 +112,7 @@ def _openblas_on_several_threads() -> bool:
     if "openblas" not in (numpy_blas_name() or "").lower():
         return False
     threads = blas_threads()
-    if threads is not None:
-        return threads > 1
-    pinned_to_one = any(os.environ.get(v) == "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
-    return usable_cpus() > 1 and not pinned_to_one
+    return threads is not None and threads > 1
 
 
 def padded_rows(rows: int, cols: int) -> int:

@@ -81,11 +81,6 @@ class Corpus:
             self._index = {ch: i for i, ch in enumerate(self.vocab)}
         return self._index
 
-    @classmethod
-    def from_bytes(cls, raw: bytes, source: str = "") -> Corpus:
-        """Any bytes, over the 256-symbol byte vocabulary."""
-        return cls(np.frombuffer(raw, dtype=np.uint8).copy(), [chr(i) for i in range(256)], source, "bytes")
-
     def with_vocab(self, vocab: list[str]) -> Corpus:
         """This text encoded with `vocab`, which must hold every symbol of `self.vocab` (it may hold more).
 
@@ -225,12 +220,6 @@ class Schedule(Protocol):
     """
 
     def __call__(self, step: int, total_steps: int | None) -> float: ...
-
-
-class CorpusLoader(Protocol):
-    """A registered loader: `loader(**options) -> Corpus`."""
-
-    def __call__(self, **options: object) -> Corpus: ...
 
 
 #: the recurrent operators an exported layer may be, named as in ONNX

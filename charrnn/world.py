@@ -18,7 +18,6 @@ from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from charrnn.errors import CharrnnError, ConfigError
-from charrnn.machine import set_blas_threads, usable_cpus, user_pinned
 
 T = TypeVar("T")
 
@@ -302,14 +301,3 @@ def together(world: World) -> Iterator[None]:
     else:
         message = "; ".join(f"rank {rank}: {message}" for rank, (message, _) in found)
     raise SharedFailure(message, max(code for _, (_, code) in found), world.rank)
-
-
-def limit_blas_threads(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
-    """Give each rank its share of this node's cores for BLAS, unless the user set a thread count.
-
-    Needs threadpoolctl (part of `charrnn[mpi]`); returns the count set, or None.
-    """
-    if user_pinned(environ):
-        return None
-    threads = max(1, usable_cpus() // local_size(environ))
-    return threads if set_blas_threads(threads) else None

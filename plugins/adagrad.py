@@ -9,9 +9,10 @@ from charrnn.optim import BaseOptimizer, Clip, ClipNorm, Eps, LearningRate
 
 
 class Adagrad(BaseOptimizer):
-    """Adagrad with gradient clipping (elementwise `clip`, global-norm `clip_norm`; null turns either off).
+    """Adagrad: mem += g * g; p -= lr * g / sqrt(mem + eps).
 
-    g <- clipped g; mem += g * g; p -= lr * g / sqrt(mem + eps).
+    `clip` (elementwise) and `clip_norm` (global norm; null turns either off) are applied to g
+    by the training loop before `step`, as for every optimizer.
     """
 
     state_names = ("mem",)

@@ -15,6 +15,7 @@ on a character model the most likely text tends to repeat itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import numpy as np
@@ -59,11 +60,13 @@ class Beam:
         last_ids: np.ndarray,
         num_chars: int,
         rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
+        cancelled: Callable[[], bool] | None = None,
+    ) -> np.ndarray | None:
         """The most likely `num_chars` ids (k, num_chars) found for each of k primed streams.
 
         `state` is the primed state for k streams and `last_ids` (k,) the first input. All
-        k * beam_width candidates advance in one `model.step` call per character.
+        k * beam_width candidates advance in one `model.step` call per character. `cancelled()`
+        is asked between steps: when it says the caller is gone, the search stops (None).
         """
         k, W = len(last_ids), self.beam_width
         check_memory(
@@ -80,6 +83,8 @@ class Beam:
         parents = np.empty((num_chars, k, W), np.int32)  # the beam it extended
         first_row = (np.arange(k) * W)[:, None]  # (k, 1)
         for t in range(num_chars):
+            if cancelled is not None and cancelled():
+                return None
             logits, state = model.step(ids, state)  # (k*W, V)
             V = logits.shape[-1]
             cand = scores[:, :, None] + _log_softmax(logits).reshape(k, W, V)  # (k, W, V)

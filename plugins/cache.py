@@ -289,7 +289,7 @@ def _build(plan: Plan, npy: Path, chunk_size: int) -> None:
 
 
 def _atomic_write(path: Path, content: bytes | Callable[[BinaryIO], None]) -> None:
-    """Write `path` through `charrnn.checkpoint.atomic_write`; `content` may be a writer."""
+    """Write `path` through `charrnn.files.atomic_write`; `content` may be a writer."""
     with atomic_write(path, "the corpus cache", CorpusError) as f:
         if isinstance(content, bytes):
             f.write(content)

@@ -17,28 +17,47 @@ the sigmoid gates' pre-activations are computed halved so one `tanh` serves both
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from charrnn import hookimpl
 from charrnn.types import ExportNetwork
-from charrnn_plugins.recurrent import (
-    Arrays,
-    Buffers,
-    Dropout,
-    DType,
-    HiddenSize,
-    LayerBuffers,
-    NumLayers,
-    Recurrent,
-    export_stack,
-    features_first,
-    layer_name,
-    orthogonal,
-    transpose_into,
-)
+from charrnn_plugins import recurrent as rec
+from charrnn_plugins.recurrent import Arrays, features_first, layer_name
 
 
-class _Layer(LayerBuffers):
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """What the forward loop touches at time step t: (F, B) views (a slotted dataclass, as in `lstm`)."""
+
+    rz: np.ndarray  # (2H, B) the sigmoid gates [r, z]: pre-activations halved, then values
+    r: np.ndarray  # (H, B) reset gate
+    z: np.ndarray  # (H, B) update gate
+    n: np.ndarray  # (H, B) candidate
+    x_rz: np.ndarray  # (2H, B) the input projection of [r, z], halved
+    x_n: np.ndarray  # (H, B) the input projection of n
+    un: np.ndarray  # (H, B) h_{t-1} @ Whh_n + bhn
+    h_prev: np.ndarray  # (H, B) h_{t-1}
+    h: np.ndarray  # (H, B) h_t
+
+
+@dataclass(frozen=True, slots=True)
+class _Backward:
+    """What the backward loop touches at time step t (views, as `_Forward`)."""
+
+    du: np.ndarray  # (3H, B) dL/du of step t; step t + 1's is the other buffer
+    r: np.ndarray  # the gate values of step t, as in `_Forward`
+    z: np.ndarray
+    n: np.ndarray
+    un: np.ndarray
+    h_prev: np.ndarray
+    dh_above: np.ndarray  # (H, B) dL/dh_t from the layer above (or the output layer)
+    dx: np.ndarray  # (3H, B) where dL/d(input projection) of step t is kept for the weight gradients
+    du_seq: np.ndarray  # (3H, B) where dL/du of step t is kept for the weight gradients
+
+
+class _Layer(rec.LayerBuffers):
     """One GRU layer's work arrays for a (B, T) shape, feature-major as in `lstm`; per-step views prebuilt."""
 
     def __init__(self, B: int, T: int, H: int, dtype: np.dtype, dropout: bool, first: bool) -> None:
@@ -65,28 +84,40 @@ class _Layer(LayerBuffers):
         self.d = np.empty((G, B), dtype)  # dL/d(input projection) of step t
         self.dus = np.empty((2, G, B), dtype)  # dL/du of steps t and t + 1
         self.tmp, self.dh, self.dh_prev = (np.empty((H, B), dtype) for _ in range(3))
-        acts = [(a[: 2 * H], a[:H], a[H : 2 * H], a[2 * H :]) for a in self.acts]  # rz, r, z, n
-        xs = [(x[: 2 * H], x[2 * H :]) for x in (self.xs if first else self.xs.transpose(1, 0, 2))]
+        xs = self.xs if first else self.xs.transpose(1, 0, 2)  # (T, 3H, B) views
         self.forward_steps = [
-            (*acts[t], *xs[t], self.un[t], self.hs[:, t], self.hs[:, t + 1]) for t in range(T)
+            _Forward(
+                rz=a[: 2 * H],
+                r=a[:H],
+                z=a[H : 2 * H],
+                n=a[2 * H :],
+                x_rz=x[: 2 * H],
+                x_n=x[2 * H :],
+                un=self.un[t],
+                h_prev=self.hs[:, t],
+                h=self.hs[:, t + 1],
+            )
+            for t, (a, x) in enumerate(zip(self.acts, xs, strict=True))
         ]
         d = self.d
         self.backward_steps = [
-            (
-                self.dus[t % 2],
-                *acts[t][1:],
-                self.un[t],
-                self.hs[:, t],
-                self.dh_above[:, t],
-                self.dx[:, t],
-                self.du[:, t],
+            _Backward(
+                du=self.dus[t % 2],
+                r=s.r,
+                z=s.z,
+                n=s.n,
+                un=s.un,
+                h_prev=s.h_prev,
+                dh_above=self.dh_above[:, t],
+                dx=self.dx[:, t],
+                du_seq=self.du[:, t],
             )
-            for t in range(T - 1, -1, -1)
+            for t, s in reversed(list(enumerate(self.forward_steps)))
         ]
         self.d_blocks = (d[:H], d[H : 2 * H], d[2 * H :], d[: 2 * H])  # dr, dz, dn, drz
 
 
-class GRU(Recurrent):
+class GRU(rec.Recurrent):
     """GRU character model (see the module docstring for the equations and gate layout).
 
     Init: `Whh` is three independent random orthogonal (H, H) blocks, so at the start the
@@ -110,10 +141,10 @@ class GRU(Recurrent):
         self,
         vocab_size: int,
         rng: np.random.Generator,
-        hidden_size: HiddenSize = 128,
-        num_layers: NumLayers = 1,
-        dropout: Dropout = 0.0,
-        dtype: DType = "float32",
+        hidden_size: rec.HiddenSize = 128,
+        num_layers: rec.NumLayers = 1,
+        dropout: rec.Dropout = 0.0,
+        dtype: rec.DType = "float32",
     ) -> None:
         super().__init__(vocab_size, rng, hidden_size, num_layers, dropout, dtype)
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers
@@ -121,7 +152,9 @@ class GRU(Recurrent):
         params: Arrays = {}
         for layer in range(L):
             params[layer_name("Wxh", layer)] = rng.standard_normal((V if layer == 0 else H, 3 * H)) * std
-            params[layer_name("Whh", layer)] = np.concatenate([orthogonal(rng, H) for _ in range(3)], axis=1)
+            params[layer_name("Whh", layer)] = np.concatenate(
+                [rec.orthogonal(rng, H) for _ in range(3)], axis=1
+            )
             params[layer_name("bh", layer)] = np.zeros(3 * H)
             params[layer_name("bhn", layer)] = np.zeros(H)
         params["Why"], params["by"] = rng.standard_normal((H, V)) * std, np.zeros(V)
@@ -136,24 +169,24 @@ class GRU(Recurrent):
         H = self.hidden_size
         np.copyto(lb.hs[:, 0], state[layer_name("h", layer)].T)
         WT = self._WhhT_half[layer]  # (3H, H)
-        transpose_into(self.params[layer_name("Whh", layer)], WT)
+        rec.transpose_into(self.params[layer_name("Whh", layer)], WT)
         WT *= self._gate_scale[:, None]
         bhn = self.params[layer_name("bhn", layer)][:, None]  # (H, 1)
         u, tmp = lb.u, lb.tmp
         u_rz, u_n = u[: 2 * H], u[2 * H :]
-        for rz, r, z, n, x_rz, x_n, un, h_prev, h in lb.forward_steps:
-            np.matmul(WT, h_prev, out=u)  # (3H, B)
-            np.add(u_n, bhn, out=un)
-            np.add(u_rz, x_rz, out=rz)  # pre-activations, halved
-            np.tanh(rz, out=rz)
-            np.multiply(rz, 0.5, out=rz)
-            np.add(rz, 0.5, out=rz)  # [r, z] = σ
-            np.multiply(r, un, out=n)
-            np.add(n, x_n, out=n)
-            np.tanh(n, out=n)  # candidate
-            np.subtract(h_prev, n, out=tmp)
-            np.multiply(tmp, z, out=tmp)
-            np.add(tmp, n, out=h)  # h_t = n + z * (h_{t-1} - n)
+        for s in lb.forward_steps:
+            np.matmul(WT, s.h_prev, out=u)  # (3H, B)
+            np.add(u_n, bhn, out=s.un)
+            np.add(u_rz, s.x_rz, out=s.rz)  # pre-activations, halved
+            np.tanh(s.rz, out=s.rz)
+            np.multiply(s.rz, 0.5, out=s.rz)
+            np.add(s.rz, 0.5, out=s.rz)  # [r, z] = σ
+            np.multiply(s.r, s.un, out=s.n)
+            np.add(s.n, s.x_n, out=s.n)
+            np.tanh(s.n, out=s.n)  # candidate
+            np.subtract(s.h_prev, s.n, out=tmp)
+            np.multiply(tmp, s.z, out=tmp)
+            np.add(tmp, s.n, out=s.h)  # h_t = n + z * (h_{t-1} - n)
 
     def _backward_layer(self, layer: int, lb: _Layer) -> None:
         H = self.hidden_size
@@ -162,31 +195,32 @@ class GRU(Recurrent):
         dh, dh_prev, tmp, d = lb.dh, lb.dh_prev, lb.tmp, lb.d
         dr, dz, dn, drz = lb.d_blocks
         du_next = None
-        for du, r, z, n, un, h_prev, dh_above, dx, du_seq in lb.backward_steps:
+        for s in lb.backward_steps:
             if du_next is None:
-                np.copyto(dh, dh_above)
+                np.copyto(dh, s.dh_above)
             else:
                 np.matmul(W, du_next, out=dh)  # (H, B) through the gates of t + 1
                 np.add(dh, dh_prev, out=dh)  # ... and through z * h_t
-                np.add(dh, dh_above, out=dh)
-            np.multiply(dh, z, out=dh_prev)  # dL/dh_{t-1} directly through z * h_{t-1}
-            np.subtract(1, z, out=tmp)
-            np.multiply(z, tmp, out=dz)  # σ'(z)
+                np.add(dh, s.dh_above, out=dh)
+            np.multiply(dh, s.z, out=dh_prev)  # dL/dh_{t-1} directly through z * h_{t-1}
+            np.subtract(1, s.z, out=tmp)
+            np.multiply(s.z, tmp, out=dz)  # σ'(z)
             np.multiply(tmp, dh, out=tmp)  # dL/dn = dh * (1 - z)
-            np.multiply(n, n, out=dn)
+            np.multiply(s.n, s.n, out=dn)
             np.subtract(1, dn, out=dn)
             np.multiply(dn, tmp, out=dn)  # dL/d(candidate pre-activation)
-            np.subtract(h_prev, n, out=tmp)
+            np.subtract(s.h_prev, s.n, out=tmp)
             np.multiply(tmp, dh, out=tmp)
             np.multiply(dz, tmp, out=dz)  # dL/d(z pre-activation)
-            np.subtract(1, r, out=tmp)
-            np.multiply(r, tmp, out=dr)  # σ'(r)
-            np.multiply(dn, un, out=tmp)
+            np.subtract(1, s.r, out=tmp)
+            np.multiply(s.r, tmp, out=dr)  # σ'(r)
+            np.multiply(dn, s.un, out=tmp)
             np.multiply(dr, tmp, out=dr)  # dL/d(r pre-activation)
+            du = s.du
             np.copyto(du[: 2 * H], drz)
-            np.multiply(dn, r, out=du[2 * H :])  # dL/d(un)
-            np.copyto(dx, d)
-            np.copyto(du_seq, du)
+            np.multiply(dn, s.r, out=du[2 * H :])  # dL/d(un)
+            np.copyto(s.dx, d)
+            np.copyto(s.du_seq, du)
             du_next = du
         np.dot(lb.h_prevT, lb.duT.T, out=g_[Whh])  # (H, 3H) summed over all steps at once
         np.dot(lb.duT[2 * H :], lb.ones_n, out=g_[bhn])  # (H,)
@@ -214,7 +248,7 @@ class GRU(Recurrent):
         new[name] = h
         return h
 
-    def _state_out(self, b: Buffers) -> Arrays:
+    def _state_out(self, b: rec.Buffers) -> Arrays:
         return {
             layer_name("h", layer): np.ascontiguousarray(lb.hs[:, -1].T) for layer, lb in enumerate(b.layers)
         }
@@ -229,7 +263,7 @@ def export_network(model: GRU) -> ExportNetwork:
         bhn = p[layer_name("bhn", layer)]
         return np.concatenate([np.zeros(2 * H, bhn.dtype), bhn])  # (3H,) [z, r, h]
 
-    return export_stack(model, "GRU", (1, 0, 2), recurrent_bias)
+    return rec.export_stack(model, "GRU", (1, 0, 2), recurrent_bias)
 
 
 @hookimpl

@@ -21,28 +21,59 @@ pre-activations are computed halved (by halved copies of the weights) and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from charrnn import hookimpl
 from charrnn.types import ExportNetwork
-from charrnn_plugins.recurrent import (
-    Arrays,
-    Buffers,
-    Dropout,
-    DType,
-    HiddenSize,
-    LayerBuffers,
-    NumLayers,
-    Recurrent,
-    export_stack,
-    features_first,
-    layer_name,
-    orthogonal,
-    transpose_into,
-)
+from charrnn_plugins import recurrent as rec
+from charrnn_plugins.recurrent import Arrays, features_first, layer_name
 
 
-class _Layer(LayerBuffers):
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """What the forward loop touches at time step t: (F, B) views into the layer's buffers.
+
+    Named, so the loop says what it reads and writes; a slotted dataclass rather than a
+    NamedTuple, because the loop reads some twenty fields per step and slots read fastest.
+    """
+
+    a: np.ndarray  # (4H, B) pre-activations, then the gate values [o, i, f, g]
+    sig: np.ndarray  # (3H, B) the sigmoid gates [o, i, f] of `a`
+    o: np.ndarray  # (H, B) each gate of `a`
+    i: np.ndarray
+    f: np.ndarray
+    g: np.ndarray
+    x: np.ndarray  # (4H, B) the input projection, sigmoid rows halved
+    h_prev: np.ndarray  # (H, B) h_{t-1}
+    h: np.ndarray  # (H, B) h_t
+    c_prev: np.ndarray  # (H, B) c_{t-1}
+    c: np.ndarray  # (H, B) c_t
+    tc: np.ndarray  # (H, B) tanh(c_t)
+
+
+@dataclass(frozen=True, slots=True)
+class _Backward:
+    """What the backward loop touches at time step t (views, as `_Forward`)."""
+
+    d: np.ndarray  # (4H, B) dL/d(pre-activations) of step t; step t + 1's is the other buffer
+    do: np.ndarray  # (H, B) its o block
+    difg: np.ndarray  # (3, H, B) its [i, f, g] blocks
+    dsig: np.ndarray  # (3H, B) its sigmoid blocks [o, i, f]: first σ' = σ(1 - σ)
+    dg: np.ndarray  # (H, B) its g block: first tanh' = 1 - g^2
+    sig: np.ndarray  # the gate values of step t, as in `_Forward`
+    o: np.ndarray
+    i: np.ndarray
+    f: np.ndarray
+    g: np.ndarray
+    c_prev: np.ndarray  # (H, B) c_{t-1}
+    tc: np.ndarray  # (H, B) tanh(c_t)
+    dh_above: np.ndarray  # (H, B) dL/dh_t from the layer above (or the output layer)
+    dx: np.ndarray  # (4H, B) where dL/d(pre-activations) of step t is kept for the weight gradients
+
+
+class _Layer(rec.LayerBuffers):
     """One LSTM layer's work arrays for a (B, T) shape, feature-major; per-step views prebuilt.
 
     The per-step matmul is (4H, H) @ (H, B): with B the short axis OpenBLAS runs it ~1.8x faster
@@ -73,27 +104,44 @@ class _Layer(LayerBuffers):
         self.tcs = np.empty((T, H, B), dtype)  # tanh(c_t)
         self.dxs = np.empty((2, G, B), dtype)  # dL/d(pre-activations) of steps t and t + 1
         self.tmp, self.dh, self.dc = (np.empty((H, B), dtype) for _ in range(3))  # dh: dL/dh_t, dc: dL/dc_t
-        acts = [(a, a[: 3 * H], a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]) for a in self.acts]
         self.forward_steps = [
-            (
-                *acts[t],
-                self.xs[t] if first else self.xs[:, t],
-                self.hs[:, t],
-                self.hs[:, t + 1],
-                self.cs[t],
-                self.cs[t + 1],
-                self.tcs[t],
+            _Forward(
+                a=a,
+                sig=a[: 3 * H],
+                o=a[:H],
+                i=a[H : 2 * H],
+                f=a[2 * H : 3 * H],
+                g=a[3 * H :],
+                x=self.xs[t] if first else self.xs[:, t],
+                h_prev=self.hs[:, t],
+                h=self.hs[:, t + 1],
+                c_prev=self.cs[t],
+                c=self.cs[t + 1],
+                tc=self.tcs[t],
             )
-            for t in range(T)
+            for t, a in enumerate(self.acts)
         ]
-        dxs = [(d, d[:H], d[H:].reshape(3, H, B), d[: 3 * H], d[3 * H :]) for d in self.dxs]
+        ds = [
+            dict(d=d, do=d[:H], difg=d[H:].reshape(3, H, B), dsig=d[: 3 * H], dg=d[3 * H :]) for d in self.dxs
+        ]
         self.backward_steps = [
-            (*dxs[t % 2], *acts[t][1:], self.cs[t], self.tcs[t], self.dh_above[:, t], self.dx[:, t])
-            for t in range(T - 1, -1, -1)
+            _Backward(
+                **ds[t % 2],
+                sig=s.sig,
+                o=s.o,
+                i=s.i,
+                f=s.f,
+                g=s.g,
+                c_prev=s.c_prev,
+                tc=s.tc,
+                dh_above=self.dh_above[:, t],
+                dx=self.dx[:, t],
+            )
+            for t, s in reversed(list(enumerate(self.forward_steps)))
         ]
 
 
-class LSTM(Recurrent):
+class LSTM(rec.Recurrent):
     """LSTM character model (see the module docstring for the equations and gate layout).
 
     Init: `Whh` is four independent random orthogonal (H, H) blocks, so at the start the
@@ -120,10 +168,10 @@ class LSTM(Recurrent):
         self,
         vocab_size: int,
         rng: np.random.Generator,
-        hidden_size: HiddenSize = 128,
-        num_layers: NumLayers = 1,
-        dropout: Dropout = 0.0,
-        dtype: DType = "float32",
+        hidden_size: rec.HiddenSize = 128,
+        num_layers: rec.NumLayers = 1,
+        dropout: rec.Dropout = 0.0,
+        dtype: rec.DType = "float32",
     ) -> None:
         super().__init__(vocab_size, rng, hidden_size, num_layers, dropout, dtype)
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers
@@ -133,7 +181,9 @@ class LSTM(Recurrent):
         params: Arrays = {}
         for layer in range(L):
             params[layer_name("Wxh", layer)] = rng.standard_normal((V if layer == 0 else H, 4 * H)) * std
-            params[layer_name("Whh", layer)] = np.concatenate([orthogonal(rng, H) for _ in range(4)], axis=1)
+            params[layer_name("Whh", layer)] = np.concatenate(
+                [rec.orthogonal(rng, H) for _ in range(4)], axis=1
+            )
             params[layer_name("bh", layer)] = bias
         params["Why"], params["by"] = rng.standard_normal((H, V)) * std, np.zeros(V)
         order = ["Wxh", "Whh", "Why", "bh", "by"]  # the one-layer names first, as in `rnn`
@@ -147,20 +197,20 @@ class LSTM(Recurrent):
         np.copyto(lb.hs[:, 0], state[layer_name("h", layer)].T)
         np.copyto(lb.cs[0], state[layer_name("c", layer)].T)
         WT = self._WhhT_half[layer]  # (4H, H)
-        transpose_into(self.params[layer_name("Whh", layer)], WT)
+        rec.transpose_into(self.params[layer_name("Whh", layer)], WT)
         WT *= self._gate_scale[:, None]
         tmp = lb.tmp
-        for a, sig, o, i, f, g, x, h_prev, h, c_prev, c, tc in lb.forward_steps:
-            np.matmul(WT, h_prev, out=a)  # (4H, B)
-            np.add(a, x, out=a)  # pre-activations, sigmoid rows halved
-            np.tanh(a, out=a)
-            np.multiply(sig, 0.5, out=sig)
-            np.add(sig, 0.5, out=sig)  # [o, i, f] = σ
-            np.multiply(f, c_prev, out=c)
-            np.multiply(i, g, out=tmp)
-            np.add(c, tmp, out=c)  # c_t = f * c_{t-1} + i * g
-            np.tanh(c, out=tc)
-            np.multiply(o, tc, out=h)  # h_t = o * tanh(c_t)
+        for s in lb.forward_steps:
+            np.matmul(WT, s.h_prev, out=s.a)  # (4H, B)
+            np.add(s.a, s.x, out=s.a)  # pre-activations, sigmoid rows halved
+            np.tanh(s.a, out=s.a)
+            np.multiply(s.sig, 0.5, out=s.sig)
+            np.add(s.sig, 0.5, out=s.sig)  # [o, i, f] = σ
+            np.multiply(s.f, s.c_prev, out=s.c)
+            np.multiply(s.i, s.g, out=tmp)
+            np.add(s.c, tmp, out=s.c)  # c_t = f * c_{t-1} + i * g
+            np.tanh(s.c, out=s.tc)
+            np.multiply(s.o, s.tc, out=s.h)  # h_t = o * tanh(c_t)
 
     def _backward_layer(self, layer: int, lb: _Layer) -> None:
         Whh, bh = layer_name("Whh", layer), layer_name("bh", layer)
@@ -168,30 +218,31 @@ class LSTM(Recurrent):
         dh, dc, tmp = lb.dh, lb.dc, lb.tmp
         dc.fill(0)  # nothing flows into the last cell state from beyond the chunk
         d_next = None
-        for d, do, difg, dsig, dg, sig, o, i, f, g, c_prev, tc, dh_above, dx in lb.backward_steps:
+        for s in lb.backward_steps:
             if d_next is None:
-                np.copyto(dh, dh_above)
+                np.copyto(dh, s.dh_above)
             else:
                 np.matmul(W, d_next, out=dh)  # (H, B) dL/dh_t through the gates of t + 1
-                np.add(dh, dh_above, out=dh)
-            np.multiply(tc, tc, out=tmp)
+                np.add(dh, s.dh_above, out=dh)
+            np.multiply(s.tc, s.tc, out=tmp)
             np.subtract(1, tmp, out=tmp)
-            np.multiply(tmp, o, out=tmp)
+            np.multiply(tmp, s.o, out=tmp)
             np.multiply(tmp, dh, out=tmp)
             np.add(dc, tmp, out=dc)  # dc_t += dh_t * o * tanh'(c_t)
-            np.multiply(sig, sig, out=dsig)
-            np.subtract(sig, dsig, out=dsig)  # σ' = σ(1 - σ) for o, i, f
-            np.multiply(g, g, out=dg)
-            np.subtract(1, dg, out=dg)  # tanh' = 1 - g^2
+            np.multiply(s.sig, s.sig, out=s.dsig)
+            np.subtract(s.sig, s.dsig, out=s.dsig)  # σ' = σ(1 - σ) for o, i, f
+            np.multiply(s.g, s.g, out=s.dg)
+            np.subtract(1, s.dg, out=s.dg)  # tanh' = 1 - g^2
+            difg = s.difg
             np.multiply(difg, dc, out=difg)  # [i, f, g] blocks: times dc
-            np.multiply(do, dh, out=do)
-            np.multiply(do, tc, out=do)  # do = dh * tanh(c) * σ'
-            np.multiply(difg[0], g, out=difg[0])  # di = dc * g * σ'
-            np.multiply(difg[1], c_prev, out=difg[1])  # df = dc * c_{t-1} * σ'
-            np.multiply(difg[2], i, out=difg[2])  # dg = dc * i * tanh'
-            np.multiply(dc, f, out=dc)  # dL/dc_{t-1} through the cell
-            np.copyto(dx, d)
-            d_next = d
+            np.multiply(s.do, dh, out=s.do)
+            np.multiply(s.do, s.tc, out=s.do)  # do = dh * tanh(c) * σ'
+            np.multiply(difg[0], s.g, out=difg[0])  # di = dc * g * σ'
+            np.multiply(difg[1], s.c_prev, out=difg[1])  # df = dc * c_{t-1} * σ'
+            np.multiply(difg[2], s.i, out=difg[2])  # dg = dc * i * tanh'
+            np.multiply(dc, s.f, out=dc)  # dL/dc_{t-1} through the cell
+            np.copyto(s.dx, s.d)
+            d_next = s.d
         np.dot(lb.h_prevT, lb.dxT.T, out=g_[Whh])  # (H, 4H) summed over all steps at once
         np.dot(lb.dxT, lb.ones_n, out=g_[bh])  # (4H,)
 
@@ -213,7 +264,7 @@ class LSTM(Recurrent):
         new[hn], new[cn] = h, c
         return h
 
-    def _state_out(self, b: Buffers) -> Arrays:
+    def _state_out(self, b: rec.Buffers) -> Arrays:
         out = {}
         for layer, lb in enumerate(b.layers):
             out[layer_name("h", layer)] = np.ascontiguousarray(lb.hs[:, -1].T)  # (B, H)
@@ -223,7 +274,7 @@ class LSTM(Recurrent):
 
 def export_network(model: LSTM) -> ExportNetwork:
     """The model as ONNX `LSTM` layers: gate blocks [o, i, f, g] become ONNX's [i, o, f, c]; Rb = 0."""
-    return export_stack(model, "LSTM", (1, 0, 2, 3))
+    return rec.export_stack(model, "LSTM", (1, 0, 2, 3))
 
 
 @hookimpl

@@ -1,8 +1,9 @@
-"""The `sgd`, `rmsprop`, `adam` and `adamw` optimizers (clipping and state come from `charrnn.optim`).
+"""The `sgd`, `rmsprop`, `adam` and `adamw` optimizers (options and state from `charrnn.optim`).
 
-Every optimizer takes `clip` (clip each gradient entry to [-clip, clip]) and `clip_norm` (then
-rescale all gradients jointly so that their global L2 norm is at most `clip_norm`); `null` turns
-either off. The caller's gradients are never modified: clipped values go to scratch buffers.
+Every optimizer takes `clip` (each gradient entry to [-clip, clip]) and `clip_norm` (then all
+gradients rescaled jointly so that their global L2 norm is at most `clip_norm`); `null` turns
+either off. They are settings the training loop reads: it clips the gradients before `step`
+(`charrnn.transforms.clipping`), so `step` itself never clips.
 """
 
 from __future__ import annotations

@@ -20,29 +20,12 @@ from typing import Annotated
 import numpy as np
 
 from charrnn import hookimpl
-from charrnn.generate import StepAdapter
+from charrnn.engine import StepAdapter
 from charrnn.options import Range
 from charrnn.tuning import padded_rows
 from charrnn.types import ExportNetwork
-from charrnn_plugins.recurrent import (
-    DENSE_SCATTER_MAX_VOCAB,
-    MAX_CACHED_SHAPES,
-    Arrays,
-    Buffers,
-    Dropout,
-    DType,
-    HiddenSize,
-    LayerBuffers,
-    NumLayers,
-    Recurrent,
-    export_stack,
-    fast_dot,
-    layer_name,
-    transpose_into,
-)
-
-_MAX_CACHED_SHAPES = MAX_CACHED_SHAPES  # the names this module had before the shared code moved
-_DENSE_SCATTER_MAX_VOCAB = DENSE_SCATTER_MAX_VOCAB
+from charrnn_plugins import recurrent as rec
+from charrnn_plugins.recurrent import Arrays, fast_dot, layer_name
 
 
 def _rows_t(a: np.ndarray) -> np.ndarray:
@@ -50,7 +33,7 @@ def _rows_t(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1]).T
 
 
-class _Layer(LayerBuffers):
+class _Layer(rec.LayerBuffers):
     """One layer's work arrays, time-major (T, B, H); `dhr` is dL/dh_t, then dL/d(pre-activation)."""
 
     def __init__(self, B: int, T: int, H: int, dtype: np.dtype, dropout: bool) -> None:
@@ -66,7 +49,7 @@ class _Layer(LayerBuffers):
         self.backward_steps = list(zip(self.dhr[:0:-1], self.dhr[-2::-1], self.xs[-2::-1], strict=True))
 
 
-class RNN(Recurrent):
+class RNN(rec.Recurrent):
     """Vanilla tanh RNN character model (see the module docstring for the equations).
 
     Weights are `init_scale * standard_normal` as in min-char-rnn, biases zero: the network
@@ -87,11 +70,11 @@ class RNN(Recurrent):
         self,
         vocab_size: int,
         rng: np.random.Generator,
-        hidden_size: HiddenSize = 128,
-        dtype: DType = "float32",
+        hidden_size: rec.HiddenSize = 128,
+        dtype: rec.DType = "float32",
         init_scale: Annotated[float, Range(gt=0), "standard deviation of the initial weights"] = 0.01,
-        num_layers: NumLayers = 1,
-        dropout: Dropout = 0.0,
+        num_layers: rec.NumLayers = 1,
+        dropout: rec.Dropout = 0.0,
     ) -> None:
         super().__init__(vocab_size, rng, hidden_size, num_layers, dropout, dtype)
         V, H, L = self.vocab_size, self.hidden_size, self.num_layers
@@ -126,7 +109,7 @@ class RNN(Recurrent):
         dtanh = np.multiply(lb.hs[1:], lb.hs[1:], out=lb.xs)  # (T, B, H), xs no longer needed
         np.subtract(1, dtanh, out=dtanh)  # tanh' = 1 - h^2
         WhhT = self._WhhT[layer]
-        transpose_into(self.params[Whh], WhhT)
+        rec.transpose_into(self.params[Whh], WhhT)
         np.multiply(lb.dhr[-1], dtanh[-1], out=lb.dhr[-1])  # last step: nothing flows in from t + 1
         dh, dot, add, multiply = lb.dh, fast_dot, np.add, np.multiply
         for dhr_next, dhr_t, dtanh_t in lb.backward_steps:  # t = T-2 .. 0
@@ -143,7 +126,7 @@ class RNN(Recurrent):
         return _Stepper(self, state)
 
     def matmul_shapes(self, batch_size: int, seq_length: int) -> dict[str, list[tuple[int, int, int, int]]]:
-        """`Recurrent.matmul_shapes`; one layer generates with one stacked (H + V, H) product per step.
+        """`rec.Recurrent.matmul_shapes`; one layer generates with one stacked (H + V, H) product per step.
 
         The stepper's zero padding rows (`padded_rows`) are a speed trick, not the model's work:
         the bound counts the (H + V, H) product.
@@ -162,7 +145,7 @@ class RNN(Recurrent):
         new[name] = h
         return h
 
-    def _state_out(self, b: Buffers) -> Arrays:
+    def _state_out(self, b: rec.Buffers) -> Arrays:
         return {layer_name("h", layer): lb.hs[-1].copy() for layer, lb in enumerate(b.layers)}
 
 
@@ -213,7 +196,7 @@ class _Stepper:
 
 def export_network(model: RNN) -> ExportNetwork:
     """The model as ONNX `RNN` layers (tanh): W = Wxh.T, R = Whh.T, Wb = bh, Rb = 0."""
-    return export_stack(model, "RNN", (0,))
+    return rec.export_stack(model, "RNN", (0,))
 
 
 @hookimpl

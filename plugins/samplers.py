@@ -101,7 +101,12 @@ class Temperature(RepetitionPenalty):
         self._block: np.ndarray | None = None  # Gumbel noise drawn ahead, rows used up to _used
         self._block_rng: np.random.Generator | None = None
         self._block_scale, self._used = 1.0, 0
-        self._plain = not self._on and type(self).filter is Temperature.filter  # temperature alone
+        # temperature alone: neither a filter nor another call (a subclass's) that the noise would not describe
+        self._plain = (
+            not self._on
+            and type(self).filter is Temperature.filter
+            and type(self).__call__ is Temperature.__call__
+        )
 
     def adjust(self, logits: np.ndarray) -> np.ndarray:
         """Fresh logits (k, V) divided by the temperature, with the repetition penalty applied."""
@@ -266,8 +271,11 @@ class Greedy(RepetitionPenalty):
         return (self.adjust(logits) if self._filled else logits).argmax(axis=-1)  # (k,)
 
     def perturb(self, rng: np.random.Generator, k: int, V: int, steps: int = 1) -> np.ndarray | None:
-        """No noise (see `Temperature.perturb`), unless the repetition penalty is on."""
-        return None if self._on else np.zeros((steps, k, V), np.float32)
+        """No noise (see `Temperature.perturb`), unless the repetition penalty is on (or a subclass
+        calls otherwise)."""
+        if self._on or type(self).__call__ is not Greedy.__call__:
+            return None
+        return np.zeros((steps, k, V), np.float32)
 
 
 @hookimpl

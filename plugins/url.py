@@ -1,7 +1,7 @@
 """The `url` corpus loader: a text file downloaded once over HTTP(S), then read from the cache.
 
 Downloads land in `downloads/` of the cache folder (see `charrnn_plugins.cache`), named after the
-URL, through a temporary file and a rename, so a partial download is never taken for the file.
+URL, through `charrnn.files.atomic_write`, so a partial download is never taken for the file.
 A cached copy is used without touching the network; it is downloaded again only when `sha256`
 names a different digest than the copy's.
 """
@@ -11,18 +11,17 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import re
-import tempfile
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import charrnn
 from charrnn import Corpus, CorpusError, hookimpl
+from charrnn.files import atomic_write
 from charrnn.options import Check, Range
 from charrnn_plugins.cache import Cache, Encoding, cache_dir, read_file
 
@@ -73,51 +72,36 @@ def fetch(url: str, sha256: str | None = None, timeout: float = 30.0) -> Path:
         if have == sha256:
             return path
     note = f" (the cached copy's sha256 is {have})" if have else ""
-    fd, tmp = _temp(folder, path.name)
-    try:
-        got = _download(url, fd, timeout, note)
+    with atomic_write(path, f"the download of {url} to", CorpusError) as out:
+        got = _download(url, out, timeout, note)
         if sha256 is not None and got != sha256:
             raise CorpusError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; download discarded")
-        os.replace(tmp, path)
-        _record(path, got)
-    except OSError as exc:
-        raise CorpusError(f"cannot store the download of {url} in {folder}: {exc.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _record(path, got)
     return path
 
 
-def _temp(folder: Path, name: str) -> tuple[int, str]:
-    try:
-        return tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-    except OSError as exc:
-        raise CorpusError(f"cannot write to the cache folder {folder}: {exc.strerror}") from None
-
-
-def _download(url: str, fd: int, timeout: float, note: str) -> str:
-    """Stream `url` into the open file `fd`; its sha256. Network failures are one-line CorpusErrors."""
+def _download(url: str, out: BinaryIO, timeout: float, note: str) -> str:
+    """Stream `url` into `out`; its sha256. Network failures are one-line CorpusErrors."""
     request = urllib.request.Request(url, headers={"User-Agent": f"charrnn/{charrnn.__version__}"})
     digest, size = hashlib.sha256(), 0
-    with os.fdopen(fd, "wb") as out:
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                expected = response.headers.get("Content-Length")
-                while block := response.read(BLOCK):
-                    out.write(block)
-                    digest.update(block)
-                    size += len(block)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            reason = f"HTTP {exc.code} {exc.reason}"
-        except urllib.error.URLError as exc:
-            reason = _reason(exc.reason, timeout)
-        except (OSError, http.client.HTTPException) as exc:
-            reason = _reason(exc, timeout)
-        else:
-            if expected is None or not expected.isdigit() or int(expected) == size:
-                return digest.hexdigest()
-            reason = f"the connection closed after {size} of {expected} bytes"
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            while block := response.read(BLOCK):
+                out.write(block)
+                digest.update(block)
+                size += len(block)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        reason = f"HTTP {exc.code} {exc.reason}"
+    except urllib.error.URLError as exc:
+        reason = _reason(exc.reason, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        reason = _reason(exc, timeout)
+    else:
+        if expected is None or not expected.isdigit() or int(expected) == size:
+            return digest.hexdigest()
+        reason = f"the connection closed after {size} of {expected} bytes"
     raise CorpusError(f"cannot download {url}: {reason}{note}")
 
 

@@ -102,7 +102,7 @@ def step_ceiling(path: str, clients: list[int]) -> dict[int, float]:
     """
     from threadpoolctl import threadpool_limits
 
-    from charrnn.generate import stepper
+    from charrnn.engine import stepper
     from charrnn.loaded import LoadedModel
 
     model = LoadedModel.load(path, load_entrypoints=False).model

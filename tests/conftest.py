@@ -25,6 +25,51 @@ TINY_TEXT = (
 ) * 8
 
 
+def process_gone(pid: int, limit: float = 30.0) -> bool:
+    """Whether process `pid` ended within `limit` seconds (a zombie of ours counts as ended)."""
+    import time
+
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def wait_for(predicate, timeout: float = 10.0, pause: float = 0.01) -> bool:
+    """Whether `predicate()` became true within `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(pause)
+    return False
+
+
+def assert_usable_at(page, width: int, selectors) -> None:
+    """A page at `width` px: nothing wider than the window, and every control reachable, big
+    enough to tap and named (a label, an aria-label or its text)."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for selector in selectors:
+        box = page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width and box["height"] >= 16, selector
+        label = page.evaluate(
+            "(s) => { const e = document.querySelector(s); return e.labels && e.labels.length ? "
+            "e.labels[0].textContent : e.getAttribute('aria-label') || e.textContent; }",
+            selector,
+        )
+        assert label.strip(), f"{selector} has no accessible name"
+
+
 def option_problem(factory, kind, *args, **options) -> str:
     """The message a component's bad options get on the build path: the one option checker
     (`charrnn.config.check_component`), then the factory itself (for rules between options)."""
@@ -62,26 +107,31 @@ def pm():
     return get_plugin_manager(load_entrypoints=False)
 
 
-@pytest.fixture
-def tiny_config(tmp_path, corpus_file):
-    """A pipeline dict that trains a few steps on the tiny text, in seconds."""
+def tiny_pipeline(corpus: Path, checkpoint: Path, steps: int = 20) -> dict:
+    """A pipeline dict that trains `steps` steps on the tiny text, in seconds."""
     return {
         "seed": 1,
-        "corpus": {"type": "text", "path": str(corpus_file), "val_fraction": 0.1},
+        "corpus": {"type": "text", "path": str(corpus), "val_fraction": 0.1},
         "model": {"type": "rnn", "hidden_size": 16},
         "optimizer": {"type": "adagrad", "lr": 0.1},
         "sampler": {"type": "temperature", "temperature": 1.0},
         "stages": ["train", "generate"],
         "train": {
-            "steps": 20,
+            "steps": steps,
             "batch_size": 4,
             "seq_length": 8,
             "sample_every": 10,
             "sample_length": 20,
-            "checkpoint": str(tmp_path / "model.npz"),
+            "checkpoint": str(checkpoint),
         },
         "generate": {"num_chars": 50, "seed_text": "the "},
     }
+
+
+@pytest.fixture
+def tiny_config(tmp_path, corpus_file):
+    """A pipeline dict that trains a few steps on the tiny text, in seconds."""
+    return tiny_pipeline(corpus_file, tmp_path / "model.npz")
 
 
 @pytest.fixture

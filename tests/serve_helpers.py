@@ -5,13 +5,19 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
+import socket
+import subprocess
+import sys
 import threading
+import time
 from contextlib import contextmanager
 
 import charrnn
 from charrnn.loaded import LoadedModel
 from charrnn_plugins.serve.engine import Engine
 from charrnn_plugins.serve.server import Served, Server
+from conftest import TINY_TEXT, tiny_pipeline
 
 
 def train_tiny(tmp_path, tiny_config, steps: int = 30) -> str:
@@ -80,3 +86,77 @@ def streamed_texts(chunks: list) -> tuple[dict, dict]:
             texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
             reasons.setdefault(choice["index"], []).append(choice["finish_reason"])
     return texts, reasons
+
+
+def tiny_checkpoint(tmp) -> str:
+    """A checkpoint trained 30 steps on the tiny text (with its metrics file), in `tmp`."""
+    corpus = tmp / "tiny.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    return train_tiny(tmp, tiny_pipeline(corpus, tmp / "model.npz"))
+
+
+@contextmanager
+def cli_server(checkpoint: str, *flags: str, env=None, preexec_fn=None):
+    """`python -m charrnn serve CHECKPOINT --port 0 FLAGS` in a subprocess; yields (process, port).
+
+    Its stderr is a pipe: the first line (which names the port) is read here, the rest is the test's.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "serve", checkpoint, "--port", "0", *flags],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r":(\d+)/", line)
+        assert found, line + proc.stderr.read()
+        yield proc, int(found.group(1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def exchange(port, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a fresh connection, half-close it, and read the reply to its end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return read_reply(sock, timeout)
+
+
+def read_reply(sock, timeout: float = 10.0) -> bytes:
+    """What the server sends until it closes the connection (at most `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def parse_reply(data: bytes) -> tuple[int, dict, object]:
+    """(status, headers with lower-case names, JSON body or text) of one raw HTTP/1.x reply."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    text = body.decode("utf-8", "replace")
+    try:
+        return status, headers, json.loads(text)
+    except ValueError:
+        return status, headers, text

@@ -66,14 +66,13 @@ def test_bench_generation_counts_every_stream_and_ignores_stop(tiny_config, monk
     (labelled "(one stream)") for eight streams' work."""
     tiny_config["generate"].update(stop=["t", "a"], num_samples=8)  # both occur at once
     calls = []
-    real = charrnn.loaded.generate
+    real = charrnn.loaded.run  # the engine, as LoadedModel.generate calls it
 
-    def recording(*args, **kwargs):
-        texts = real(*args, **kwargs)
-        calls.append(sum(len(text) - len(args[4]) for text in texts))  # args[4]: seed_text
-        return texts
+    def recording(requests, *args, **kwargs):
+        real(requests, *args, **kwargs)
+        calls.append(sum(len(text) - len(r.seed_text) for r in requests for text in r.texts))
 
-    monkeypatch.setattr(charrnn.loaded, "generate", recording)
+    monkeypatch.setattr(charrnn.loaded, "run", recording)
     report = bench(Pipeline(tiny_config, load_entrypoints=False), seconds=0.3)
     assert report["generate_chars"] == calls[-1] >= 8 * 1000  # what the timed call really produced
     assert report["generate_streams"] == 8

@@ -17,6 +17,7 @@ import yaml
 from charrnn import checkpoint as ckpt_io
 from charrnn.cli import main
 from charrnn.errors import CheckpointError, CorpusError
+from charrnn.files import atomic_write
 from charrnn.pipeline import run_pipeline
 from charrnn.types import Corpus
 from tests.conftest import TINY_TEXT, params_of
@@ -365,14 +366,14 @@ def test_full_disk_leaves_no_temporary_and_keeps_the_old_file(good, tmp_path, mo
 def test_atomic_write_reports_with_the_given_error_and_cleans_up(tmp_path):
     target = tmp_path / "out.bin"
     with pytest.raises(CorpusError, match=f"cannot write the cache {target}: No space"):
-        with ckpt_io.atomic_write(target, "the cache", CorpusError) as f:
+        with atomic_write(target, "the cache", CorpusError) as f:
             f.write(b"x")
             raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(KeyboardInterrupt):
-        with ckpt_io.atomic_write(target) as f:
+        with atomic_write(target) as f:
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
-    with ckpt_io.atomic_write(target) as f:
+    with atomic_write(target) as f:
         f.write(b"done")
     assert target.read_bytes() == b"done" and list(tmp_path.iterdir()) == [target]
 

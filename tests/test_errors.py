@@ -173,7 +173,9 @@ def test_bad_checkpoints(capsys, checkpoint, tmp_path):
 
 
 def test_generate_errors(capsys, checkpoint):
-    assert "--num-chars must be >= 0" in run_error(capsys, ["generate", str(checkpoint), "--num-chars", "-5"])
+    assert "--num-chars: must be >= 0, got -5" in run_error(
+        capsys, ["generate", str(checkpoint), "--num-chars", "-5"]
+    )
     assert "--temperature: must be in (0, 100], got 0" in run_error(
         capsys, ["generate", str(checkpoint), "--temperature", "0"]
     )

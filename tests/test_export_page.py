@@ -18,9 +18,9 @@ from export_models import BYTES_TEXT, MODELS, TEXT, log_softmax, model_id, refer
 from test_page import ARGS, CHROMIUM, HAVE_BROWSER, expect, sync_playwright
 
 from charrnn.cli import main
-from charrnn.generate import start_ids
+from charrnn.engine import start_ids
 from charrnn.loaded import LoadedModel
-from conftest import IN_CI
+from conftest import IN_CI, assert_usable_at
 
 pytestmark = [
     pytest.mark.slow,
@@ -301,25 +301,11 @@ def test_layout_at_360_and_1280(exported, opened, tmp_path, width, height):
     page.fill("#seed", "3")
     page.click("#generate")
     expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
-    assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing wider than the window
-    for selector in (
-        "#seed-text",
-        "#generate",
-        "#stop",
-        "#sampler",
-        "#temperature",
-        "#top-k",
-        "#length",
-        "#seed",
-    ):
-        box = page.locator(selector).bounding_box()
-        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width and box["height"] >= 16, selector
-        label = page.evaluate(
-            "(s) => { const e = document.querySelector(s); return e.labels && e.labels.length ? "
-            "e.labels[0].textContent : e.textContent; }",
-            selector,
-        )
-        assert label.strip(), f"{selector} has no label"
+    assert_usable_at(
+        page,
+        width,
+        ("#seed-text", "#generate", "#stop", "#sampler", "#temperature", "#top-k", "#length", "#seed"),
+    )
     if width > 900:  # controls beside the text
         assert page.locator("#controls").bounding_box()["x"] < page.locator("#output").bounding_box()["x"]
     shot = tmp_path / f"export-{width}.png"

@@ -727,3 +727,75 @@ def test_fuzz_sample_through_the_real_command(world, cli_env):
         errors = [line for line in real.stderr.splitlines() if line.startswith("error:")]
         assert errors == [line for line in inside.err.splitlines() if line.startswith("error:")], item
         assert "Traceback" not in real.stderr and not half_written(folder), item
+
+
+# -- the other descriptions the one checker serves: the sweep file, the server's request body ------
+
+
+def _schema_keys(schema, prefix: str = "") -> list[str]:
+    """Every key of a description, nested sections as dotted keys (`scheduler.type`)."""
+    from charrnn import options
+
+    keys = []
+    for f in schema:
+        sub = options._section_of(f.annotation)
+        keys += _schema_keys(sub, f"{prefix}{f.name}.") if sub is not None else [f"{prefix}{f.name}"]
+    return keys
+
+
+def test_fuzz_sweep_file_keys(world):
+    """Every key of the sweep file's description, set to a sample of wrong types and edge values;
+    `charrnn sweep --dry-run` draws and checks every trial but trains nothing."""
+    from charrnn_plugins.sweep import SWEEP_FILE
+
+    rnd = random.Random(SEED + 1)
+    keys = _schema_keys(SWEEP_FILE)
+    assert {"pipeline", "samples", "scheduler.type", "resources.cpus_per_trial"} <= set(keys)
+    base = {
+        "pipeline": str(world.base),
+        "backend": "local",
+        "set": {"corpus.val_fraction": 0.25},
+        "search": {"optimizer.lr": {"loguniform": [0.01, 0.1]}},
+        "samples": 2,
+    }
+    variants = []
+    for key in keys:
+        for edge in rnd.sample(EDGES, 8):
+
+            def build(folder, key=key, edge=edge):
+                lines = [f"{k}: {json.dumps(v)}" for k, v in base.items() if k != key.split(".")[0]]
+                head, _, rest = key.partition(".")
+                lines.append(f"{head}: {{{rest}: {edge}}}" if rest else f"{key}: {edge}")
+                lines.append(f"output: {json.dumps(str(folder / 'out'))}" if head != "output" else "")
+                path = folder / "s.yaml"
+                path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+                return ["sweep", str(path), "--dry-run"]
+
+            variants.append((f"{key}: {edge}", build))
+    check_family(world, variants)
+
+
+def test_fuzz_request_bodies(world):
+    """Every field of the server's request body with wrong types and edge values, checked as the
+    server checks a request: each is a request to run or a 4xx `ApiError`, never another exception."""
+    from charrnn import options
+    from charrnn.loaded import LoadedModel
+    from charrnn_plugins.serve.api import ApiError, CompletionBody, parse_completion
+
+    models = {"model": LoadedModel.load(world.checkpoint, load_entrypoints=False)}
+    rnd = random.Random(SEED + 2)
+    values = [yaml.safe_load(e) if e != '"\\0"' else "\0" for e in EDGES] + [10**30, -(10**30), [[]] * 3]
+    failures, count = [], 0
+    for name in options.schema_of(CompletionBody).names():
+        for value in rnd.sample(values, 12):
+            count += 1
+            body = {"model": "model", "prompt": "th", "max_tokens": 4, name: value}
+            try:
+                with _guard(GUARD_SECONDS):
+                    parse_completion(body, models, 4096)
+            except ApiError as exc:
+                if not 400 <= exc.status < 500 or not exc.message or "\n" in exc.message:
+                    failures.append(f"{name}={value!r}: {exc.status} {exc.message!r}")
+            except (Exception, Guarded) as exc:
+                failures.append(f"{name}={value!r}: {_summary(exc)}")
+    assert not failures, f"{len(failures)} of {count} bodies failed:\n" + "\n".join(failures)

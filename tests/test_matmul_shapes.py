@@ -9,7 +9,7 @@ import pytest
 
 import charrnn_plugins.recurrent as recurrent
 import charrnn_plugins.rnn as rnn_module
-from charrnn.generate import stepper
+from charrnn.engine import stepper
 from charrnn.machine import flops
 from charrnn_plugins.gru import GRU
 from charrnn_plugins.lstm import LSTM

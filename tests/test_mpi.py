@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from charrnn import checkpoint as ckpt_io
 from charrnn.interrupts import NoInterrupts
 from charrnn.pipeline import Pipeline
 from charrnn.world import ThreadWorld
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, wait_for
 
 MPIEXEC = shutil.which(
     "mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -87,6 +86,16 @@ def mpirun(n, *args, timeout=120, cwd=None):
 
 def params(path):
     return ckpt_io.load(path).params
+
+
+def wait_for_first_save(proc: subprocess.Popen, ckpt: Path) -> None:
+    """Until the run's first checkpoint exists (up to a minute); the run must still be going."""
+
+    def saved() -> bool:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        return ckpt.exists()
+
+    assert wait_for(saved, 60.0, 0.05), "no checkpoint within a minute"
 
 
 def test_mpiexec_equals_the_thread_world_bit_for_bit(pipeline_file, tmp_path):
@@ -173,11 +182,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_saves(pipeline_file, tmp_path):
          "--set", "generate.num_chars=20", "--set", "sampler={type: greedy}", "--set", "generate.seed_text=the "],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    for _ in range(1200):  # the first save, up to a minute
-        if ckpt.exists():
-            break
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.05)
+    wait_for_first_save(proc, ckpt)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -186,3 +191,46 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_saves(pipeline_file, tmp_path):
     assert saved.meta["world_size"] == 2 and saved.meta["step"] > 0
     assert f"stopped at step {saved.meta['step']}; saved {ckpt}" in err
     assert "the " in out  # then the generate stage ran (on rank 0; MPICH adds notes of its own)
+
+
+# an optimizer whose state takes a second to collect: rank 0's save is slow, as a large model's is
+SLOW_TO_SAVE = """\
+import time
+
+import charrnn
+from charrnn_plugins.optimizers import Adam
+
+
+class SlowToSave(Adam):
+    def state_dict(self):
+        time.sleep(1.0)
+        return super().state_dict()
+
+
+@charrnn.hookimpl
+def charrnn_optimizer(register):
+    register("slow_to_save", SlowToSave)
+"""
+
+
+def test_sigterm_to_mpiexec_saves_on_rank_0_before_the_job_ends(pipeline_file, tmp_path):
+    path, _ = pipeline_file
+    plugin = tmp_path / "slow_to_save.py"
+    plugin.write_text(SLOW_TO_SAVE, encoding="utf-8")
+    ckpt = tmp_path / "term.npz"
+    proc = subprocess.Popen(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "charrnn", "run", str(path), "--set", "train.steps=null",
+         "--set", "train.save_every=10", "--set", f"train.checkpoint={ckpt}", "--set", f"plugins=[{plugin}]",
+         "--set", "optimizer={type: slow_to_save, lr: 0.01}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_first_save(proc, ckpt)
+    proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "Abort" not in err, err
+    saved = ckpt_io.load(ckpt)
+    assert saved.meta["world_size"] == 2 and saved.meta["step"] > 10
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert lines == [f"interrupted: saved step {saved.meta['step']} to {ckpt}"], err  # said once, by rank 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

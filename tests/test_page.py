@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_usable_at
+
 STATIC = Path(__file__).resolve().parent.parent / "plugins" / "serve" / "static"
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHARRNN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -392,26 +394,11 @@ def test_screenshots_fit_the_width(browser, playground, tmp_path, width):
     page.click("#generate")
     expect(page.locator("#status")).to_contain_text("Done")
     expect(page.locator("#probs .prob")).to_have_count(10)
-    # usable at this width: nothing wider than the window, every control reachable and big enough to tap
-    assert page.evaluate("document.documentElement.scrollWidth") <= width
-    for selector in (
-        "#model",
-        "#sampler",
-        "#temperature",
-        "#length",
-        "#seed",
-        "#generate",
-        "#stop",
-        "#prompt",
-    ):
-        box = page.locator(selector).bounding_box()
-        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width and box["height"] >= 16, selector
-        label = page.evaluate(
-            "(s) => { const e = document.querySelector(s); return e.labels && e.labels.length ? "
-            "e.labels[0].textContent : e.getAttribute('aria-label') || e.textContent; }",
-            selector,
-        )
-        assert label.strip(), f"{selector} has no accessible name"
+    assert_usable_at(
+        page,
+        width,
+        ("#model", "#sampler", "#temperature", "#length", "#seed", "#generate", "#stop", "#prompt"),
+    )
     page.screenshot(path=str(tmp_path / f"playground-{width}.png"), full_page=True)
     assert (tmp_path / f"playground-{width}.png").stat().st_size > 10_000
     context.close()

@@ -167,7 +167,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
-        ('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_lo', ":2: not a JSON line"),
+        ('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_lo\n{"step": 3}\n', ":2: not a JSON line"),
         ('{"step": 1, "train_loss": 2.0}\n\n[1, 2]\n', ":3: expected a JSON object"),
         ('{"train_loss": 2.0}\n', ":1: 'step' must be a number >= 0, got None"),
         ('{"step": true, "train_loss": 2.0}\n', ":1: 'step' must be a number"),

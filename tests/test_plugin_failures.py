@@ -11,7 +11,7 @@ import pytest
 
 import charrnn
 from charrnn.cli import main
-from charrnn.errors import PluginFailure
+from charrnn.errors import PluginError, PluginFailure
 from charrnn.generate import generate
 from charrnn.plugins import Registry, add_plugin, get_plugin_manager
 
@@ -357,3 +357,25 @@ def test_corpus_ids_outside_the_vocabulary_are_a_failure(tiny_config, bad):
         PluginFailure, match=r"\(corpus 'bad_ids'\) failed: returned a Corpus whose ids .*\[0, 2\)"
     ):
         pipeline.data()
+
+
+@pytest.mark.parametrize("name", ["", " ", ".hidden_module"])
+def test_an_empty_or_relative_plugin_name_is_the_users_mistake_on_every_path(
+    capsys, checkpoint, tmp_path, name
+):
+    import yaml
+
+    lines = [
+        one_line_failure(capsys, ["plugins", "--plugin", name], status=2),
+        one_line_failure(capsys, ["generate", checkpoint, "--plugin", name], status=2),
+        one_line_failure(capsys, ["serve", checkpoint, "--port", "0", "--plugin", name], status=2),
+    ]
+    for line in lines:
+        assert line.startswith(("error: empty plugin name", "error: plugin name")) and repr(name) in line
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"plugins": [name], "stages": ["train"]}), encoding="utf-8")
+    for argv in (["run", str(pipeline)], ["run", str(pipeline), "--set", f"plugins=[{name!r}]"]):
+        line = one_line_failure(capsys, argv, status=2)
+        assert "plugins[0]" in line or repr(name) in line, line
+    with pytest.raises(PluginError, match="plugin name"):
+        get_plugin_manager(load_entrypoints=False, extra=[name])

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from charrnn import tuning
-from charrnn.generate import StepAdapter, generate
+from charrnn.engine import StepAdapter
+from charrnn.generate import generate
 from charrnn.types import Corpus
-from charrnn_plugins import rnn as rnn_plugin
+from charrnn_plugins.recurrent import MAX_CACHED_SHAPES
 from charrnn_plugins.rnn import RNN
 from charrnn_plugins.samplers import Temperature
 from conftest import option_problem
@@ -196,10 +197,10 @@ def test_strided_input_views_work():
 def test_buffer_cache_is_bounded():
     model = make_model()
     state = random_state(model, 1)
-    for T in range(1, 2 * rnn_plugin._MAX_CACHED_SHAPES):
+    for T in range(1, 2 * MAX_CACHED_SHAPES):
         inputs, targets = make_batch(5, B=1, T=T)
         model.loss(inputs, targets, state)
-    assert len(model._buffers) == rnn_plugin._MAX_CACHED_SHAPES
+    assert len(model._buffers) == MAX_CACHED_SHAPES
 
 
 def test_sgd_reduces_loss_on_repetitive_text(tiny_text):

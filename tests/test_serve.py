@@ -18,39 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_helpers import events, post, request, serving, streamed_texts, train_tiny
+from serve_helpers import events, post, request, serving, streamed_texts, tiny_checkpoint, train_tiny
 
 import charrnn
+from charrnn.engine import log_softmax
 from charrnn.loaded import LoadedModel
-from charrnn_plugins.serve.engine import log_softmax
+from conftest import wait_for
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    corpus = tmp / "tiny.txt"
-    corpus.write_text(
-        "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. the end.\n"
-        * 8,
-        encoding="utf-8",
-    )
-    config = {
-        "seed": 1,
-        "corpus": {"type": "text", "path": str(corpus), "val_fraction": 0.1},
-        "model": {"type": "rnn", "hidden_size": 16},
-        "optimizer": {"type": "adagrad", "lr": 0.1},
-        "sampler": {"type": "temperature", "temperature": 1.0},
-        "train": {
-            "steps": 30,
-            "batch_size": 4,
-            "seq_length": 8,
-            "sample_every": 10,
-            "sample_length": 20,
-            "checkpoint": str(tmp / "model.npz"),
-        },
-        "generate": {"num_chars": 50, "seed_text": "the "},
-    }
-    return train_tiny(tmp, config)
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +220,18 @@ def test_charrnn_extras_select_samplers(port, checkpoint):
 BAD_REQUESTS = [
     ({"prompt": "the Z"}, 400, "prompt", "'Z'"),
     ({"model": "nope"}, 404, "model", "served: model"),
-    ({"top_k": 0}, 400, "top_k", ">= 1"),
-    ({"temperature": -1}, 400, "temperature", ">= 0"),
+    ({"top_k": 0}, 400, "top_k", "top_k: must be in [1, 1048576], got 0"),
+    ({"temperature": -1}, 400, "temperature", "temperature: must be in [0, 100], got -1"),
+    ({"temperature": 1e38}, 400, "temperature", "temperature: must be in [0, 100], got 1e+38"),
     ({"temperature": "hot"}, 400, "temperature", "number"),
     ({"top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ({"min_p": 2}, 400, "min_p", "[0, 1]"),
     ({"repetition_penalty": 0}, 400, "repetition_penalty", "must be in (0, 100], got 0"),
-    ({"beam_width": 0}, 400, "beam_width", "must be in [1, 1024], got 0"),
+    ({"beam_width": 0}, 400, "beam_width", "beam_width: must be in [1, 32], got 0"),
+    ({"beam_width": 10**6}, 400, "beam_width", "beam_width: must be in [1, 32], got 1000000"),
+    ({"beam_width": 32, "max_tokens": 4096, "n": 2}, 400, "beam_width", "must be at most 131,072"),
+    ({"prompt": "a" * 40_000}, 400, "prompt", "at most 32768 characters per prompt"),
+    ({"prompt": ["the ", "a" * 40_000]}, 400, "prompt", "at most 32768 characters per prompt"),
     ({"max_tokens": 5001}, 400, "max_tokens", "[0, 5000]"),
     ({"max_tokens": -1}, 400, "max_tokens", "[0, 5000]"),
     ({"n": 0}, 400, "n", "[1, 64]"),
@@ -268,7 +251,8 @@ BAD_REQUESTS = [
     ({"sampler": "nope"}, 400, "sampler", "known:"),
     ({"sampler": "greedy", "top_k": 3}, 400, "top_k", "does not apply"),
     ({"sampler": "beam", "temperature": 0.5}, 400, "temperature", "does not apply"),
-    ({"wat": 1}, 400, "wat", "unknown field"),
+    ({"wat": 1}, 400, "wat", "wat: unknown key; known keys: model, prompt, max_tokens"),
+    ({"temperatur": 1}, 400, "temperatur", "temperatur: unknown key (did you mean 'temperature'?)"),
     ({"beam_width": 2, "logprobs": 2}, 400, "logprobs", "searches"),
 ]
 
@@ -472,15 +456,6 @@ def test_auth_requires_the_bearer_key_but_not_for_health(checkpoint):
         assert post(port, {"model": "model", "max_tokens": 3}, headers=ok)[0] == 200
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_disconnect_stops_generation_at_the_next_chunk(server):
     srv, port = server
     engine = srv.models["model"].engine
@@ -511,11 +486,13 @@ class Gate:
     def __init__(self, model):
         self.model, self.open = model, threading.Event()
         self.vocab_size, self.dtype = model.vocab_size, model.dtype
+        self.calls = 0  # steps begun
 
     def init_state(self, k):
         return self.model.init_state(k)
 
     def step(self, ids, state):
+        self.calls += 1
         self.open.wait(10)
         return self.model.step(ids, state)
 
@@ -659,7 +636,11 @@ def test_serve_is_a_command_plugin():
         (["--max-tokens-limit", "0"], "--max-tokens-limit"),
         (["--port", "70000"], "--port"),
         (["--api-key", " "], "empty"),
+        (["--api-key", ""], "--api-key is empty"),
         (["--queue-size", "0"], "--queue-size"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--request-timeout", "0"], "--request-timeout"),
+        (["--request-timeout", "nan"], "--request-timeout"),
     ],
 )
 def test_serve_refuses_bad_flags_in_one_line(checkpoint, capsys, monkeypatch, argv, words):
@@ -698,7 +679,17 @@ def test_non_loopback_binds_with_a_key_or_no_auth(checkpoint, monkeypatch):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_cuts_open_streams_cleanly_and_exits_0(checkpoint, cli_env, sig):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "charrnn", "serve", checkpoint, "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "charrnn",
+            "serve",
+            checkpoint,
+            "--port",
+            "0",
+            "--max-tokens-limit",
+            "1000000",
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env,
@@ -707,7 +698,7 @@ def test_a_signal_cuts_open_streams_cleanly_and_exits_0(checkpoint, cli_env, sig
         line = proc.stderr.readline()
         port = int(re.search(r":(\d+)/", line).group(1))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        body = {"model": "model", "prompt": "the ", "max_tokens": 4000, "stream": True}
+        body = {"model": "model", "prompt": "the ", "max_tokens": 1_000_000, "stream": True}  # cut, not done
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         first = resp.fp.readline()
@@ -715,8 +706,8 @@ def test_a_signal_cuts_open_streams_cleanly_and_exits_0(checkpoint, cli_env, sig
         proc.send_signal(sig)
         rest = resp.read().decode()
         assert rest.rstrip().endswith("data: [DONE]")
-        last = events(rest)[-2]
-        assert last["choices"][0]["finish_reason"] == "length"
+        last = events(rest)[-2]  # a cut stream says so: an error, not a finish reason
+        assert last["error"]["code"] == "shutting_down" and "cut" in last["error"]["message"]
         assert proc.wait(timeout=20) == 0
         err = proc.stderr.read()
         assert "Traceback" not in err and "POST /v1/completions 200" in err
@@ -785,7 +776,8 @@ class BrokenPlugin:
 
 
 @pytest.mark.parametrize(
-    ("sampler", "words"), [("broken", "boom"), ("wild", "outside [0,"), ("nosy", "nosy")]
+    ("sampler", "words"),
+    [("broken", "boom"), ("wild", "returned [22]: expected integer ids in [0, 17)"), ("nosy", "nosy")],
 )
 def test_a_failing_sampler_plugin_is_a_500_naming_it_and_the_batch_goes_on(checkpoint, sampler, words):
     with serving(checkpoint, model=Gate, plugins=[BrokenPlugin()]) as (srv, port):
@@ -847,3 +839,53 @@ def test_a_bytes_model_serves_utf8_text_and_logprobs(tmp_path, tiny_config):
         assert len(lp["tokens"]) == len("caf\u00e9 ".encode()) + 30
         status, _, text = post(port, {"model": "model", "prompt": "the ", "max_tokens": 40, "stream": True})
         assert status == 200 and events(text)[-1] == "[DONE]"
+
+
+class WildSearch:
+    """A searching sampler whose search returns ids outside the vocabulary."""
+
+    def __call__(self, logits, rng):
+        return logits.argmax(1)
+
+    def search(self, model, state, last_ids, num_chars, rng):
+        return np.full((len(last_ids), num_chars), 10**6)
+
+
+class WildSearchPlugin:
+    @charrnn.hookimpl
+    def charrnn_sampler(self, register):
+        register("wild_search", WildSearch)
+
+
+def test_ids_from_a_search_are_checked_where_every_id_is_and_name_the_plugin(checkpoint):
+    """Regression: the server's search path did not check ids: 500 `IndexError: list index out of
+    range`, naming nobody; `charrnn generate` said which plugin failed."""
+    with serving(checkpoint, plugins=[WildSearchPlugin()]) as (srv, port):
+        status, _, out = post(
+            port, {"model": "model", "prompt": "t", "max_tokens": 5, "sampler": "wild_search"}
+        )
+        assert status == 500, out
+        message = out["error"]["message"]
+        assert "(sampler 'wild_search') failed: search returned" in message
+        assert "expected integer ids in [0, " in message and "IndexError" not in message
+        assert post(port, {"model": "model", "prompt": "t", "max_tokens": 5})[0] == 200
+
+
+def test_a_search_stops_between_steps_when_its_client_is_gone(checkpoint):
+    """Regression: a beam search ran to its end after its client had gone, holding the model."""
+    with serving(checkpoint, model=Gate, max_tokens_limit=4096) as (srv, port):
+        gate = srv.models["model"].loaded.model
+        body = json.dumps({"model": "model", "prompt": "t", "max_tokens": 4000, "beam_width": 32}).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_for(lambda: gate.calls > 0)  # the search has begun (held at the gate)
+        sock.close()
+        assert wait_for(lambda: " 499 " in srv.log.getvalue())
+        held = gate.calls
+        gate.open.set()
+        assert wait_for(lambda: post(port, {"model": "model", "prompt": "t", "max_tokens": 3})[0] == 200)
+        assert gate.calls - held < 100  # it stopped at its next step, not after 4,000 of them

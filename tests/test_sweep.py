@@ -8,16 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
+from sweep_helpers import first_done_second_running, results, resume_keeps_0000
 
 from charrnn import cli
 from charrnn.errors import ConfigError
 from charrnn_plugins import sweep as sw
-from conftest import TINY_TEXT
+from charrnn_plugins.sweep import locks
+from charrnn_plugins.sweep import trials as sweep_trials
+from conftest import TINY_TEXT, process_gone, wait_for
 
 BASE = {
     "seed": 1,
@@ -114,7 +116,7 @@ def test_loguniform_is_uniform_in_log_space():
         ("pipeline: base.yaml\nsearch:\n  optimizer.lr: {loguniform: [0.0, 1.0]}\n", 3, "low > 0"),
         ("pipeline: base.yaml\nsearch:\n  optimizer.lr: 0.1\n", 3, "expected one space"),
         ("pipeline: base.yaml\nsamples: 0\n", 2, "must be >= 1"),
-        ("pipeline: base.yaml\nmetric: loss\n", 2, "must be val_loss or train_loss"),
+        ("pipeline: base.yaml\nmetric: loss\n", 2, "metric: must be one of val_loss, train_loss, got 'loss'"),
         (
             "pipeline: base.yaml\nscheduler: {type: asha, grace_peroid: 20}\n",
             2,
@@ -298,14 +300,6 @@ def test_a_sweep_whose_every_trial_fails_exits_1(here, capsys):
     assert "error: " in err.splitlines()[-2] or "error: " in err
 
 
-def wait_for(predicate, limit=60.0):
-    end = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_ctrl_c_saves_writes_results_exits_130_and_resume_finishes_exactly(here, cli_env):
     base = dict(BASE, train={**BASE["train"], "steps": 3000, "eval_every": 100})
@@ -316,7 +310,7 @@ def test_ctrl_c_saves_writes_results_exits_130_and_resume_finishes_exactly(here,
     proc = subprocess.Popen(
         [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], env=cli_env, stderr=subprocess.PIPE, text=True
     )
-    wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0)
+    assert wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 60.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -396,3 +390,252 @@ def test_sweep_is_a_registered_command_without_importing_ray():
         env=dict(os.environ, CHARRNN_LOAD_PLUGINS=""),
     )
     assert code.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- signals, kills, locks and damage
+
+
+def _long_sweep(here, backend="local"):
+    """Three trials of 3,000 steps, one at a time: a few seconds each on the tiny text."""
+    base = dict(BASE, stages=["train"], train={**BASE["train"], "steps": 3000, "eval_every": 100})
+    (here / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    write(
+        here,
+        "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2, 0.3]}\n"
+        f"backend: {backend}\nmax_concurrent: 1\noutput: out\n",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_means_ctrl_c_and_resume_keeps_the_finished_trials(here, cli_env):
+    _long_sweep(here)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], env=cli_env, stderr=subprocess.PIPE, text=True
+    )
+    child = first_done_second_running(here, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted: results so far in" in err and "--resume continues" in err
+    assert process_gone(child), f"trial 0001's process {child} outlived the sweep"
+    rows = results(here)
+    assert [(r["id"], r["status"]) for r in rows] == [("0000", "done"), ("0001", "interrupted")]
+    assert rows[0]["steps"] == 3000 and 0 < rows[1]["steps"] < 3000
+    assert (here / "out" / "best.yaml").is_file()
+
+    rows, err = resume_keeps_0000(here, cli_env)
+    log = (here / "out" / "trials" / "0000" / "train.log").read_text()
+    assert log.count("$ ") == 1  # the finished trial did not train again
+    assert "train.resume=true" in (here / "out" / "trials" / "0001" / "train.log").read_text()
+    winner = min(rows, key=lambda r: r["best_val_loss"])
+    assert f"best: trial {winner['id']} " in err
+    best = yaml.safe_load((here / "out" / "best.yaml").read_text())
+    assert best["optimizer"]["lr"] == winner["optimizer.lr"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
+def test_sigkill_keeps_finished_trials_and_the_running_one_dies_with_the_sweep(here, cli_env):
+    _long_sweep(here)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], env=cli_env, stderr=subprocess.PIPE, text=True
+    )
+    child = first_done_second_running(here, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert process_gone(child), f"trial 0001's process {child} went on as an orphan"
+    # it stopped where the kill found it, saving on its way out, instead of training on to the end
+    log = (here / "out" / "trials" / "0001" / "train.log").read_text()
+    assert "interrupted: saved step " in log and "step 3000/3000" not in log
+    with np.load(here / "out" / "trials" / "0001" / "model.npz") as saved:
+        assert json.loads(str(saved["meta"]))["step"] < 3000
+    rows = results(here)  # written as 0000 ended, before the kill
+    assert [(r["id"], r["status"], r["steps"]) for r in rows] == [("0000", "done", 3000)]
+
+    rows, err = resume_keeps_0000(here, cli_env)
+    assert (here / "out" / "trials" / "0000" / "train.log").read_text().count("$ ") == 1
+    assert "must be beyond the checkpoint" not in err
+    assert (here / "out" / "best.yaml").is_file() and "best: trial " in err
+
+
+@pytest.mark.slow
+def test_resume_recognises_a_trial_whose_checkpoint_reached_the_end(here, capsys):
+    text = "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2]}\nbackend: local\noutput: out\n"
+    code, _, err = sweep_main(capsys, write(here, text))
+    assert code == 0, err
+    before = results(here)
+    (here / "out" / "results.jsonl").unlink()  # as if the sweep was killed before it could record them
+    code, _, err = sweep_main(capsys, "s.yaml", "--resume")
+    assert code == 0, err
+    assert "trial 0000 done (its checkpoint reached step 40 before the sweep stopped)" in err
+    assert "must be beyond" not in err and "started" not in err
+    after = results(here)
+    assert [(r["id"], r["status"], r["best_val_loss"]) for r in after] == [
+        (r["id"], r["status"], r["best_val_loss"]) for r in before
+    ]
+    for tid in ("0000", "0001"):
+        assert (here / "out" / "trials" / tid / "train.log").read_text().count("$ ") == 1
+    assert (here / "out" / "best.yaml").is_file()
+
+
+def _state(here, rows_text):
+    """A sweep of two trials that ran nothing, with this results.jsonl."""
+    write(
+        here,
+        "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2]}\nbackend: local\noutput: out\n",
+    )
+    sweep = sw.load_sweep("s.yaml")
+    sw.start_state(sweep, sw.draw_trials(sweep), "local", resume=False)
+    (here / "out" / "results.jsonl").write_text(rows_text, encoding="utf-8")
+
+
+def _row(tid, **change):
+    r = {"id": tid, "status": "done", "optimizer.lr": 0.1, "steps": 40, "best_val_loss": 1.0}
+    r.update(last_val_loss=1.0, train_loss=1.0, seconds=1.5, checkpoint=None, error=None)
+    r.update(change)
+    return json.dumps(r) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        (_row("0000") + "{not json\n" + _row("0001"), 2, "not a JSON line"),
+        (_row("0000") + _row("0001", status="finished"), 2, "'status' must be one of done, stopped early"),
+        (_row("0000", seconds="1.5"), 1, "'seconds' must be a number >= 0, got '1.5'"),
+        (_row("0000", steps=4.5), 1, "'steps' must be an integer >= 0, got 4.5"),
+        (_row("0009"), 1, "'id' must be the id of one of this sweep's trials, got '0009'"),
+        ("[1, 2]\n", 1, "expected a JSON object (a trial's row), got list"),
+        (_row("0000").replace('"optimizer.lr": 0.1, ', ""), 1, "no value for the searched key optimizer.lr"),
+        (
+            '{"id": "0000", "x": ' + "[" * 50_000 + "]" * 50_000 + "}\n",
+            1,
+            "not a JSON line (nested too deeply)",
+        ),
+    ],
+)
+def test_a_damaged_results_file_is_one_line_naming_the_line(here, capsys, text, line, problem):
+    _state(here, text)
+    code, _, err = sweep_main(capsys, "s.yaml", "--resume")
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: --resume: ")
+    assert f"{here / 'out' / 'results.jsonl'}:{line}: {problem}" in err
+
+
+def test_a_results_line_cut_by_a_kill_is_left_out(here, capsys):
+    _state(here, _row("0000") + _row("0001") + _row("0001")[:25])
+    code, _, err = sweep_main(capsys, "s.yaml", "--resume")
+    assert code == 0, err  # both trials finished earlier: nothing runs
+    assert "started" not in err
+    assert [(r["id"], r["status"]) for r in results(here)] == [("0000", "done"), ("0001", "done")]
+
+
+def test_an_output_that_is_a_file_is_one_line(here, capsys):
+    (here / "out").write_text("not a folder")
+    text = "pipeline: base.yaml\nbackend: local\noutput: out\n"
+    for extra in ((), ("--dry-run",)):
+        code, _, err = sweep_main(capsys, write(here, text), *extra)
+        assert code == 2 and err.count("\n") == 1, err
+        assert (
+            err
+            == f"error: s.yaml: line 3: output: {here / 'out'} is a file, not a folder; give a folder for the sweep's results\n"
+        )
+    (here / "out").unlink()
+    (here / "parent").write_text("a file")
+    code, _, err = sweep_main(capsys, write(here, text.replace("out\n", "parent/out\n")))
+    assert code == 2 and err.count("\n") == 1 and "s.yaml: line 3: output: cannot write" in err, err
+
+
+def test_a_read_only_output_is_one_line_before_anything_runs(here, capsys, monkeypatch):
+    """Every way of creating a file in `ro/` fails as on a read-only mount (root ignores chmod)."""
+    import builtins
+
+    ro = here / "ro"
+    ro.mkdir()
+    real_open, real_os_open = builtins.open, os.open
+
+    def refuse(path):
+        if isinstance(path, (str, os.PathLike)) and str(os.path.abspath(path)).startswith(str(ro)):
+            raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: refuse(path) or real_open(path, *a, **k))
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: refuse(path) or real_os_open(path, *a, **k))
+    code, _, err = sweep_main(capsys, write(here, "pipeline: base.yaml\nbackend: local\noutput: ro\n"))
+    assert code == 2, err
+    assert err == f"error: s.yaml: line 3: output: cannot write {ro / 'sweep.json'}: Read-only file system\n"
+    assert os.listdir(ro) == []
+
+
+def test_a_huge_sweep_is_refused_with_the_estimate_before_drawing(here, cli_env):
+    """`samples: 1000000000` once grew for a minute and ended in a MemoryError traceback."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    write(here, GOOD.replace("samples: 3", "samples: 1000000000"))
+    done = subprocess.run(
+        [sys.executable, "-m", "charrnn", "sweep", "s.yaml", "--dry-run"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limited,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: s.yaml: line 8: samples: 2,000,000,000 trials (2 grid points x 1,000,000,000 samples) is beyond "
+        "the 100,000 a sweep sets up: drawing and checking them would take about 2.6 TB of memory and 231 days "
+        "(~1,300 bytes and ~10 ms a trial); lower samples or the grid\n"
+    )
+    assert done.stdout == ""
+    write(here, GOOD.replace("samples: 3", f"samples: {sweep_trials.MAX_TRIALS // 2}"))
+    sweep = sw.load_sweep("s.yaml")
+    assert sweep_trials.planned_trials(sweep) == sweep_trials.MAX_TRIALS
+    sweep_trials.check_size(sweep)  # the bound itself is allowed
+
+
+@pytest.mark.skipif(locks.fcntl is None, reason="flock")
+def test_a_trial_held_by_another_process_is_never_run_twice(here, capsys, monkeypatch):
+    _state(here, "")
+    folder = here / "out" / "trials" / "0000"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process holds trial 0000's lock, as a trial left running would
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from charrnn_plugins.sweep import locks; "
+            "fd = locks.take(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+            str(folder / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(sw.locks, "ORPHAN_WAIT", 0.3)
+        code, _, err = sweep_main(capsys, "s.yaml", "--resume")
+        assert code == 2, err
+        assert err.splitlines()[-1] == (
+            f"error: trial 0000 is still running in process {holder.pid} from an earlier sweep; stop it, then --resume"
+        )
+        assert not (folder / "train.log").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+@pytest.mark.skipif(locks.fcntl is None, reason="flock")
+def test_two_sweeps_never_run_in_one_output(here, capsys):
+    _state(here, "")
+    fd = locks.take(here / "out" / ".lock")
+    try:
+        code, _, err = sweep_main(capsys, "s.yaml", "--resume")
+    finally:
+        locks.release(fd)
+    assert code == 2
+    assert err == (
+        f"error: another charrnn sweep (process {os.getpid()}) is running in {here / 'out'}; "
+        "wait for it to end, or stop it (then --resume continues)\n"
+    )

@@ -9,9 +9,10 @@ import signal
 
 import pytest
 import yaml
+from sweep_helpers import first_done_second_running, results, resume_keeps_0000
 
 from charrnn import cli
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, process_gone
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 HAVE_OPTUNA = importlib.util.find_spec("optuna") is not None
@@ -61,10 +62,6 @@ def here(tmp_path, monkeypatch):
     (tmp_path / "tiny.txt").write_text(TINY_TEXT, encoding="utf-8")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE), encoding="utf-8")
     return tmp_path
-
-
-def results(here):
-    return [json.loads(line) for line in (here / "out" / "results.jsonl").read_text().splitlines()]
 
 
 def test_asha_stops_poor_trials_early_and_keeps_every_model(ray_cluster, here, capsys):
@@ -201,3 +198,137 @@ def test_an_interrupted_ray_sweep_resumes_to_the_end(here):
         assert [json.loads(line)["step"] for line in metrics] == list(range(100, 3001, 100))
         log = (here / "out" / "trials" / r["id"] / "train.log").read_text()
         assert log.count("step 100/3000 ") == 1 and log.count("step 3000/3000 ") == 1  # no second start
+
+
+# ---------------------------------------------------------------- signals and kills
+
+
+def _long_sweep(here):
+    """Three trials of 3,000 steps, one at a time."""
+    base = dict(BASE, train={**BASE["train"], "steps": 3000, "eval_every": 100})
+    (here / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    (here / "s.yaml").write_text(
+        "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2, 0.3]}\n"
+        "backend: ray\nmax_concurrent: 1\noutput: out\n",
+        encoding="utf-8",
+    )
+
+
+def _resume_keeps_0000(here):
+    rows, err = resume_keeps_0000(here)
+    log = (here / "out" / "trials" / "0000" / "train.log").read_text()
+    assert log.count("step 100/3000 ") == 1  # trained once
+    winner = min(rows, key=lambda r: r["best_val_loss"])
+    assert f"best: trial {winner['id']} " in err
+    assert (
+        yaml.safe_load((here / "out" / "best.yaml").read_text())["optimizer"]["lr"] == winner["optimizer.lr"]
+    )
+
+
+def _started_long_sweep(here):
+    """The long sweep on Ray, running until trial 0000 is done and 0001 has reported: (process, 0001's pid)."""
+    import subprocess
+    import sys
+
+    _long_sweep(here)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "sweep", "s.yaml"], cwd=here, stderr=subprocess.PIPE, text=True
+    )
+    return proc, first_done_second_running(here, proc, 180.0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_sigterm_on_ray_means_ctrl_c_and_resume_keeps_the_finished_trials(here):
+    proc, child = _started_long_sweep(here)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "interrupted: results so far in" in err
+    assert process_gone(child), f"trial 0001's Ray worker {child} outlived the sweep"
+    rows = results(here)
+    assert [(r["id"], r["status"]) for r in rows] == [("0000", "done"), ("0001", "interrupted")]
+    assert rows[0]["steps"] == 3000 and 0 < rows[1]["steps"] < 3000
+    _resume_keeps_0000(here)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_sigkill_on_ray_keeps_the_finished_trials_and_no_trial_trains_on(here):
+    proc, child = _started_long_sweep(here)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert process_gone(child), f"trial 0001's Ray worker {child} went on as an orphan"
+    assert [(r["id"], r["status"]) for r in results(here)] == [("0000", "done")]  # recorded as it ended
+    _resume_keeps_0000(here)
+
+
+def test_a_finished_trial_started_again_trains_nothing(ray_cluster, here, capsys):
+    """A sweep killed before Tune's first snapshot and before its rows were written: on --resume
+    Tune starts every trial afresh, and those whose checkpoint reached train.steps only report."""
+    import shutil
+
+    text = "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2]}\nbackend: ray\noutput: out\n"
+    (here / "s.yaml").write_text(text, encoding="utf-8")
+    assert cli.main(["sweep", "s.yaml"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    before = results(here)
+    (here / "out" / "results.jsonl").unlink()
+    shutil.rmtree(here / "out" / "ray")
+    code = cli.main(["sweep", "s.yaml", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert [(r["id"], r["status"], r["best_val_loss"]) for r in results(here)] == [
+        (r["id"], r["status"], r["best_val_loss"]) for r in before
+    ]
+    for r in before:
+        log = (here / "out" / "trials" / r["id"] / "train.log").read_text()
+        assert (
+            log.count("step 20/160 ") == 1
+            and "step 160 reached before the sweep stopped: nothing to train" in log
+        )
+    assert "best: trial " in err and (here / "out" / "best.yaml").is_file()
+
+
+HOLD = """
+import time
+from pathlib import Path
+
+import charrnn
+
+
+@charrnn.hookimpl
+def charrnn_train_start(config, checkpoint, step):
+    Path(checkpoint).with_name("holding").touch()
+    time.sleep(300)  # still setting up when Ctrl+C comes: Tune must stop it, nothing else will
+"""
+
+
+def test_a_trial_cut_by_ctrl_c_is_interrupted_never_stopped_early(here):
+    """Under fifo, nothing stops a trial early; one Tune stops at Ctrl+C before it wrote anything
+    (killed before its own files) was once recorded as 'stopped early'."""
+    import subprocess
+    import sys
+    import time
+
+    (here / "hold.py").write_text(HOLD, encoding="utf-8")
+    (here / "base.yaml").write_text(yaml.safe_dump(dict(BASE, plugins=["hold"])), encoding="utf-8")
+    (here / "s.yaml").write_text(
+        "pipeline: base.yaml\nsearch:\n  optimizer.lr: {grid: [0.1, 0.2]}\n"
+        "backend: ray\nscheduler: fifo\nmax_concurrent: 1\noutput: out\n",
+        encoding="utf-8",
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn", "sweep", "s.yaml"],
+        cwd=here,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    end = time.monotonic() + 180
+    while not (here / "out" / "trials" / "0000" / "holding").exists():
+        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert [(r["id"], r["status"], r["steps"]) for r in results(here)] == [("0000", "interrupted", 0)]

@@ -133,3 +133,66 @@ def test_missing_tensorboardx_is_one_line_naming_the_extra(tiny_config, tmp_path
 def test_not_a_default_plugin():
     assert "charrnn_plugins.tensorboard" not in charrnn.plugins.DEFAULT_PLUGINS
     assert tensorboard.log_dir("runs/x/final_model.npz").as_posix() == "runs/x/tb/final_model"
+
+
+FULL_DISK = """
+import errno, sys
+import tensorboardX.record_writer as record_writer
+from charrnn.cli import main
+
+class FillingDisk:
+    '''The event file on a disk with `budget` bytes left: a write beyond it fails as on a full disk.'''
+
+    def __init__(self, path, budget):
+        self.file, self.left = open(path, "wb", buffering=0), budget
+
+    def write(self, data):
+        if len(data) > self.left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self.file.close()
+
+budget = int(sys.argv[2])
+record_writer.open_file = lambda path: FillingDisk(path, budget)
+sys.exit(main(["run", sys.argv[1]]))
+"""
+
+
+@needs_tbx
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0, 6000])  # full from the start; full after the first reports
+def test_a_full_disk_is_one_line_and_nothing_after_it(tiny_config, tmp_path, cli_env, budget):
+    import subprocess
+    import sys
+
+    tiny_config["plugins"] = ["charrnn_plugins.tensorboard"]
+    tiny_config["stages"] = ["train"]
+    tiny_config["train"].update(steps=200, sample_every=10, sample_length=100)
+    path = tmp_path / "tb.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path), str(budget)],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    events = next((tmp_path / "tb" / "model").glob("events.out.tfevents.*"))
+    assert lines[-1] == f"error: cannot write TensorBoard events {events}: No space left on device"
+    assert not [line for line in lines if "Traceback" in line or "Exception" in line], done.stderr
+    if budget:
+        assert any(line.startswith("step 10/200 ") for line in lines)  # training ran, then the disk filled
+        assert lines[-2].startswith("saved step ") and lines[-2].endswith("before the error")
+    else:
+        assert not any(line.startswith("step ") for line in lines)  # refused before the first step

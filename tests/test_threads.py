@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
 
-from charrnn import threads, tuning
+from charrnn import machine, threads, tuning
 from charrnn.threads import ThreadChooser
-from conftest import IN_CI, ROOT
-
-HAVE_THREADPOOLCTL = importlib.util.find_spec("threadpoolctl") is not None
+from conftest import ROOT
 
 
 class Clock:
@@ -105,42 +102,75 @@ def test_training_ends_on_the_thread_count_it_started_with():
     assert calls[-1] == 2 and c.current == 2
 
 
-def test_without_threadpoolctl_it_only_advises_once():
-    clock, lines = Clock(), []
-    c = ThreadChooser(
-        2, can_set=False, clock=clock, setter=pytest.fail, log=lines.append, others=lambda: LOAD["others"]
-    )
-    c.on_train_begin(None)
-    run(c, clock, quiet, 300)
-    run(c, clock, shared, 600)
-    assert len(lines) == 1 and "OPENBLAS_NUM_THREADS=1" in lines[0]
+def test_threadpoolctl_is_a_runtime_dependency_so_the_chooser_works_after_a_plain_install():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(dep.startswith("threadpoolctl") for dep in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert not any(dep.startswith("threadpoolctl") for deps in extras.values() for dep in deps)
+
+
+def test_no_chooser_where_threadpoolctl_finds_no_blas(monkeypatch):
+    for name in threads.THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHARRNN_TUNING", "blas_threads")
+    monkeypatch.setattr(threads, "blas_threads", lambda: None)
+    assert threads.for_training(print) is None
 
 
 def test_no_chooser_when_the_user_chose_a_thread_count(monkeypatch):
     monkeypatch.setenv("CHARRNN_TUNING", "on")
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    assert ThreadChooser.create(print) is None
+    assert threads.for_training(print) is None
     monkeypatch.delenv("OPENBLAS_NUM_THREADS")
     monkeypatch.setenv("CHARRNN_TUNING", "off")
-    assert ThreadChooser.create(print) is None
+    assert threads.for_training(print) is None
 
 
-@pytest.mark.skipif(not HAVE_THREADPOOLCTL and not IN_CI, reason="needs threadpoolctl ('charrnn[bench]')")
-def test_the_chooser_sets_numpys_blas_threads(monkeypatch):
+@pytest.fixture
+def blas_restored(monkeypatch):
+    """No user pin in the environment; NumPy's BLAS threads as they were afterwards."""
     for name in threads.THREAD_VARS:
         monkeypatch.delenv(name, raising=False)
+    before = machine.blas_threads()
+    yield
+    machine.set_blas_threads(before)
+
+
+def test_the_chooser_sets_numpys_blas_threads(monkeypatch, blas_restored):
     monkeypatch.setenv("CHARRNN_TUNING", "blas_threads")
-    before = threads.blas_threads()
-    try:
-        threads.set_blas_threads(2)
-        c = ThreadChooser.create(print)
-        assert c is not None and c.many == 2 and c.can_set
-        c._set(1)
-        assert threads.blas_threads() == 1
-        c.on_train_end(None)
-        assert threads.blas_threads() == 2
-    finally:
-        threads.set_blas_threads(before)
+    machine.set_blas_threads(2)
+    c = threads.for_training(print)
+    assert c is not None and c.many == 2
+    c._set(1)
+    assert machine.blas_threads() == 1
+    c.on_train_end(None)
+    assert machine.blas_threads() == 2
+
+
+def test_a_server_runs_on_one_thread_unless_the_user_chose(blas_restored):
+    machine.set_blas_threads(2)
+    assert threads.for_serving({"OPENBLAS_NUM_THREADS": "2"}) is None
+    assert machine.blas_threads() == 2
+    assert threads.for_serving({}) == 1
+    assert machine.blas_threads() == 1
+
+
+def test_an_mpi_rank_gets_its_share_of_the_node_unless_the_user_chose(blas_restored, monkeypatch):
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+    machine.set_blas_threads(2)
+    assert threads.for_mpi_rank({"OMP_NUM_THREADS": "3", "MPI_LOCALNRANKS": "2"}) is None
+    assert machine.blas_threads() == 2
+    assert threads.for_mpi_rank({"MPI_LOCALNRANKS": "8"}) == 1
+    assert machine.blas_threads() == 1
+    assert threads.for_mpi_rank({"MPI_LOCALNRANKS": "4"}) == 2
+    assert threads.for_mpi_rank({"MPI_LOCALNRANKS": "16"}) == 1  # never below one
+
+
+def test_a_child_process_is_pinned_as_a_user_would_pin_it():
+    env = threads.environment(3)
+    assert set(env) == set(threads.THREAD_VARS) and set(env.values()) == {"3"}
+    assert threads.user_pinned(env) and not threads.user_pinned({})
 
 
 def test_a_training_run_has_the_chooser_only_when_tuning_allows(monkeypatch, tiny_config):

@@ -224,3 +224,44 @@ def test_dropout_resumes_only_under_the_same_number_of_processes(tiny_config, tm
         train_on(1, resumed)
     train_on(2, resumed)  # the same number of processes resumes
     assert ckpt_io.load(tmp_path / "drop.npz").meta["step"] == 20
+
+
+class TermAt:
+    """Interrupts that see SIGTERM (exit status 143) at the loop's `at`-th look, on one rank only."""
+
+    stop = False
+
+    def __init__(self, at: int) -> None:
+        self.at, self.looks = at, 0
+
+    @property
+    def abort(self) -> int | None:
+        self.looks += 1
+        return 143 if self.looks >= self.at else None
+
+    def __enter__(self) -> TermAt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("steps", "step"), [(None, 7), (6, 6)])  # mid-run; during the last step's saves
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step_with_its_status(tiny_config, tmp_path, steps, step):
+    from charrnn.interrupts import Aborted
+
+    config = distributed_config(tiny_config, tmp_path, steps=steps, save_every=3)
+
+    def replica(world):
+        interrupts = TermAt(7) if world.rank == 1 else NoInterrupts()
+        try:
+            Pipeline(config).train(io.StringIO(), world=world, interrupts=interrupts)
+        except Aborted as exc:
+            return exc.code, str(exc)
+        return None
+
+    results = ThreadWorld.run(2, replica)
+    assert (
+        ckpt_io.load(tmp_path / "model.npz").meta["step"] == step
+    )  # the step rank 1's request was shared at
+    assert results == [(143, f"interrupted: saved step {step} to {tmp_path / 'model.npz'}")] * 2

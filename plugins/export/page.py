@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import re
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from . import Source
 
 STATIC = Path(__file__).resolve().parent / "static"
+#: the playground's look, which the page shares (its own `page.css` follows it)
+PLAYGROUND_STYLE = resources.files("charrnn_plugins.serve") / "static" / "style.css"
 PAGE_SAMPLERS = ("greedy", "temperature", "top_k")  # what the page's script implements
 SLOT = re.compile(r"\{\{(title|style|script|model)\}\}")
 
@@ -119,7 +122,8 @@ def render(source: Source) -> str:
     template = (STATIC / "page.html").read_text(encoding="utf-8")
     filled = {
         "title": html.escape(f"{source.name} · charrnn"),
-        "style": (STATIC / "page.css").read_text(encoding="utf-8"),
+        "style": PLAYGROUND_STYLE.read_text(encoding="utf-8")
+        + (STATIC / "page.css").read_text(encoding="utf-8"),
         "script": (STATIC / "page.js").read_text(encoding="utf-8"),
         "model": script_safe(json.dumps(model_json(source), ensure_ascii=False, separators=(",", ":"))),
     }

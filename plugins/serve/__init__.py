@@ -11,6 +11,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,20 @@ class Serve:
             help="requests that may wait per model before 429 (default 64)",
         )
         parser.add_argument(
+            "--max-connections",
+            type=int,
+            default=256,
+            help="connections open at once (a thread each); an idle one is closed to make room, "
+            "else 503 (default 256)",
+        )
+        parser.add_argument(
+            "--request-timeout",
+            type=float,
+            default=30.0,
+            help="seconds a client has to send a whole request, headers and body (else 408), "
+            "and that an idle connection stays open (default 30)",
+        )
+        parser.add_argument(
             "--chat",
             choices=["none", "last-user"],
             default="none",
@@ -61,32 +76,35 @@ class Serve:
         add_plugin(parser)
 
     def __call__(self, args: argparse.Namespace, out: Any) -> int:
-        server = build(args)
-        one_blas_thread()
-        host, port = server.server_address[:2]
-        stop = threading.Event()
-        previous = {}
+        signalled: list[int] = []
 
         def on_signal(signum: int, frame: Any) -> None:
-            stop.set()
+            signalled.append(signum)  # no lock here: a second signal can come while this one runs
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        thread.start()
-        names = ", ".join(server.models)
-        print(
-            f"serving {names} on http://{_url_host(host)}:{port}/ (Ctrl+C stops)", file=sys.stderr, flush=True
-        )
+        # Installed before the checkpoints load and kept until the server is down: a signal then
+        # (`timeout` sends SIGINT twice, to the process and to its group) still means "stop".
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not stop.wait(0.5):
-                pass
+            server = build(args)
+            one_blas_thread()
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            if not signalled:
+                thread.start()
+                host, port = server.server_address[:2]
+                print(
+                    f"serving {', '.join(server.models)} on http://{_url_host(host)}:{port}/ (Ctrl+C stops)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                while not signalled:
+                    time.sleep(0.2)
+            print("stopping: open generations are cut at their next chunk", file=sys.stderr, flush=True)
+            server.stop()
+            if thread.is_alive():
+                thread.join(5)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            print("stopping: open generations are cut at their next chunk", file=sys.stderr, flush=True)
-            server.stop()
-            thread.join(5)
         return 0
 
 
@@ -97,9 +115,9 @@ def one_blas_thread() -> bool:
     the HTTP threads and the worker need: measured with 16 clients, 0.7x of serial throughput
     with them against 1.9x without (tests/bench_serve.py).
     """
-    from charrnn.machine import set_blas_threads, user_pinned
+    from charrnn.threads import for_serving
 
-    return not user_pinned() and set_blas_threads(1)
+    return for_serving() is not None
 
 
 def _url_host(host: str) -> str:
@@ -116,17 +134,21 @@ def build(args: argparse.Namespace) -> Any:
     for flag, value in (("--max-tokens-limit", args.max_tokens_limit), ("--max-batch", args.max_batch)):
         if value < 1:
             raise CharrnnError(f"{flag} must be >= 1, got {value}")
-    if args.queue_size < 1:
-        raise CharrnnError(f"--queue-size must be >= 1, got {args.queue_size}")
+    for flag, value in (("--queue-size", args.queue_size), ("--max-connections", args.max_connections)):
+        if value < 1:
+            raise CharrnnError(f"{flag} must be >= 1, got {value}")
+    if not args.request_timeout > 0 or args.request_timeout == float("inf"):
+        raise CharrnnError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     if not 0 <= args.port <= 65535:
         raise CharrnnError(f"--port must be in [0, 65535], got {args.port}")
     if args.name is not None and len(args.checkpoints) > 1:
         raise CharrnnError(
             "--name names the model when serving one checkpoint; several are named by file stem"
         )
-    key = args.api_key or env_key()
+    key = args.api_key if args.api_key is not None else env_key()
     if key is not None and not key.strip():
-        raise CharrnnError("--api-key is empty")
+        source = "--api-key" if args.api_key is not None else "the CHARRNN_API_KEY variable"
+        raise CharrnnError(f"{source} is empty: give a key, or leave it out to serve without one")
     if not loopback(args.host) and key is None and not args.no_auth:
         raise CharrnnError(
             f"--host {args.host} is reachable from other machines: give --api-key (or CHARRNN_API_KEY), "
@@ -149,6 +171,8 @@ def build(args: argparse.Namespace) -> Any:
             served,
             api_key=key,
             max_tokens_limit=args.max_tokens_limit,
+            max_connections=args.max_connections,
+            request_timeout=args.request_timeout,
             chat=None if args.chat == "none" else args.chat,
         )
     except OSError as exc:
