@@ -17,7 +17,7 @@ import charrnn.plugins
 import charrnn_plugins.mingru as mingru_plugin
 from charrnn import ConfigError, Model, PluginError
 from charrnn.cli import main
-from charrnn.generate import stepper
+from charrnn.engine import stepper
 from charrnn.machine import flops
 from charrnn.optim import packed_buffer
 from charrnn_plugins.mingru import MinGRU
@@ -139,7 +139,7 @@ def test_one_step_generation_equals_the_full_forward_pass(conv_kernel, num_layer
 @pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_the_generation_stepper_computes_what_step_does(rng, conv_kernel, activation, k):
-    """The stepper generation uses (`charrnn.generate.stepper`): `step`'s logits and state, call after call."""
+    """The stepper generation uses (`charrnn.engine.stepper`): `step`'s logits and state, call after call."""
     model = make_model(V=6, D=5, conv_kernel=conv_kernel, activation=activation)
     state = random_state(model, k)
     run = stepper(model, state)
