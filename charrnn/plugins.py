@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "charrnn_plugins.rnn",
     "charrnn_plugins.lstm",
     "charrnn_plugins.gru",
+    "charrnn_plugins.mingru",
     "charrnn_plugins.adagrad",
     "charrnn_plugins.optimizers",
     "charrnn_plugins.samplers",
