@@ -164,3 +164,25 @@ def test_bench_training_speed_leaves_out_what_a_run_pays_once(tiny_config, monke
     assert report["train_chars_per_sec"] == round(B * T / 0.01)
     timed = report["train_seconds"]  # from the fake clock: 10 ms per step, never the wall clock
     assert timed == pytest.approx(0.01 * report["train_steps"])
+
+
+def test_bench_training_speed_on_a_busy_machine_is_never_a_difference_of_noise(tiny_config, monkeypatch):
+    """Regression: when the short (baseline) run took longer than the marginal part of the long
+    one, the difference went to a 1e-9 floor and the bench reported 2e13 chars/s. The long run's
+    own average (an upper bound on a step's time) stands then."""
+    pipeline = Pipeline(tiny_config, load_entrypoints=False)
+    real = pipeline.train
+    runs = []
+
+    def train(stderr, **kw):
+        loaded, result = real(stderr, **kw)
+        runs.append(result.steps)
+        result.seconds = 30.0 if len(runs) == 2 else 3.0 + 0.01 * result.steps  # a busy baseline
+        return loaded, result
+
+    monkeypatch.setattr(pipeline, "train", train)
+    report = bench(pipeline, seconds=0.5)
+    B, T = tiny_config["train"]["batch_size"], tiny_config["train"]["seq_length"]
+    whole = 3.0 + 0.01 * runs[-1]  # the long run's time, all of its steps
+    assert report["train_chars_per_sec"] == round(B * T * runs[-1] / whole)
+    assert report["train_chars_per_sec"] < B * T / 0.01  # below the fake clock's pure step rate
